@@ -1,0 +1,39 @@
+"""buildllm: build, pretrain, fine-tune and run a GPT-style language model from scratch.
+
+The package follows the pipeline, one module per stage:
+
+    tokenizer   text to token ids (word-level, GPT-2 BPE, BPE trained on your corpus)
+    data        token ids to (input, target) training pairs; memory-mapped shards for big corpora
+    model       embeddings, causal multi-head attention, the GPT-2 architecture
+    train       pretraining loop, checkpoints, resume, many GPUs through torchrun
+    generate    sampling (temperature, top-k, top-p), stop tokens, KV cache, streaming
+    pretrained  OpenAI's GPT-2 weights in and out (Hugging Face format)
+    evaluate    loss, perplexity, bits per character, multiple choice
+    finetune    classification and instruction fine-tuning
+    lora        low-rank adapters
+
+Everything public is importable from ``buildllm`` directly; modules load on first use so that
+``import buildllm`` (and the CLI's ``--help``) stays fast.
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "UserError": "errors",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f"buildllm.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'buildllm' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+__all__ = sorted(_EXPORTS)

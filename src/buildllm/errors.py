@@ -1,0 +1,9 @@
+"""The one exception type for mistakes in what a user gave us."""
+
+
+class UserError(Exception):
+    """Bad input from the user: a missing file, an invalid option, a corpus too small.
+
+    The CLI prints its message as a single line (``error: ...``) and exits with status 2, so the
+    message must name the problem and say what to do about it.
+    """
