@@ -23,6 +23,19 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS = {
     "UserError": "errors",
+    "GPTConfig": "model",
+    "GPTModel": "model",
+    "PRESETS": "model",
+    "MultiHeadAttention": "model",
+    "TransformerBlock": "model",
+    "FeedForward": "model",
+    "LayerNorm": "model",
+    "GELU": "model",
+    "KVCache": "model",
+    "count_parameters": "model",
+    "describe": "model",
+    "save_model": "checkpoint",
+    "load_model": "checkpoint",
 }
 
 
