@@ -1,0 +1,340 @@
+"""Stage 6: turning a trained model into text, one token at a time.
+
+Each step the model gives logits for the next token; a *decoding strategy* picks one:
+
+    logits ──► / temperature ──► keep the top-k ──► keep the top-p (nucleus) ──► softmax ──► sample
+          └──────────────────────────── argmax (temperature 0, greedy) ─────────────────────────┘
+
+``stream`` is the one decoding loop: it yields the new token of every row at each step, so a
+command line can print text as it is produced. ``generate`` collects what ``stream`` yields,
+and ``stream_text`` turns the tokens of one prompt into printable pieces of text.
+
+The KV cache (``model.KVCache``) makes a step cost one position's compute: the prompt is run once
+(the *prefill*), then only the newest token goes through the model, attending to the keys and
+values kept from earlier steps. See ``_decode`` for what happens when the text outgrows the
+context window.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import types
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import takewhile
+
+import torch
+from torch import nn
+
+from buildllm.errors import UserError
+from buildllm.model import KVCache
+
+Prompt = torch.Tensor | Sequence[Sequence[int]]
+
+# Tokens of already-printed text decoded again with the new ones (see ``detokenize``).
+DETOKENIZE_CONTEXT = 4
+
+
+# Picking the next token --------------------------------------------------------------------------
+
+
+def check_sampling(
+    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, max_new_tokens: int = 0
+) -> None:
+    """Raise ``UserError`` for settings that have no meaning."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise UserError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise UserError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise UserError(f"top_k must be a whole number >= 1 (or None to keep every token), got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise UserError(f"top_p must be in (0, 1] (1 keeps every token), got {top_p!r}")
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token id per row of ``logits`` ``(batch, vocab)``; returns a ``(batch,)`` LongTensor.
+
+    Temperature divides the *logits* (not the probabilities): below 1 it sharpens the
+    distribution, above 1 it flattens it, and 0 means "always the most likely token". Top-k and
+    top-p then cut the unlikely tail, row by row, before sampling from what is left.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature  # a new tensor: the caller's logits stay untouched
+    if top_k is not None and top_k < logits.shape[-1]:
+        # Keep exactly the k largest logits of each row (ties broken by topk), -inf elsewhere.
+        values, indices = torch.topk(logits, top_k, dim=-1)
+        logits = torch.full_like(logits, -math.inf).scatter_(-1, indices, values)
+    if top_p is not None and top_p < 1:
+        # Nucleus sampling (Holtzman et al. 2019): the smallest set of most likely tokens whose
+        # probabilities add up to at least p. A token stays if the tokens ranked above it hold
+        # less than p; the most likely one always stays (nothing is ranked above it).
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_above = torch.cumsum(probs, dim=-1) - probs
+        sorted_logits.masked_fill_(mass_above >= top_p, -math.inf)
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+# The decoding loop -------------------------------------------------------------------------------
+
+
+def stream(
+    model: nn.Module,
+    idx: Prompt,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, a ``(batch,)`` LongTensor per step.
+
+    ``idx``: a ``(batch, tokens)`` LongTensor, or a list of token-id lists of any lengths (they
+    are left-padded, and the padding is masked out, so each row gives what it would alone).
+    Prompts longer than the context window are cropped from the left, with a warning.
+    With ``eos_id``, a row that has produced it keeps yielding ``eos_id``, and the stream ends
+    once every row has. Settings are checked here, before the first token is asked for.
+    """
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
+    tokens, padding = _left_pad(_rows(idx), model.cfg.context_length, _device_of(model))
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= model.cfg.vocab_size):
+        raise UserError(f"prompt token ids must be in [0, {model.cfg.vocab_size}) for this model's vocabulary")
+    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "generator": generator}
+    return _decode(model, tokens, padding, max_new_tokens, sampling, eos_id, use_cache)
+
+
+@torch.inference_mode()  # wraps a generator: active only while the loop runs, not in the caller
+def _decode(model, prompt, padding, max_new_tokens, sampling, eos_id, use_cache) -> Iterator[torch.Tensor]:
+    """The loop behind ``stream``: prefill, then sample, append and step one token at a time.
+
+    Past the context window. GPT-2 learns an embedding per *absolute* position (wpe), and the
+    reference behaviour, without a cache, feeds the last ``context_length`` tokens each step.
+    Once the text is longer than the window, each step slides that window by one token, so every
+    token moves to a new position, and every cached key and value (which depend on the position
+    through all the layers) becomes stale. Keeping them (or sliding the cache) would be fast but
+    would give different text. So we use the cache while the text fits, and from the first step
+    that does not, we recompute the window: one forward pass over the last ``context_length``
+    tokens per step, exactly what the reference computes. No exact scheme can do less with
+    absolute positions; models with relative positions (RoPE, ALiBi) can slide a cache instead.
+    """
+    context_length = model.cfg.context_length
+    batch, prompt_length = prompt.shape
+    was_training = model.training
+    model.eval()  # dropout off
+    try:
+        if max_new_tokens == 0:
+            return
+        # All tokens live in one buffer allocated up front: no concatenation per step.
+        tokens = torch.empty(batch, prompt_length + max_new_tokens, dtype=torch.long, device=prompt.device)
+        tokens[:, :prompt_length] = prompt
+        if padding is not None:
+            padding = torch.cat([padding, padding.new_zeros(batch, max_new_tokens)], dim=1)
+        cache = None
+        if use_cache:
+            # The last pass with the cache reads position prompt_length + max_new_tokens - 2.
+            max_length = min(context_length, prompt_length + max_new_tokens - 1)
+            cache = KVCache(model.cfg, batch, max_length, device=prompt.device, dtype=_dtype_of(model))
+
+        def window_logits(n: int) -> torch.Tensor:
+            """Logits after the last ``context_length`` of the first ``n`` tokens, from scratch."""
+            start = max(0, n - context_length)
+            mask = padding[:, start:n] if padding is not None else None
+            if cache is not None:  # the prefill (n fits in the window): fill the cache
+                return model(tokens[:, start:n], kv_cache=cache, padding=mask)[:, -1]
+            return model(tokens[:, start:n], padding=mask)[:, -1]
+
+        finished = torch.zeros(batch, dtype=torch.bool, device=prompt.device) if eos_id is not None else None
+        n = prompt_length
+        logits = window_logits(n)
+        for step in range(max_new_tokens):
+            next_token = sample_next_token(logits, **sampling)
+            if finished is not None:
+                next_token.masked_fill_(finished, eos_id)  # finished rows are padded with eos
+                finished |= next_token == eos_id
+            tokens[:, n] = next_token
+            n += 1
+            yield next_token
+            if step + 1 == max_new_tokens or (finished is not None and bool(finished.all())):
+                return  # (the only host sync per step, and only with eos_id)
+            if cache is not None and n <= cache.max_length:
+                logits = model(tokens[:, n - 1 : n], kv_cache=cache)[:, -1]  # one new position
+            else:
+                cache = None  # the window slides from now on (see above): recompute it
+                logits = window_logits(n)
+    finally:
+        model.train(was_training)
+
+
+def generate(
+    model: nn.Module,
+    idx: Prompt,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor | list[list[int]]:
+    """The prompt followed by up to ``max_new_tokens`` generated tokens.
+
+    For a ``(batch, tokens)`` tensor: a ``(batch, tokens + steps)`` LongTensor, where ``steps`` is
+    ``max_new_tokens`` or fewer if every row produced ``eos_id`` earlier (finished rows are padded
+    with ``eos_id``). For a list of token-id lists: a list of lists, each its prompt plus its new
+    tokens, ending at (and including) its first ``eos_id``, with no padding. The prompt comes back
+    whole even when the model only saw its last ``context_length`` tokens.
+    """
+    steps = list(stream(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator))
+    batch = len(idx)
+    new = torch.stack(steps, dim=1) if steps else torch.empty(batch, 0, dtype=torch.long)
+    if isinstance(idx, torch.Tensor):
+        return torch.cat([idx, new.to(idx.device)], dim=1)
+    out = []
+    for prompt, row in zip(idx, new.tolist()):
+        if eos_id is not None and eos_id in row:
+            row = row[: row.index(eos_id) + 1]
+        out.append([int(t) for t in prompt] + row)
+    return out
+
+
+# Text in, text out -------------------------------------------------------------------------------
+
+
+def detokenize(tokenizer, ids: Iterable[int], context: Sequence[int] = ()) -> Iterator[str]:
+    """Turn a stream of token ids into a stream of printable text pieces.
+
+    Byte-level BPE tokens can end halfway through a UTF-8 character (an emoji is often two or three
+    tokens), and decoding such a token alone gives a replacement character. So the ids not yet
+    printed are decoded together with a few tokens before them (``context`` at first: the prompt),
+    and the new text is released only once it does not end in a half character (U+FFFD). The
+    leading tokens also keep word-level tokenizers' spacing right at the seam.
+    """
+    tail, pending = list(context)[-DETOKENIZE_CONTEXT:], []
+    shown = tokenizer.decode(tail)
+    for token in ids:
+        pending.append(int(token))
+        text = tokenizer.decode(tail + pending)
+        if text.endswith("\ufffd") or not text.startswith(shown):
+            continue  # wait for the rest of the character
+        if len(text) > len(shown):
+            yield text[len(shown) :]
+        tail, pending = (tail + pending)[-DETOKENIZE_CONTEXT:], []
+        shown = tokenizer.decode(tail)
+    if pending:  # the stream ended inside a character: show what there is
+        text = tokenizer.decode(tail + pending)
+        keep = len(shown) if text.startswith(shown) else len(_common_prefix(text, shown))
+        if len(text) > keep:
+            yield text[keep:]
+
+
+def stream_text(
+    model: nn.Module,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_at_eot: bool = True,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> Iterator[str]:
+    """Continue ``prompt``, yielding the new text piece by piece as the model produces it.
+
+    Stops at the tokenizer's ``<|endoftext|>`` (which is not shown) unless ``stop_at_eot`` is
+    False. An empty prompt starts from ``<|endoftext|>``, GPT-2's "beginning of a document".
+    """
+    ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
+    eot = tokenizer.eot_id if stop_at_eot else None
+    steps = stream(model, [ids], max_new_tokens, temperature, top_k, top_p, eot, use_cache, generator)
+    new_ids = (int(step[0]) for step in steps)
+    if eot is not None:
+        new_ids = takewhile(lambda t: t != eot, new_ids)
+    return detokenize(tokenizer, new_ids, context=ids)
+
+
+# Helpers -----------------------------------------------------------------------------------------
+
+
+def _rows(idx: Prompt) -> list[list[int]] | torch.Tensor:
+    if isinstance(idx, torch.Tensor):
+        if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int32, torch.int16, torch.uint8):
+            raise UserError(f"idx must be a (batch, tokens) tensor of token ids, got shape {tuple(idx.shape)} "
+                            f"and dtype {idx.dtype}")
+        if idx.shape[0] == 0 or idx.shape[1] == 0:
+            raise UserError("the prompt is empty: give at least one token per row")
+        return idx
+    rows = [list(row) for row in idx]
+    if not rows or any(len(row) == 0 for row in rows):
+        raise UserError("the prompt is empty: give at least one token per row")
+    return rows
+
+
+def _left_pad(
+    rows: list[list[int]] | torch.Tensor, context_length: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Crop each prompt to the context window and left-pad them to one length.
+
+    Returns ``(tokens, padding)``; ``padding`` is True at padding positions, None without any.
+    """
+    longest = rows.shape[1] if isinstance(rows, torch.Tensor) else max(len(r) for r in rows)
+    if longest > context_length:
+        warnings.warn(
+            f"the prompt has {longest} tokens but the context window holds {context_length}: "
+            f"the model sees only the last {context_length}",
+            stacklevel=4,
+        )
+    if isinstance(rows, torch.Tensor):
+        return rows[:, -context_length:].to(device=device, dtype=torch.long), None
+    rows = [r[-context_length:] for r in rows]
+    width = max(len(r) for r in rows)
+    tokens = torch.zeros(len(rows), width, dtype=torch.long)  # id 0 under the padding: never seen
+    padding = torch.ones(len(rows), width, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        tokens[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        padding[i, width - len(r) :] = False
+    if not padding.any():
+        padding = None
+    return tokens.to(device), (padding.to(device) if padding is not None else None)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _dtype_of(model: nn.Module) -> torch.dtype:
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return p.dtype if p is not None else torch.float32
+
+
+def _common_prefix(a: str, b: str) -> str:
+    i = 0
+    while i < min(len(a), len(b)) and a[i] == b[i]:
+        i += 1
+    return a[:i]
+
+
+class _CallableModule(types.ModuleType):
+    """``buildllm.generate`` is both this module and the function: importing a submodule makes
+    Python set the package attribute of the same name to the module, so calling the module
+    calls ``generate`` and ``buildllm.generate(model, ...)`` works in any import order."""
+
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,226 @@
+"""Low-rank adaptation (LoRA, Hu et al. 2021): fine-tune a few million numbers instead of all of them.
+
+A frozen ``Linear`` layer computes ``x W^T + b``. LoRA adds a trainable low-rank update beside it,
+
+    y = x W^T + b + (alpha / rank) * x A B        A: (in, rank)   B: (rank, out)
+
+with ``A`` random and ``B`` zero, so at the start the update is exactly zero and the adapted model
+computes exactly what the base model did. Only ``A`` and ``B`` train. After training the update can
+be folded into ``W`` (``merge_lora``), which leaves a plain ``GPTModel`` of the original size.
+
+Scaling: this module multiplies by ``alpha / rank`` as the LoRA paper does, so changing the rank does
+not change the update's size. The book's appendix E multiplies by ``alpha`` alone; its setting
+``rank=16, alpha=16`` is ``rank=16, alpha=256`` here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from buildllm.errors import UserError
+
+# The Linear layers of a GPT block, by attribute name (see model.py): attention's fused
+# query/key/value projection and its output projection, the feed-forward expansion and projection.
+DEFAULT_TARGETS: tuple[str, ...] = ("qkv", "out_proj", "fc", "proj")
+ALL_TARGETS: tuple[str, ...] = (*DEFAULT_TARGETS, "out_head")
+
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
+
+
+class LoRALayer(nn.Module):
+    """The low-rank update ``(alpha / rank) * x A B`` on its own."""
+
+    def __init__(self, in_dim: int, out_dim: int, rank: int, alpha: float):
+        super().__init__()
+        self.rank, self.alpha = rank, alpha
+        self.scaling = alpha / rank
+        self.A = nn.Parameter(torch.empty(in_dim, rank))
+        # The same init nn.Linear gives its weights, so x A starts at a sensible scale ...
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        # ... and B = 0 makes the whole update zero at the start: training begins at the base model.
+        self.B = nn.Parameter(torch.zeros(rank, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scaling * (x @ self.A @ self.B)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update in ``nn.Linear``'s weight layout ``(out, in)``."""
+        return self.scaling * (self.A @ self.B).T
+
+
+class LinearWithLoRA(nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable ``LoRALayer`` beside it."""
+
+    def __init__(self, linear: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.linear = linear
+        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha)
+        self.lora.to(device=linear.weight.device, dtype=linear.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + self.lora(x)
+
+    @property
+    def weight(self) -> torch.Tensor:  # so code that reads `layer.weight` keeps working
+        return self.linear.weight
+
+
+def _check(rank, alpha, targets) -> tuple[str, ...]:
+    if not isinstance(rank, int) or rank < 1:
+        raise UserError(f"LoRA rank must be a positive integer, got {rank!r}")
+    if not alpha > 0:
+        raise UserError(f"LoRA alpha must be positive, got {alpha!r}")
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    unknown = [t for t in targets if t not in ALL_TARGETS]
+    if unknown or not targets:
+        raise UserError(
+            f"unknown LoRA target(s) {', '.join(unknown) or '(none given)'}; choose from: {', '.join(ALL_TARGETS)}"
+        )
+    return targets
+
+
+def apply_lora(
+    model: nn.Module,
+    rank: int,
+    alpha: float,
+    targets: tuple[str, ...] | list[str] | str = DEFAULT_TARGETS,
+) -> nn.Module:
+    """Freeze every parameter of ``model``, then wrap each ``nn.Linear`` named in ``targets``.
+
+    Works in place and returns the model. Names are attribute names: ``"qkv"`` wraps every
+    ``blocks[i].att.qkv``. Parameters you want to train fully besides the adapters (a new
+    classification head, say) must be unfrozen afterwards.
+    """
+    targets = _check(rank, alpha, targets)
+    for p in model.parameters():
+        p.requires_grad = False
+    replaced = 0
+    # Collect first, then replace: never mutate a module tree while iterating over it.
+    chosen = [
+        (parent, child_name, child)
+        for parent in model.modules()
+        for child_name, child in parent.named_children()
+        if child_name in targets and isinstance(child, nn.Linear)
+    ]
+    for parent, child_name, child in chosen:
+        setattr(parent, child_name, LinearWithLoRA(child, rank, alpha))
+        replaced += 1
+    if not replaced:
+        raise UserError(f"no Linear layer named {', '.join(targets)} in the model; nothing to adapt")
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict[str, LinearWithLoRA]:
+    """The adapted layers by their module name (e.g. ``blocks.0.att.qkv``)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LinearWithLoRA)}
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts; tied weights count once."""
+    params = list(model.parameters())  # nn.Module.parameters() already skips shared tensors
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and put plain ``nn.Linear`` layers back (in place).
+
+    The result has the original architecture, so ``save_model`` writes it like any other model.
+    If the output head is adapted while tied to the token embedding, merging it would change the
+    embedding too; the head gets its own weight instead and the config says untied.
+    """
+    for name, layer in lora_layers(model).items():
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        linear = layer.linear
+        delta = layer.lora.delta_weight().to(linear.weight.dtype)
+        tied_to_embedding = hasattr(model, "wte") and linear.weight is model.wte.weight
+        if tied_to_embedding:
+            linear.weight = nn.Parameter(linear.weight + delta, requires_grad=linear.weight.requires_grad)
+            from dataclasses import replace
+
+            model.cfg = replace(model.cfg, tie_embeddings=False)
+        else:
+            linear.weight += delta
+        setattr(parent, child_name, linear)
+    return model
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors (e.g. ``blocks.0.att.qkv.lora.A``) plus any other parameter that trains
+    fully beside them (a new classification head): everything fine-tuning changed, nothing else."""
+    state = {
+        f"{name}.lora.{p}": getattr(layer.lora, p).detach().contiguous()
+        for name, layer in lora_layers(model).items()
+        for p in ("A", "B")
+    }
+    for name, p in model.named_parameters():
+        if p.requires_grad and ".lora." not in f".{name}":
+            state[name] = p.detach().contiguous()
+    return state
+
+
+def adapter_config(model: nn.Module) -> dict:
+    layers = lora_layers(model)
+    if not layers:
+        raise UserError("the model has no LoRA adapters to save; call apply_lora first")
+    first = next(iter(layers.values())).lora
+    targets = sorted({name.rpartition(".")[2] for name in layers})
+    return {"rank": first.rank, "alpha": first.alpha, "targets": targets}
+
+
+def save_adapters(directory: str | Path, model: nn.Module) -> Path:
+    """Write ``adapter.safetensors`` (``adapter_state``: a small file) and ``adapter_config.json``.
+
+    Together with the base model they rebuild the fine-tuned one (``load_adapters``)."""
+    from safetensors.torch import save_file
+
+    from buildllm.checkpoint import atomic_write
+
+    directory = Path(directory)
+    config = adapter_config(model)
+    state = adapter_state(model)
+    atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    return directory / ADAPTER_WEIGHTS
+
+
+def load_adapters(directory: str | Path, model: nn.Module) -> nn.Module:
+    """Add the adapters saved by ``save_adapters`` to a base ``model`` (which they must fit)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
+    try:
+        config = json.loads(config_path.read_text())
+        rank, alpha, targets = int(config["rank"]), float(config["alpha"]), tuple(config["targets"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"cannot read LoRA adapter config {config_path}: {e}") from None
+    try:
+        state = load_file(weights_path, device=str(next(model.parameters()).device))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"cannot read LoRA adapters {weights_path}: {e}") from None
+    apply_lora(model, rank, alpha, targets)
+    params = dict(model.named_parameters())
+    lora_names = {f"{name}.lora.{p}" for name in lora_layers(model) for p in ("A", "B")}
+    missing = sorted(lora_names - set(state))
+    unexpected = sorted(set(state) - lora_names - set(params))
+    if missing or unexpected:
+        which = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        raise UserError(f"{weights_path} does not fit this model: {which}")
+    for name, tensor in state.items():
+        target = params[name]
+        if tensor.shape != target.shape:
+            raise UserError(
+                f"{weights_path}: {name} has shape {tuple(tensor.shape)}, the model needs {tuple(target.shape)}"
+            )
+        with torch.no_grad():
+            target.copy_(tensor)
+        target.requires_grad = True  # the file holds what was trained: it trains again if you go on
+    return model

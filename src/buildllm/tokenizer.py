@@ -1,0 +1,439 @@
+"""Stage 1 of the pipeline: text to token ids, and back.
+
+Three tokenizers share one small interface (``Tokenizer``): ``encode(text) -> list[int]``,
+``decode(ids) -> str``, ``vocab_size``, ``eot_id``, ``save(path)`` and ``Tokenizer.load(path)``.
+
+* ``WordTokenizer``: the book's first tokenizer (chapter 2). A regex splits text into words and
+  punctuation, the vocabulary is every distinct piece of a corpus plus ``<|endoftext|>`` and
+  ``<|unk|>``. Easy to read, but it cannot represent words it has never seen.
+* ``get_tokenizer("gpt2")``: GPT-2's byte-level BPE (50,257 tokens) run by tiktoken, built offline
+  from the merge ranks shipped in ``assets/`` (their sha256 is checked on every load).
+* ``train_bpe(text, vocab_size)``: byte-level BPE learned from your own corpus with GPT-2's
+  pre-tokenization, then handed to tiktoken for fast encoding. Byte-level means every string,
+  emoji and control characters included, round-trips exactly.
+
+Special tokens: text that merely *looks like* ``<|endoftext|>`` is encoded as ordinary text unless the
+caller allows it (``allowed_special={"<|endoftext|>"}`` or ``"all"``). That way a document that
+quotes the marker can never inject a control token, and encoding user text never raises.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import heapq
+import json
+import os
+import re
+import tempfile
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import AbstractSet, Literal, Union
+
+import tiktoken
+
+from buildllm.errors import UserError
+
+EOT = "<|endoftext|>"
+UNK = "<|unk|>"
+
+# GPT-2's pre-tokenization: contractions, letters, digits, other symbols, whitespace. BPE merges never
+# cross these pieces, so " the" and "the." stay apart.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+GPT2_RANKS_PATH = Path(__file__).parent / "assets" / "gpt2.tiktoken"
+GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+BUILTIN_NAMES = ("gpt2",)
+
+AllowedSpecial = Union[AbstractSet[str], Literal["all"]]
+
+
+class Tokenizer:
+    """What every tokenizer offers. Subclasses implement encode, decode and ``to_dict``."""
+
+    name: str
+    vocab_size: int
+    eot_id: int
+    special_tokens: dict[str, int]
+
+    def encode(self, text: str, allowed_special: AllowedSpecial = frozenset()) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def encode_batch(
+        self, texts: Sequence[str], allowed_special: AllowedSpecial = frozenset()
+    ) -> list[list[int]]:
+        return [self.encode(t, allowed_special) for t in texts]
+
+    def to_dict(self) -> dict:
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """sha256 of the saved form: two tokenizers with the same fingerprint encode identically."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the tokenizer as one JSON file (atomically); ``Tokenizer.load`` reads it back."""
+        path = Path(path)
+        atomic_write_bytes(path, json.dumps(self.to_dict(), ensure_ascii=False).encode("utf-8"))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        """Load any saved tokenizer (a tokenizer.json, or a folder holding one)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"no tokenizer at {path}: give a saved tokenizer.json") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"cannot read tokenizer {path}: {e}") from None
+        kind = data.get("type") if isinstance(data, dict) else None
+        loaders = {"word": WordTokenizer._from_dict, "gpt2": lambda d: gpt2_tokenizer(),
+                   "bpe": BPETokenizer._from_dict}
+        if kind not in loaders:
+            raise UserError(f"{path} is not a buildllm tokenizer (type {kind!r}); expected one of "
+                            f"{', '.join(loaders)}")
+        try:
+            tok = loaders[kind](data)
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"tokenizer file {path} is damaged: {e!r}") from None
+        if not isinstance(tok, cls):
+            raise UserError(f"{path} holds a {type(tok).__name__}, not a {cls.__name__}")
+        return tok
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size})"
+
+
+def _allowed_set(allowed_special: AllowedSpecial, specials: dict[str, int]) -> AbstractSet[str]:
+    if allowed_special == "all":
+        return specials.keys()
+    return allowed_special
+
+
+# Word tokenizer (the book's chapter 2) -----------------------------------------------------------
+
+# Split on punctuation, "--" and whitespace, keeping the separators (the capture group) so that
+# punctuation becomes tokens of its own.
+WORD_SPLIT = re.compile(r'([,.:;?_!"()\']|--|\s)')
+# Undo the spaces that " ".join puts before punctuation.
+WORD_JOIN = re.compile(r'\s+([,.:;?!"()\'])')
+
+
+class WordTokenizer(Tokenizer):
+    """A vocabulary of whole words and punctuation; anything unseen becomes ``<|unk|>``."""
+
+    def __init__(self, vocab: Sequence[str], name: str = "word"):
+        if len(set(vocab)) != len(vocab):
+            raise ValueError("vocabulary has duplicate entries")
+        if EOT not in vocab or UNK not in vocab:
+            raise ValueError(f"vocabulary must contain {EOT} and {UNK}")
+        self.name = name
+        self.id_to_token = list(vocab)
+        self.token_to_id = {t: i for i, t in enumerate(self.id_to_token)}
+        self.vocab_size = len(self.id_to_token)
+        self.eot_id = self.token_to_id[EOT]
+        self.unk_id = self.token_to_id[UNK]
+        self.special_tokens = {EOT: self.eot_id, UNK: self.unk_id}
+
+    @staticmethod
+    def split(text: str) -> list[str]:
+        """The book's pre-processing: words and punctuation, whitespace dropped."""
+        return [piece for piece in WORD_SPLIT.split(text) if piece.strip()]
+
+    @classmethod
+    def from_text(cls, text: str | Iterable[str], name: str = "word") -> WordTokenizer:
+        """Vocabulary = the sorted distinct pieces of ``text`` (or of each text), then EOT and UNK."""
+        texts = [text] if isinstance(text, str) else text
+        words: set[str] = set()
+        for t in texts:
+            words.update(cls.split(t))
+        words -= {EOT, UNK}
+        return cls([*sorted(words), EOT, UNK], name=name)
+
+    def encode(self, text: str, allowed_special: AllowedSpecial = frozenset()) -> list[int]:
+        allowed = _allowed_set(allowed_special, self.special_tokens)
+        ids = []
+        for piece in self.split(text):
+            if piece in self.special_tokens and piece not in allowed:
+                # a disallowed special is not a word of the corpus either
+                ids.append(self.unk_id)
+            else:
+                ids.append(self.token_to_id.get(piece, self.unk_id))
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return WORD_JOIN.sub(r"\1", " ".join(self.id_to_token[i] for i in ids))
+
+    def to_dict(self) -> dict:
+        return {"type": "word", "name": self.name, "vocab": self.id_to_token}
+
+    @classmethod
+    def _from_dict(cls, data: dict) -> WordTokenizer:
+        return cls(data["vocab"], name=data.get("name", "word"))
+
+
+# Byte-level BPE through tiktoken ---------------------------------------------------------------
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE: GPT-2's own ranks (``get_tokenizer("gpt2")``) or ones from ``train_bpe``.
+
+    ``mergeable_ranks`` maps each token's bytes to its id; lower ids were merged earlier. tiktoken
+    (Rust, multi-threaded for batches) does the actual encoding.
+    """
+
+    def __init__(
+        self,
+        mergeable_ranks: dict[bytes, int],
+        special_tokens: dict[str, int],
+        name: str,
+        pat_str: str = GPT2_PATTERN,
+        builtin: str | None = None,
+    ):
+        if EOT not in special_tokens:
+            raise ValueError(f"special_tokens must contain {EOT}")
+        self.name = name
+        self.pat_str = pat_str
+        self.builtin = builtin  # saved as a reference to the shipped ranks instead of a copy
+        self.mergeable_ranks = mergeable_ranks
+        self.special_tokens = dict(special_tokens)
+        self.vocab_size = len(mergeable_ranks) + len(special_tokens)
+        self.eot_id = special_tokens[EOT]
+        self.encoding = tiktoken.Encoding(
+            name=name,
+            pat_str=pat_str,
+            mergeable_ranks=mergeable_ranks,
+            special_tokens=self.special_tokens,
+            explicit_n_vocab=self.vocab_size,
+        )
+
+    def encode(self, text: str, allowed_special: AllowedSpecial = frozenset()) -> list[int]:
+        if not allowed_special:
+            return self.encoding.encode_ordinary(text)
+        # disallowed_special=() : any other special-looking text is encoded as plain text
+        return self.encoding.encode(text, allowed_special=allowed_special, disallowed_special=())
+
+    def encode_batch(
+        self, texts: Sequence[str], allowed_special: AllowedSpecial = frozenset()
+    ) -> list[list[int]]:
+        """Encode many texts in parallel on tiktoken's thread pool."""
+        if not allowed_special:
+            return self.encoding.encode_ordinary_batch(list(texts))
+        return self.encoding.encode_batch(
+            list(texts), allowed_special=allowed_special, disallowed_special=()
+        )
+
+    def decode(self, ids: Iterable[int]) -> str:
+        # errors="replace": a slice that cuts a multi-byte character in half still decodes
+        return self.encoding.decode(list(ids))
+
+    def to_dict(self) -> dict:
+        if self.builtin:
+            return {"type": self.builtin, "name": self.name}
+        by_rank = sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])
+        return {
+            "type": "bpe",
+            "name": self.name,
+            "pat_str": self.pat_str,
+            # tokens[i] is the base64 of the bytes of token i (tiktoken's format, one list)
+            "tokens": [base64.b64encode(b).decode("ascii") for b, _ in by_rank],
+            "special_tokens": self.special_tokens,
+        }
+
+    @classmethod
+    def _from_dict(cls, data: dict) -> BPETokenizer:
+        ranks = {base64.b64decode(t): i for i, t in enumerate(data["tokens"])}
+        if len(ranks) != len(data["tokens"]):
+            raise ValueError("duplicate tokens")
+        specials = {str(k): int(v) for k, v in data["special_tokens"].items()}
+        if sorted(specials.values()) != list(range(len(ranks), len(ranks) + len(specials))):
+            raise ValueError("special token ids must follow the ordinary tokens")
+        return cls(ranks, specials, name=data["name"], pat_str=data["pat_str"])
+
+
+def load_gpt2_ranks(path: str | os.PathLike) -> dict[bytes, int]:
+    """Read a ``.tiktoken`` ranks file (``base64(token) rank`` per line) after checking its sha256."""
+    path = Path(path)
+    try:
+        blob = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read GPT-2 ranks {path}: {e.strerror}; reinstall buildllm") from None
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != GPT2_RANKS_SHA256:
+        raise UserError(
+            f"GPT-2 ranks {path} have sha256 {digest[:16]}..., expected {GPT2_RANKS_SHA256[:16]}...: "
+            "the file is damaged or replaced; reinstall buildllm"
+        )
+    ranks = {}
+    for line in blob.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+@lru_cache(maxsize=4)
+def _gpt2_cached(path: str) -> BPETokenizer:
+    return BPETokenizer(load_gpt2_ranks(path), {EOT: 50256}, name="gpt2", builtin="gpt2")
+
+
+def gpt2_tokenizer() -> BPETokenizer:
+    """GPT-2's tokenizer, built offline from the shipped ranks (cached per process)."""
+    return _gpt2_cached(str(GPT2_RANKS_PATH))
+
+
+def get_tokenizer(spec: str | os.PathLike | Tokenizer = "gpt2") -> Tokenizer:
+    """A tokenizer by name (``"gpt2"``), by the path of a saved one, or passed through as is."""
+    if isinstance(spec, Tokenizer):
+        return spec
+    if isinstance(spec, str) and spec in BUILTIN_NAMES:
+        return gpt2_tokenizer()
+    path = Path(spec)
+    if path.is_file() or (path.is_dir() and (path / "tokenizer.json").is_file()):
+        return Tokenizer.load(path)
+    if isinstance(spec, str) and spec.startswith("bpe:"):
+        raise UserError(f"{spec!r} is trained from a corpus: use `buildllm prepare INPUT "
+                        f"--tokenizer {spec}` or buildllm.train_bpe(text, vocab_size)")
+    raise UserError(f"unknown tokenizer {str(spec)!r}: use one of {', '.join(BUILTIN_NAMES)}, "
+                    "or the path of a saved tokenizer.json (word, gpt2 or bpe)")
+
+
+# Training a byte-level BPE -----------------------------------------------------------------------
+
+
+def train_bpe(
+    text: str | Iterable[str],
+    vocab_size: int,
+    special_tokens: Sequence[str] = (EOT,),
+    name: str | None = None,
+) -> BPETokenizer:
+    """Learn a byte-level BPE of (at most) ``vocab_size`` tokens from ``text`` (or an iterable of texts).
+
+    The vocabulary starts as the 256 byte values; each step merges the most frequent adjacent pair
+    into a new token, until ``vocab_size - len(special_tokens)`` ordinary tokens exist (or no pair is
+    left to merge, for a text too small to fill the vocabulary). Pairs never cross GPT-2's
+    pre-tokens, and any special tokens found in the text are cut out before counting.
+
+    Efficient in pure Python because it counts each distinct pre-token once (with its frequency)
+    and, after a merge, updates pair counts only in the words that contained the merged pair.
+    """
+    special_tokens = list(dict.fromkeys(special_tokens))
+    if EOT not in special_tokens:
+        raise UserError(f"special_tokens must include {EOT} (documents are separated by it)")
+    check_bpe_vocab_size(vocab_size, len(special_tokens))
+    word_counts = count_pretokens(text, special_tokens)
+    vocab = learn_merges(word_counts, vocab_size - len(special_tokens))
+    ranks = {token: i for i, token in enumerate(vocab)}
+    specials = {s: len(vocab) + k for k, s in enumerate(special_tokens)}
+    return BPETokenizer(ranks, specials, name=name or f"bpe{vocab_size}")
+
+
+def check_bpe_vocab_size(vocab_size: int, n_special: int = 1) -> None:
+    if vocab_size < 256 + n_special:
+        raise UserError(f"vocab_size {vocab_size} is too small: byte-level BPE needs at least 256 "
+                        f"byte tokens + {n_special} special token(s) = {256 + n_special}")
+
+
+def count_pretokens(text: str | Iterable[str], special_tokens: Sequence[str] = (EOT,)) -> Counter:
+    """How often each distinct GPT-2 pre-token (as UTF-8 bytes) occurs in the text(s)."""
+    import regex  # tiktoken's own dependency; the stdlib ``re`` has no \p{L}
+
+    pattern = regex.compile(GPT2_PATTERN)
+    cut = regex.compile("|".join(regex.escape(s) for s in special_tokens)) if special_tokens else None
+    counts: Counter = Counter()
+    for t in [text] if isinstance(text, str) else text:
+        for part in cut.split(t) if cut else [t]:
+            counts.update(pattern.findall(part))
+    return Counter({w.encode("utf-8"): c for w, c in counts.items()})
+
+
+def learn_merges(word_counts: dict[bytes, int], n_tokens: int) -> list[bytes]:
+    """The BPE vocabulary (token bytes in rank order): 256 bytes, then merges until ``n_tokens``."""
+    vocab = [bytes([b]) for b in range(256)]
+    id_of = {token: i for i, token in enumerate(vocab)}
+    words = [list(w) for w in word_counts]  # each word as a list of token ids
+    counts = list(word_counts.values())
+
+    pair_counts: dict[tuple[int, int], int] = defaultdict(int)
+    where: dict[tuple[int, int], set[int]] = defaultdict(set)  # pair -> words that (may) hold it
+    for i, w in enumerate(words):
+        for pair in zip(w, w[1:]):
+            pair_counts[pair] += counts[i]
+            where[pair].add(i)
+    # Max-heap of (-count, pair) with lazy deletion: an entry is stale when its count no longer
+    # matches pair_counts. Ties go to the smaller pair of ids, so training is deterministic.
+    heap = [(-c, pair) for pair, c in pair_counts.items()]
+    heapq.heapify(heap)
+
+    while len(vocab) < n_tokens and heap:
+        neg, pair = heapq.heappop(heap)
+        if pair_counts.get(pair) != -neg:
+            continue
+        a, b = pair
+        merged = vocab[a] + vocab[b]
+        new = id_of.get(merged)
+        if new is None:  # (rarely, two different merges spell the same bytes: keep one id)
+            new = id_of[merged] = len(vocab)
+            vocab.append(merged)
+        before: dict[tuple[int, int], int] = {}
+        for i in where.pop(pair):
+            w, c = words[i], counts[i]
+            merged_word, j = [], 0
+            while j < len(w):
+                if j + 1 < len(w) and w[j] == a and w[j + 1] == b:
+                    merged_word.append(new)
+                    j += 2
+                else:
+                    merged_word.append(w[j])
+                    j += 1
+            if len(merged_word) == len(w):
+                continue  # the pair left this word in an earlier merge
+            words[i] = merged_word
+            for p in zip(w, w[1:]):
+                before.setdefault(p, pair_counts[p])
+                pair_counts[p] -= c
+            for p in zip(merged_word, merged_word[1:]):
+                before.setdefault(p, pair_counts[p])
+                pair_counts[p] += c
+                where[p].add(i)
+        for p, old in before.items():
+            now = pair_counts[p]
+            if now <= 0:
+                del pair_counts[p]
+            elif now != old:
+                heapq.heappush(heap, (-now, p))
+    return vocab
+
+
+# Files -------------------------------------------------------------------------------------------
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write a whole file so that readers see either the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; use the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
