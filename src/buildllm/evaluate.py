@@ -15,7 +15,9 @@ Perplexity over a long text (sliding window)
 
     A smaller stride gives more context per token and a lower (more honest) perplexity, at the
     cost of ``context_length / stride`` times the compute. ``stride == context_length`` is the
-    plain chunked loss.
+    plain chunked loss. (The guide's code averages each window's mean loss weighted by its label
+    count minus one, off by one token for the windows after the first; we sum the per-token
+    losses and divide by the number scored, the exact mean; the difference is negligible.)
 
 Bits per character
     Perplexity depends on the tokenizer (a token can be one letter or a whole word); bits per
@@ -56,14 +58,16 @@ def perplexity(
     """Sliding-window loss over ``token_ids``: ``{"loss", "perplexity", "tokens"}``.
 
     ``loss`` is the mean negative log-likelihood in nats of the scored tokens (every token but the
-    first), ``tokens`` how many were scored. ``context_length`` defaults to the model's.
+    first), ``tokens`` how many were scored. ``context_length`` defaults to the model's; a
+    ``stride`` beyond it is capped to it (disjoint windows: a larger step would skip tokens).
     """
     ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
     window = context_length or model.cfg.context_length
     if not 1 <= window <= model.cfg.context_length:
         raise UserError(f"context_length must be in [1, {model.cfg.context_length}], got {window}")
-    if not 1 <= stride <= window:
-        raise UserError(f"stride must be in [1, {window}] (the context length), got {stride}")
+    if stride < 1:
+        raise UserError(f"stride must be at least 1 token, got {stride}")
+    stride = min(stride, window)
     if len(ids) < 2:
         raise UserError("the text is too short to score: it needs at least two tokens")
 
@@ -108,7 +112,7 @@ def evaluate_text(model: torch.nn.Module, tokenizer, text: str, stride: int = 51
     the scored tokens' bits over all characters (a negligible difference on any real text).
     """
     ids = tokenizer.encode(text)
-    result = perplexity(model, ids, stride=min(stride, model.cfg.context_length))
+    result = perplexity(model, ids, stride=stride)
     return {
         "loss": result["loss"],
         "perplexity": result["perplexity"],

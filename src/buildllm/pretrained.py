@@ -28,12 +28,16 @@ import os
 import re
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from buildllm.checkpoint import atomic_write, model_from_state_dict, weights_of
 from buildllm.errors import UserError
 from buildllm.model import GPTConfig, GPTModel
+
+if TYPE_CHECKING:
+    from buildllm.tokenizer import Tokenizer
 
 # The model ids OpenAI published, and where they live on the Hugging Face Hub.
 MODEL_IDS = {
@@ -171,7 +175,7 @@ def load_pretrained(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = torch.float32,
     **overrides,
-) -> tuple[GPTModel, object]:
+) -> tuple[GPTModel, Tokenizer | None]:
     """GPT-2 weights as ``(model, tokenizer)``, in eval mode.
 
     ``name_or_path``: a Hugging Face folder (config.json + model.safetensors or pytorch_model.bin),
@@ -204,7 +208,11 @@ def load_pretrained(
 
             model, tokenizer = load_model(directory, device=device)
             if overrides:  # same tensors, new settings
-                model = model_from_state_dict(replace(model.cfg, **overrides), weights_of(model), device)
+                try:
+                    cfg = replace(model.cfg, **overrides)
+                except TypeError as e:
+                    raise UserError(f"bad config override: {e}") from None
+                model = model_from_state_dict(cfg, weights_of(model), device)
             return (model if dtype is None else model.to(dtype)), tokenizer
         cfg = config_from_hf(hf, str(directory / HF_CONFIG), **overrides)
         state, source = read_hf_weights(directory)
@@ -261,6 +269,13 @@ def _check_names_and_shapes(cfg: GPTConfig, hf_state: dict[str, torch.Tensor], s
         reference = GPTModel(cfg).state_dict()
     if cfg.tie_embeddings:
         reference.pop("out_head.weight")
+    expected = {to_hf_name(name) for name in reference}
+    for hf_name in hf_state:
+        if hf_name not in expected:  # a GPT-2 name, but not of this shape: e.g. a 13th layer
+            raise UserError(
+                f"{source}: unexpected tensor {hf_name!r} (the config has {cfg.n_layers} layers, "
+                f"{'tied' if cfg.tie_embeddings else 'untied'} output head)"
+            )
     for name, tensor in reference.items():
         hf_name = to_hf_name(name)
         shape = tuple(tensor.shape[::-1]) if is_conv1d(hf_name) else tuple(tensor.shape)
@@ -403,7 +418,12 @@ def download(model_id: str) -> Path:
         if not (folder / HF_WEIGHTS).is_file() and not (folder / HF_INDEX).is_file():
             folder = Path(snapshot_download(repo, allow_patterns=[HF_CONFIG, HF_WEIGHTS_BIN]))
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated, server down: all end here
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        if type(e).__name__ in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
+            reason = "no network or HF_HUB_OFFLINE set, and not in the local cache"
+        elif type(e).__name__ in ("RepositoryNotFoundError", "GatedRepoError"):
+            reason = "no such public model on the Hub"
+        else:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:120]
         raise UserError(f"cannot download {repo} ({reason}); {how}") from None
     return folder
 
