@@ -6,6 +6,7 @@ import shutil
 from collections import Counter
 
 import pytest
+import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -273,6 +274,14 @@ def test_bpe_compresses_what_it_learned(small_bpe):
 @example("".join(TRICKY))
 def test_bpe_round_trips_any_text(small_bpe, s):
     assert small_bpe.decode(small_bpe.encode(s)) == s
+
+
+def test_decode_rejects_ids_outside_the_vocabulary(gpt2):
+    with pytest.raises(ValueError, match="token id 50257 is outside the vocabulary \\(0..50256\\)"):
+        gpt2.decode([1, 50257])
+    with pytest.raises(ValueError, match="token id -1"):
+        WordTokenizer.from_text("a b").decode([0, -1])
+    assert gpt2.decode(torch.tensor([15496, 11])) == "Hello,"  # tensors and numpy ints are fine
 
 
 @pytest.mark.parametrize("s", TRICKY)

@@ -112,6 +112,14 @@ class Tokenizer:
         return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size})"
 
 
+def _checked(ids: Iterable[int], vocab_size: int) -> list[int]:
+    ids = [int(i) for i in ids]
+    if ids and not 0 <= min(ids) <= max(ids) < vocab_size:
+        bad = next(i for i in ids if not 0 <= i < vocab_size)
+        raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
+    return ids
+
+
 def _allowed_set(allowed_special: AllowedSpecial, specials: dict[str, int]) -> AbstractSet[str]:
     if allowed_special == "all":
         return specials.keys()
@@ -170,7 +178,8 @@ class WordTokenizer(Tokenizer):
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:
-        return WORD_JOIN.sub(r"\1", " ".join(self.id_to_token[i] for i in ids))
+        text = " ".join(self.id_to_token[i] for i in _checked(ids, self.vocab_size))
+        return WORD_JOIN.sub(r"\1", text)
 
     def to_dict(self) -> dict:
         return {"type": "word", "name": self.name, "vocab": self.id_to_token}
@@ -233,7 +242,7 @@ class BPETokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         # errors="replace": a slice that cuts a multi-byte character in half still decodes
-        return self.encoding.decode(list(ids))
+        return self.encoding.decode(_checked(ids, self.vocab_size))
 
     def to_dict(self) -> dict:
         if self.builtin:
