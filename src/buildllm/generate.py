@@ -68,7 +68,10 @@ def sample_next_token(
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature  # a new tensor: the caller's logits stay untouched
+    # Subtracting the row's maximum first changes no probability but keeps a tiny temperature from
+    # overflowing to inf (and inf - inf to NaN). It also makes a new tensor: the caller's is untouched.
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         # Keep exactly the k largest logits of each row (ties broken by topk), -inf elsewhere.
         values, indices = torch.topk(logits, top_k, dim=-1)
@@ -106,7 +109,9 @@ def stream(
     are left-padded, and the padding is masked out, so each row gives what it would alone).
     Prompts longer than the context window are cropped from the left, with a warning.
     With ``eos_id``, a row that has produced it keeps yielding ``eos_id``, and the stream ends
-    once every row has. Settings are checked here, before the first token is asked for.
+    once every row has. Settings are checked here, before the first token is asked for. The model
+    runs in eval mode under ``torch.inference_mode`` while the stream does; its training mode comes
+    back when the stream ends or is closed.
     """
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     tokens, padding = _left_pad(_rows(idx), model.cfg.context_length, _device_of(model))
