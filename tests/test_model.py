@@ -42,11 +42,13 @@ def test_layernorm_equals_torch():
         theirs.bias.copy_(ours.shift)
     x = torch.randn(3, 5, 24) * 4 + 2
     torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.written_out(x), theirs(x), atol=1e-5, rtol=0)  # the formula
 
 
 def test_gelu_equals_torch_tanh_approximation():
     x = torch.linspace(-8, 8, 1001)
     torch.testing.assert_close(GELU()(x), nn.GELU(approximate="tanh")(x), atol=1e-6, rtol=0)
+    torch.testing.assert_close(GELU().written_out(x), nn.GELU(approximate="tanh")(x), atol=1e-6, rtol=0)
 
 
 def test_feedforward_expands_four_times_and_matches_manual():

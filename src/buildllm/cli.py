@@ -519,8 +519,9 @@ def run_train(args) -> int:
     result = train(cli_config(args.config, {k: getattr(args, k) for k in keys}, args.set))
     if result.rank != 0:  # under torchrun, one process reports
         return 0
-    print(f"{result.out}: {result.steps:,} steps, {result.tokens_seen:,} tokens in {result.seconds / 60:.1f} "
-          f"minutes ({result.tokens_per_sec:,.0f} tokens/s)")
+    speed = f" ({result.tokens_per_sec:,.0f} tokens/s)" if result.tokens_per_sec else ""
+    print(f"{result.out}: {result.steps:,} steps, {result.tokens_seen:,} tokens; this session took "
+          f"{result.seconds / 60:.1f} minutes{speed}")
     if result.val_bits_per_char is not None:
         print(f"  validation loss {result.val_loss:.4f} nats per token, {result.val_bits_per_char:.3f} bits per character")
     print(f"  generate with: buildllm generate --checkpoint {result.out} --prompt \"ROMEO:\"")

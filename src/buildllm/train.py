@@ -51,7 +51,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -61,9 +60,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from buildllm.checkpoint import CONFIG, TOKENIZER, WEIGHTS, atomic_write, save_model, weights_of
+from buildllm.checkpoint import CONFIG, TOKENIZER, WEIGHTS, atomic_write, save_model
 from buildllm.errors import UserError
 from buildllm.model import GPTConfig, GPTModel, describe
+from buildllm.tokenizer import _umask
 
 # Configuration -----------------------------------------------------------------------------------
 
@@ -86,7 +86,7 @@ class TrainConfig:
     # How long.
     max_steps: int | None = None  # optimizer steps; in book mode, None means `epochs` passes
     epochs: int | None = None  # book mode: passes over the training windows
-    max_minutes: float | None = None  # also stop (and finish the schedule) after this much time
+    max_minutes: float | None = None  # wall-time budget of the whole run, final evaluation included
     # Batches.
     batch_size: int | None = None  # sequences per micro-batch, over all processes together
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -214,6 +214,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     """Fill every ``None`` with its mode's default and check the values; the result is what runs."""
     mode = data_mode(cfg.data)
     filled = {k: v for k, v in DEFAULTS[mode].items() if getattr(cfg, k) is None}
+    if cfg.max_steps is not None:  # a step count given is the budget: no default time limit
+        filled.pop("max_minutes", None)
     if mode == "book" and cfg.preset is None and cfg.init_from is None:
         filled["model"] = {**BOOK_MODEL, **cfg.model}
     if cfg.init_from is not None:
@@ -664,6 +666,28 @@ def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
 
+def train_step(model: nn.Module, optimizer, scaler, data, accum: int, grad_clip: float,
+               device: torch.device, dtype: torch.dtype, ddp: bool = False) -> float:
+    """One optimizer step on ``accum`` micro-batches; returns their mean loss on this process."""
+    loss_sum = 0.0
+    for micro in range(accum):
+        x, y = data.next_batch()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        # Under DDP, gradients are averaged across processes on the last micro-step only.
+        skip_sync = ddp and micro < accum - 1
+        with (model.no_sync() if skip_sync else contextlib.nullcontext()), autocast(device, dtype):
+            loss = lm_loss(model, x, y) / accum  # so the accumulated gradient is the mean's
+        scaler.scale(loss).backward()
+        loss_sum += loss.item()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)  # (an fp16 step with inf/nan gradients is skipped)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum
+
+
 @torch.no_grad()
 def estimate_loss(model: nn.Module, batches, device: torch.device, dtype: torch.dtype) -> float:
     """Mean loss over fixed batches, dropout off (the book's calc_loss_loader)."""
@@ -765,6 +789,7 @@ def _sync(device: torch.device) -> None:
 
 RUN_CONFIG, METRICS, PLOT, STATE, MANIFEST = "train_config.json", "metrics.jsonl", "loss.png", "state.pt", "manifest.json"
 CHECKPOINTS, BEST = "checkpoints", "best"
+STATE_KEYS = ("step", "tokens_seen", "best_val_loss", "scheduler", "optimizer", "scaler", "data", "rng")
 RUN_FILES = (RUN_CONFIG, METRICS, PLOT, WEIGHTS, CONFIG, TOKENIZER, CHECKPOINTS, BEST)
 
 
@@ -805,6 +830,7 @@ def write_checkpoint(run: Path, step: int, model: nn.Module, tokenizer, state: d
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a checkpoint is not
     try:
         save_model(tmp, model, tokenizer)
         atomic_write(tmp / STATE, lambda p: torch.save(state, p))
@@ -849,13 +875,19 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         state = torch.load(path / STATE, map_location="cpu", weights_only=True)
     except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as e:
         raise UserError(f"{what} cannot be read ({str(e).splitlines()[0]}); {hint}") from None
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise UserError(f"{what} holds no {missing[0]!r} in {STATE}: another version of buildllm wrote "
+                        "it; resume with that version, or start over with --force")
     return weights, state
 
 
 def rng_state() -> dict:
     """Every random number generator that training draws from (dropout, and any user code)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
     return state
@@ -864,8 +896,8 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(state["python"]), None))
-    np_state = np.random.get_state()
-    np.random.set_state((np_state[0], state["numpy"].numpy().astype(np.uint32), *np_state[2:]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(list(state["cuda"]))
 
@@ -923,8 +955,8 @@ def plot_losses(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def prepare_run_folder(cfg: TrainConfig, dist: Dist) -> tuple[Path, Path | None]:
-    """Check the out folder against resume/force; return it and the checkpoint to resume, if any."""
+def check_run_folder(cfg: TrainConfig) -> Path | None:
+    """Check the out folder against resume/force (touching nothing); the checkpoint to resume, if any."""
     run = Path(cfg.out)
     if run.exists() and not run.is_dir():
         raise UserError(f"out {run} exists and is not a folder: choose another --out")
@@ -939,7 +971,7 @@ def prepare_run_folder(cfg: TrainConfig, dist: Dist) -> tuple[Path, Path | None]
                 shown = ", ".join(f"{k}: {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in diff)
                 raise UserError(f"cannot resume {run} with a different configuration ({shown}): "
                                 "resume with the same settings, or start over with --force")
-            return run, found[-1][1]
+            return found[-1][1]
         if cfg.resume is True:
             raise UserError(f"{run} holds no checkpoint yet: nothing to resume; start over with --force")
     elif has_run and not cfg.force and not cfg.resume:
@@ -950,7 +982,12 @@ def prepare_run_folder(cfg: TrainConfig, dist: Dist) -> tuple[Path, Path | None]
     elif run.exists() and any(run.iterdir()) and not has_run and not cfg.force:
         raise UserError(f"out folder {run} is not empty and holds no training run: choose another "
                         "--out (or --force to write into it)")
-    if dist.main:  # start over: remove what an earlier run wrote, nothing else
+    return None
+
+
+def start_run_folder(run: Path, dist: Dist) -> None:
+    """A new run: remove what an earlier run wrote there (with --force), nothing else."""
+    if dist.main:
         for name in RUN_FILES:
             p = run / name
             if p.is_dir():
@@ -959,7 +996,6 @@ def prepare_run_folder(cfg: TrainConfig, dist: Dist) -> tuple[Path, Path | None]
                 p.unlink()
         run.mkdir(parents=True, exist_ok=True)
     _barrier(dist)
-    return run, None
 
 
 # The loop ----------------------------------------------------------------------------------------
@@ -1023,7 +1059,7 @@ def train(config: TrainConfig | dict | None = None, **overrides) -> TrainResult:
         if cfg.context_length is None:
             cfg = cfg.replace(context_length=model.cfg.context_length)
         check_context(cfg.context_length, model.cfg.context_length)
-    run, resume_from = prepare_run_folder(cfg, dist)
+    run, resume_from = Path(cfg.out), check_run_folder(cfg)
     data = open_data(cfg, tokenizer, dist)
     if model is None:
         tokenizer = data.tokenizer
@@ -1038,9 +1074,12 @@ def train(config: TrainConfig | dict | None = None, **overrides) -> TrainResult:
     if fsdp and cfg.lora_rank is not None:
         raise UserError("LoRA under FSDP is not supported: use parallel: ddp")
     max_steps = cfg.max_steps or math.ceil(cfg.epochs * data.batches_per_epoch / cfg.grad_accum)
+    if resume_from is None:  # everything checked: only now may an old run make way
+        start_run_folder(run, dist)
 
     # Continue where the checkpoint left off: weights, optimizer, data position, every RNG.
-    step, tokens_seen, elapsed, best_val, state = 0, 0, 0.0, math.inf, None
+    step, tokens_seen, best_val, state = 0, 0, math.inf, None
+    spent_before, time_fraction = 0.0, 0.0  # seconds spent by earlier processes of this run
     raw_model = model  # the GPTModel itself: what we save and sample from
     if resume_from is not None:
         weights, state = read_checkpoint(resume_from)
@@ -1050,9 +1089,9 @@ def train(config: TrainConfig | dict | None = None, **overrides) -> TrainResult:
             if raw_model.cfg.tie_embeddings:
                 weights["out_head.weight"] = weights["wte.weight"]
             raw_model.load_state_dict(weights)
-        step, tokens_seen, elapsed = state["step"], state["tokens_seen"], state["elapsed"]
-        best_val = state["best_val_loss"]
-        if cfg.max_minutes and elapsed >= cfg.max_minutes * 60:
+        step, tokens_seen, best_val = state["step"], state["tokens_seen"], state["best_val_loss"]
+        spent_before, time_fraction = state["scheduler"]["spent"], state["scheduler"]["time_fraction"]
+        if cfg.max_minutes and time_fraction >= 1:
             max_steps = step  # it stopped on its time limit: nothing left to do
     if dist.main:
         atomic_write(run / RUN_CONFIG, lambda p: Path(p).write_text(json.dumps(
@@ -1092,7 +1131,11 @@ def train(config: TrainConfig | dict | None = None, **overrides) -> TrainResult:
     tokens_per_step = B * T * accum
     flops_per_token = describe(dataclasses.replace(raw_model.cfg, context_length=T))["train_flops_per_token"]
     eval_sets = {split: data.eval_batches(split, cfg.eval_iters) for split in ("train", "val")}
-    budget = cfg.max_minutes * 60 if cfg.max_minutes else None
+    budget = cfg.max_minutes * 60 if cfg.max_minutes else None  # seconds, for the whole run
+
+    def time_spent() -> float:
+        return spent_before + time.perf_counter() - wall_start
+
     n_params = sum(p.numel() for p in raw_model.parameters())
     n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     where = f", {dist.world_size} processes ({cfg.parallel})" if dist.enabled else ""
@@ -1118,7 +1161,11 @@ def train(config: TrainConfig | dict | None = None, **overrides) -> TrainResult:
         to_save = _full_model(raw_model, fsdp, dist)
         if not dist.main:
             return
-        state = {"step": step, "tokens_seen": tokens_seen, "elapsed": elapsed, "best_val_loss": best_val,
+        # The learning rate is a function of the step, max_steps and (with a time limit) the
+        # time spent: those are the scheduler's whole state.
+        state = {"step": step, "tokens_seen": tokens_seen, "best_val_loss": best_val,
+                 "scheduler": {"step": step, "max_steps": max_steps, "spent": time_spent(),
+                               "time_fraction": time_fraction},
                  "optimizer": optim_state, "scaler": scaler.state_dict(), "data": data.state_dict(),
                  "rng": rngs, "world_size": dist.world_size}
         if cfg.lora_rank is not None:
@@ -1132,7 +1179,8 @@ def train(config: TrainConfig | dict | None = None, **overrides) -> TrainResult:
         save_model(run, to_save, tokenizer)
         if is_best:
             save_model(run / BEST, to_save, tokenizer)
-        plot_losses(_read_metrics(run / METRICS), run / PLOT)
+        if val_loss is not None:  # a new point on the validation curve
+            plot_losses(_read_metrics(run / METRICS), run / PLOT)
 
     bar = None
     if cfg.progress and dist.main:
@@ -1141,51 +1189,45 @@ def train(config: TrainConfig | dict | None = None, **overrides) -> TrainResult:
         bar = tqdm(total=max_steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
         say.bar = bar
     peak = peak_flops(device, dtype) if bar is not None else None
-    last_eval, rate = None, None
-    loop_start = time.perf_counter() - elapsed
+    last_eval, rate, first_step = None, None, step
+    loop_seconds = 0.0  # in training steps, for the average throughput
     try:
         while step < max_steps:
             step_start = time.perf_counter()
-            lr = learning_rate(step + 1, cfg, max_steps, elapsed / budget if budget else 0.0)
+            lr = learning_rate(step + 1, cfg, max_steps, time_fraction)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = 0.0
-            for micro in range(accum):
-                x, y = data.next_batch()
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                # Under DDP, gradients are averaged across processes on the last micro-step only.
-                skip_sync = dist.enabled and cfg.parallel == "ddp" and micro < accum - 1
-                with (model.no_sync() if skip_sync else contextlib.nullcontext()), autocast(device, dtype):
-                    loss = lm_loss(model, x, y) / accum
-                scaler.scale(loss).backward()
-                loss_sum += loss.item()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            loss = train_step(model, optimizer, scaler, data, accum, cfg.grad_clip, device, dtype,
+                              ddp=dist.enabled and cfg.parallel == "ddp")
             step += 1
             tokens_seen += tokens_per_step
-            train_loss = _mean_over_ranks(loss_sum, dist)
+            train_loss = _mean_over_ranks(loss, dist)
             if not math.isfinite(train_loss):
                 good = last_checkpoint(run)
                 kept = f"the last good checkpoint, {good}, is kept" if good else "no checkpoint was written yet"
                 raise UserError(f"the loss became {train_loss} at step {step}: training diverged; {kept}. "
                                 "Lower --lr, raise --warmup-steps, or train in bf16/fp32")
-            now = time.perf_counter()
-            elapsed = _broadcast_float(now - loop_start, dist)  # one clock for every process
-            step_rate = tokens_per_step / max(now - step_start, 1e-9)
+            step_seconds = time.perf_counter() - step_start
+            loop_seconds += step_seconds
+            step_rate = tokens_per_step / max(step_seconds, 1e-9)
             rate = step_rate if rate is None else 0.9 * rate + 0.1 * step_rate
             log({"kind": "step", "step": step, "tokens_seen": tokens_seen, "train_loss": train_loss,
-                 "val_loss": None, "lr": lr, "tokens_per_sec": round(step_rate, 1), "elapsed": round(elapsed, 3)})
-            if budget is not None and elapsed >= budget and step < max_steps:
-                say(f"time limit of {cfg.max_minutes:g} minutes reached at step {step}")
-                max_steps = step
+                 "val_loss": None, "lr": lr, "tokens_per_sec": round(step_rate, 1),
+                 "elapsed": round(time_spent(), 3)})
+            if budget is not None:
+                # The budget covers the whole run: time spent so far, plus what scoring the
+                # validation text will take at the end (a forward pass costs ~1/3 of a step).
+                final_cost = len(data.val_tokens) / (3 * rate) if cfg.final_eval else 0.0
+                time_fraction = _broadcast_float(min(1.0, (time_spent() + final_cost) / budget), dist)
+                if time_fraction >= 1 and step < max_steps:
+                    say(f"time limit of {cfg.max_minutes:g} minutes reached at step {step}")
+                    max_steps = step
             if bar is not None:
                 post = {"loss": f"{train_loss:.3f}", "lr": f"{lr:.2e}", "tok/s": f"{rate:,.0f}"}
                 if peak:
                     post["mfu"] = f"{flops_per_token * rate / peak:.0%}"
+                if budget is not None:
+                    post["budget left"] = f"{max(0.0, budget - time_spent()) / 60:.1f} min"
                 bar.total = max_steps
                 bar.set_postfix(post, refresh=False)
                 bar.update(1)
@@ -1195,8 +1237,11 @@ def train(config: TrainConfig | dict | None = None, **overrides) -> TrainResult:
                 last_eval = (estimate_loss(eval_model, eval_sets["train"], device, dtype),
                              estimate_loss(eval_model, eval_sets["val"], device, dtype))
                 val_loss = last_eval[1]
+                if fsdp:  # a forward pass without backward leaves the root's weights gathered
+                    raw_model.reshard()
                 log({"kind": "eval", "step": step, "tokens_seen": tokens_seen, "train_loss": last_eval[0],
-                     "val_loss": val_loss, "lr": lr, "tokens_per_sec": round(rate, 1), "elapsed": round(elapsed, 3)})
+                     "val_loss": val_loss, "lr": lr, "tokens_per_sec": round(rate, 1),
+                     "elapsed": round(time_spent(), 3)})
                 say(f"step {step:>6} | tokens {tokens_seen:>12,} | train loss {last_eval[0]:.3f} | "
                     f"val loss {val_loss:.3f} | {rate:,.0f} tok/s")
                 if cfg.sample_tokens > 0 and dist.main and not fsdp:
@@ -1221,7 +1266,7 @@ def train(config: TrainConfig | dict | None = None, **overrides) -> TrainResult:
                 f.write(json.dumps({
                     "kind": "final", "step": step, "tokens_seen": tokens_seen,
                     "train_loss": last_eval[0] if last_eval else None, "val_loss": val_loss, "lr": None,
-                    "tokens_per_sec": round(tokens_seen / elapsed, 1) if elapsed else None,
+                    "tokens_per_sec": round(rate, 1) if rate else None, "elapsed": round(time_spent(), 3),
                     "val_perplexity": perplexity, "val_bits_per_char": bpc,
                     "val_tokens": len(data.val_tokens), "val_characters": data.val_characters}) + "\n")
             plot_losses(_read_metrics(run / METRICS), run / PLOT)
@@ -1230,7 +1275,7 @@ def train(config: TrainConfig | dict | None = None, **overrides) -> TrainResult:
     _barrier(dist)
     return TrainResult(run, step, tokens_seen, last_eval[0] if last_eval else None, val_loss, bpc,
                        best_val if math.isfinite(best_val) else None, time.perf_counter() - wall_start,
-                       tokens_seen / elapsed if elapsed else 0.0, dist.rank)
+                       (step - first_step) * tokens_per_step / loop_seconds if loop_seconds else 0.0, dist.rank)
 
 
 def check_context(context_length: int, model_context: int) -> None:
