@@ -11,7 +11,6 @@ were kept (in the package or as the harness's defaults), the rest were dropped: 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from dataclasses import replace
@@ -138,9 +137,9 @@ def lever_fns(lever: str, args):
         return {"baseline": lambda: generate(a, prompt, args.new_tokens),
                 "variant": lambda: generate(b, prompt, args.new_tokens)}, tokens
     if lever == "compile-decode":  # bf16 weights both; inductor with frozen (prepacked) weights
-        import torch._inductor.config
+        from torch._inductor import config as inductor_config
 
-        torch._inductor.config.freezing = True
+        inductor_config.freezing = True
         a, b = ours(cfg).eval().to(torch.bfloat16), ours(cfg).eval().to(torch.bfloat16)
         b = torch.compile(b)
         return {"baseline": lambda: generate(a, prompt, args.new_tokens),

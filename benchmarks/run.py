@@ -446,8 +446,6 @@ def child(spec: dict) -> dict:
     from buildllm.tokenizer import get_tokenizer
 
     get_tokenizer("gpt2")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     base = _reset_peak_rss()
 
     if kind == "prepare":
@@ -462,6 +460,14 @@ def child(spec: dict) -> dict:
             m = model if who == "ours" else HFLogits(model)
             make = train_step_fn if kind == "train" else forward_fn
             fn = make(m, spec["batch"], spec["seq"], cfg.vocab_size, dtype, device)
+        del model
+    # Count the weights but not the transient of building them (in fp32, before any bf16 cast).
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _reset_peak_rss()
     for _ in range(2):  # the second call sees the optimizer state and warm caches
         fn()
     sync(device)
