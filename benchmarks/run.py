@@ -267,7 +267,7 @@ def decode_fn(model: nn.Module, who: str, batch: int, new_tokens: int, device: t
 
     ``who`` is "ours" (``buildllm.generate``) or "hf" (``GPT2LMHeadModel.generate``).
     """
-    from buildllm.generate import generate
+    from buildllm.generation import generate
 
     vocab = model.config.vocab_size if who == "hf" else model.cfg.vocab_size
     prompt = torch.randint(vocab, (batch, PROMPT_TOKENS), generator=torch.Generator().manual_seed(2)).to(device)
@@ -442,7 +442,7 @@ def child(spec: dict) -> dict:
     # What both contenders need anyway is loaded before the baseline: the libraries, the tokenizer.
     import transformers.models.gpt2.modeling_gpt2  # noqa: F401
 
-    import buildllm.generate  # noqa: F401
+    import buildllm.generation  # noqa: F401
     from buildllm.tokenizer import get_tokenizer
 
     get_tokenizer("gpt2")

@@ -397,7 +397,7 @@ def test_chat_wraps_lines_in_the_instruction_template(tmp_path, instruction_data
     template turns each stdin line into a prompt, and chat prints only the response."""
     import io
 
-    from buildllm.generate import stream_text
+    from buildllm.generation import stream_text
 
     data, tok = instruction_data
     out = tmp_path / "inst"

@@ -11,7 +11,7 @@ from torch import nn
 from buildllm import cli
 from buildllm.checkpoint import save_model
 from buildllm.errors import UserError
-from buildllm.generate import detokenize, generate, sample_next_token, stream, stream_text
+from buildllm.generation import detokenize, generate, sample_next_token, stream, stream_text
 from buildllm.model import GPTConfig, GPTModel
 from buildllm.tokenizer import WordTokenizer, get_tokenizer
 
@@ -381,9 +381,10 @@ def test_cli_chat_uses_an_instruction_models_prompt_template(word_checkpoint, ca
     assert response != "".join(stream_text(model, tok, "the cat sat", 6))  # the template mattered
 
 
-def test_buildllm_generate_is_callable_in_any_import_order():
+def test_buildllm_generate_is_the_function_in_any_import_order():
     import buildllm
-    import buildllm.generate as module
+    import buildllm.generation as module
 
     idx = torch.tensor([[1, 2]])
+    assert buildllm.generate is module.generate
     assert torch.equal(buildllm.generate(tiny_model(), idx, 3), module.generate(tiny_model(), idx, 3))

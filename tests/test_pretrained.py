@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from buildllm import cli
 from buildllm.checkpoint import save_model
 from buildllm.errors import UserError
-from buildllm.generate import generate
+from buildllm.generation import generate
 from buildllm.model import GPTConfig, GPTModel
 from buildllm.pretrained import load_pretrained, read_safetensors, save_pretrained, tf_to_hf_name
 from buildllm.tokenizer import WordTokenizer

@@ -6,7 +6,7 @@ The package follows the pipeline, one module per stage:
     data        token ids to (input, target) training pairs; memory-mapped shards for big corpora
     model       embeddings, causal multi-head attention, the GPT-2 architecture
     train       pretraining loop, checkpoints, resume, many GPUs through torchrun
-    generate    sampling (temperature, top-k, top-p), stop tokens, KV cache, streaming
+    generation  sampling (temperature, top-k, top-p), stop tokens, KV cache, streaming
     pretrained  OpenAI's GPT-2 weights in and out (Hugging Face format)
     evaluate    loss, perplexity, bits per character, multiple choice
     finetune    classification and instruction fine-tuning
@@ -81,11 +81,11 @@ _EXPORTS = {
     "read_instruction_data": "finetune",
     "collate_instruction": "finetune",
     "collate_classification": "finetune",
-    "generate": "generate",
-    "stream": "generate",
-    "stream_text": "generate",
-    "sample_next_token": "generate",
-    "detokenize": "generate",
+    "generate": "generation",
+    "stream": "generation",
+    "stream_text": "generation",
+    "sample_next_token": "generation",
+    "detokenize": "generation",
 }
 
 

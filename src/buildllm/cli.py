@@ -324,7 +324,7 @@ def _print_continuation(model, tokenizer, prompt: str, sampler: dict) -> None:
     """Print the model's continuation of ``prompt`` as it is produced, then a newline."""
     import warnings
 
-    from buildllm.generate import stream_text
+    from buildllm.generation import stream_text
 
     def plain(message, category, *rest, **kw):  # like errors: one line, no source location
         print(f"warning: {message}", file=sys.stderr)
@@ -347,7 +347,7 @@ def add_generate(sub) -> None:
 
 
 def run_generate(args) -> int:
-    from buildllm.generate import check_sampling
+    from buildllm.generation import check_sampling
 
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
     if args.num_samples < 1:
@@ -376,7 +376,7 @@ def add_chat(sub) -> None:
 
 def run_chat(args) -> int:
     from buildllm.finetune import load_prompt_template
-    from buildllm.generate import check_sampling
+    from buildllm.generation import check_sampling
 
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
     model, tokenizer = _load_for_inference(args)

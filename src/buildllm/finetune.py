@@ -838,7 +838,7 @@ def generate_responses(
     batch_size: int = 8,
 ) -> list[str]:
     """Greedy answers to ``examples`` (batched; generation stops at end-of-text)."""
-    from buildllm.generate import generate
+    from buildllm.generation import generate
 
     answers = []
     for start in range(0, len(examples), batch_size):

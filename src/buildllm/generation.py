@@ -18,8 +18,6 @@ context window.
 from __future__ import annotations
 
 import math
-import sys
-import types
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import takewhile
@@ -331,15 +329,3 @@ def _common_prefix(a: str, b: str) -> str:
     while i < min(len(a), len(b)) and a[i] == b[i]:
         i += 1
     return a[:i]
-
-
-class _CallableModule(types.ModuleType):
-    """``buildllm.generate`` is both this module and the function: importing a submodule makes
-    Python set the package attribute of the same name to the module, so calling the module
-    calls ``generate`` and ``buildllm.generate(model, ...)`` works in any import order."""
-
-    def __call__(self, *args, **kwargs):
-        return generate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
