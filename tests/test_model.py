@@ -164,7 +164,6 @@ def test_fresh_model_loss_is_uniform(preset):
 
 
 def test_left_padding_changes_nothing_for_real_tokens():
-    model = tiny_model()
     short = torch.randint(0, TINY.vocab_size, (1, 6))
     pad = torch.zeros(1, 4, dtype=torch.long)
     padded = torch.cat([pad, short], dim=1)

@@ -11,8 +11,6 @@ so loading needs about one copy of the weights in memory.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,25 +18,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from buildllm.errors import UserError
+from buildllm.files import atomic_write
 from buildllm.model import GPTConfig, GPTModel, MultiHeadAttention, causal_mask
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(tmp_path)``, fsync, then rename over ``path``: readers see old or new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def weights_of(model: GPTModel) -> dict[str, torch.Tensor]:

@@ -41,11 +41,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from buildllm.errors import UserError
+from buildllm.files import current_umask, atomic_write_bytes
 from buildllm.tokenizer import (
     EOT,
     Tokenizer,
-    _umask,
-    atomic_write_bytes,
     check_bpe_vocab_size,
     get_tokenizer,
     train_bpe,
@@ -252,7 +251,7 @@ def prepare_corpus(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the corpus is not
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; the corpus is not
     try:
         if bpe_vocab:
             tok = _train_bpe_on(source, bpe_vocab, progress)

@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from buildllm.checkpoint import CONFIG, TOKENIZER, WEIGHTS, atomic_write, model_from_state_dict
+from buildllm.checkpoint import CONFIG, TOKENIZER, WEIGHTS, model_from_state_dict
+from buildllm.files import atomic_write
 from buildllm.errors import UserError
 from buildllm.lora import DEFAULT_TARGETS, apply_lora, count_parameters, merge_lora, save_adapters
 from buildllm.model import GPTModel

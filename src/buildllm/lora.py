@@ -180,7 +180,7 @@ def save_adapters(directory: str | Path, model: nn.Module) -> Path:
     Together with the base model they rebuild the fine-tuned one (``load_adapters``)."""
     from safetensors.torch import save_file
 
-    from buildllm.checkpoint import atomic_write
+    from buildllm.files import atomic_write
 
     directory = Path(directory)
     config = adapter_config(model)

@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from buildllm.checkpoint import atomic_write, model_from_state_dict, weights_of
+from buildllm.checkpoint import model_from_state_dict, weights_of
+from buildllm.files import atomic_write
 from buildllm.errors import UserError
 from buildllm.model import GPTConfig, GPTModel
 

@@ -25,7 +25,6 @@ import heapq
 import json
 import os
 import re
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
@@ -35,6 +34,7 @@ from typing import AbstractSet, Literal, Union
 import tiktoken
 
 from buildllm.errors import UserError
+from buildllm.files import atomic_write_bytes
 
 EOT = "<|endoftext|>"
 UNK = "<|unk|>"
@@ -420,29 +420,3 @@ def learn_merges(word_counts: dict[bytes, int], n_tokens: int) -> list[bytes]:
             elif now != old:
                 heapq.heappush(heap, (-now, p))
     return vocab
-
-
-# Files -------------------------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write a whole file so that readers see either the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; use the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
