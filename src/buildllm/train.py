@@ -63,7 +63,7 @@ from torch import nn
 from buildllm.checkpoint import CONFIG, TOKENIZER, WEIGHTS, atomic_write, save_model
 from buildllm.errors import UserError
 from buildllm.model import GPTConfig, GPTModel, describe
-from buildllm.tokenizer import _umask
+from buildllm.files import current_umask
 
 # Configuration -----------------------------------------------------------------------------------
 
@@ -263,8 +263,10 @@ def check(cfg: TrainConfig) -> None:
         positive(name)
     for name in ("lr", "max_minutes", "lora_alpha"):
         positive(name, integer=False)
-    if cfg.warmup_steps is not None and (not isinstance(cfg.warmup_steps, int) or cfg.warmup_steps < 0):
-        raise UserError(f"warmup_steps must be an integer >= 0, got {cfg.warmup_steps!r}")
+    for name in ("warmup_steps", "sample_tokens"):
+        v = getattr(cfg, name)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            raise UserError(f"{name} must be an integer >= 0, got {v!r}")
     for name, lo, hi in (("min_lr_ratio", 0, 1), ("val_fraction", 0, 1), ("beta1", 0, 1), ("beta2", 0, 1)):
         v = getattr(cfg, name)
         if not isinstance(v, (int, float)) or not lo <= v <= hi:
@@ -741,7 +743,7 @@ def bits_per_character(loss_per_token: float, n_tokens: int, n_characters: int) 
 
 def sample_text(model: GPTModel, tokenizer, cfg: TrainConfig, device: torch.device) -> str:
     """The book's generate_and_print_sample: a short continuation of the start context."""
-    from buildllm.generate import generate
+    from buildllm.generation import generate
 
     ids = tokenizer.encode(cfg.sample_prompt or "\n")[-model.cfg.context_length + 1 :] or [tokenizer.eot_id]
     out = generate(model, torch.tensor([ids], device=device), cfg.sample_tokens,
@@ -830,7 +832,7 @@ def write_checkpoint(run: Path, step: int, model: nn.Module, tokenizer, state: d
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a checkpoint is not
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; a checkpoint is not
     try:
         save_model(tmp, model, tokenizer)
         atomic_write(tmp / STATE, lambda p: torch.save(state, p))
