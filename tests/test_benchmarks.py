@@ -16,14 +16,6 @@ from buildllm.model import GPTConfig  # noqa: E402
 TINY = GPTConfig(vocab_size=101, context_length=32, emb_dim=32, n_heads=4, n_layers=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_pair_holds_the_same_weights_and_gives_the_same_logits():
     ours, hf = run.make_pair(TINY, torch.device("cpu"))
     assert torch.equal(hf.transformer.h[1].mlp.c_fc.weight, ours.blocks[1].ff.fc.weight.t())

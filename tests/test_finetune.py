@@ -31,15 +31,6 @@ from buildllm.lora import ADAPTER_WEIGHTS, load_adapters
 from buildllm.model import GPTConfig, GPTModel
 from buildllm.tokenizer import WordTokenizer
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread: with the CPU shared, two threads can be 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # Synthetic data ----------------------------------------------------------------------------------
 
 KEYWORDS = {"pos": ["good", "great", "nice"], "neg": ["bad", "awful", "poor"], "mid": ["meh", "okay"]}

@@ -23,15 +23,6 @@ from buildllm.lora import (
 )
 from buildllm.model import GPTConfig, GPTModel
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread: with the CPU shared, two threads can be 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 CFG = GPTConfig.from_preset("nano", vocab_size=97, context_length=16, emb_dim=32, n_heads=2, n_layers=2)
 
 

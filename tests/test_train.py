@@ -20,10 +20,9 @@ from buildllm.data import prepare_corpus, shakespeare_plays
 from buildllm.errors import UserError
 from buildllm.model import GPTConfig, GPTModel
 from buildllm.tokenizer import train_bpe
-from buildllm.train import (
+from buildllm.training import (
     DEFAULTS,
     TrainConfig,
-    bits_per_character,
     cli_config,
     evaluate_tokens,
     learning_rate,
@@ -34,15 +33,6 @@ from buildllm.train import (
 
 TEXT = shakespeare_plays()["macbeth"][:24000]
 TINY_MODEL = {"emb_dim": 32, "n_heads": 2, "n_layers": 2, "context_length": 32}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine threads only wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +146,6 @@ def test_evaluate_tokens_scores_every_token_once():
         logits = model(window[None, :-1])
         total += torch.nn.functional.cross_entropy(logits[0], window[1:], reduction="sum").item()
     assert evaluate_tokens(model, ids.numpy(), 32, torch.device("cpu"), batch_size=2) == pytest.approx(total / 74, rel=1e-6)
-    assert bits_per_character(math.log(2), 100, 400) == pytest.approx(0.25)
 
 
 def test_rng_states_round_trip_through_a_weights_only_load(tmp_path):
@@ -164,7 +153,7 @@ def test_rng_states_round_trip_through_a_weights_only_load(tmp_path):
 
     import numpy as np
 
-    from buildllm.train import rng_state, set_rng_state
+    from buildllm.training import rng_state, set_rng_state
 
     torch.save(rng_state(), tmp_path / "rng.pt")
     draws = (random.random(), np.random.rand(), np.random.randn(), torch.rand(1).item())
@@ -361,3 +350,10 @@ def test_cli_errors_are_one_line_and_exit_2(files, tmp_path, capsys):
         assert cli_main(common + extra) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_buildllm_train_is_the_function_in_any_import_order():
+    import buildllm
+    import buildllm.training as module
+
+    assert buildllm.train is module.train and buildllm.TrainConfig is module.TrainConfig

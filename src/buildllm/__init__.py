@@ -5,7 +5,7 @@ The package follows the pipeline, one module per stage:
     tokenizer   text to token ids (word-level, GPT-2 BPE, BPE trained on your corpus)
     data        token ids to (input, target) training pairs; memory-mapped shards for big corpora
     model       embeddings, causal multi-head attention, the GPT-2 architecture
-    train       pretraining loop, checkpoints, resume, many GPUs through torchrun
+    training    pretraining loop, checkpoints, resume, many GPUs through torchrun
     generation  sampling (temperature, top-k, top-p), stop tokens, KV cache, streaming
     pretrained  OpenAI's GPT-2 weights in and out (Hugging Face format)
     evaluate    loss, perplexity, bits per character, multiple choice
@@ -50,13 +50,12 @@ _EXPORTS = {
     "describe": "model",
     "save_model": "checkpoint",
     "load_model": "checkpoint",
-    "train": "train",
-    "TrainConfig": "train",
-    "TrainResult": "train",
-    "load_config": "train",
-    "evaluate_tokens": "train",
-    "bits_per_character": "train",
-    "plot_losses": "train",
+    "train": "training",
+    "TrainConfig": "training",
+    "TrainResult": "training",
+    "load_config": "training",
+    "evaluate_tokens": "training",
+    "plot_losses": "training",
     "load_pretrained": "pretrained",
     "save_pretrained": "pretrained",
     "perplexity": "evaluate",

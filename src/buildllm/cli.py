@@ -510,7 +510,7 @@ def add_train(sub) -> None:
 
 
 def run_train(args) -> int:
-    from buildllm.train import cli_config, train
+    from buildllm.training import cli_config, train
 
     keys = ("data", "out", "name", "tokenizer", "preset", "init_from", "max_steps", "epochs", "max_minutes",
             "seed", "lr", "warmup_steps", "weight_decay", "batch_size", "context_length", "grad_accum",

@@ -106,7 +106,7 @@ def split_items(items: Sequence, fractions: Sequence[float], seed: int) -> tuple
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; weight decay on matrices only (pretraining's groups)."""
-    from buildllm.train import param_groups
+    from buildllm.training import param_groups
 
     return torch.optim.AdamW([g for g in param_groups(model, weight_decay) if g["params"]], lr=lr)
 
