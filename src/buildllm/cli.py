@@ -245,7 +245,8 @@ def add_classify(sub) -> None:
 
 
 def run_classify(args) -> int:
-    from buildllm.finetune import load_classifier, resolve_device
+    from buildllm.finetune import load_classifier
+    from buildllm.training import pick_device
 
     texts = []
     for text in args.texts:
@@ -255,7 +256,7 @@ def run_classify(args) -> int:
             texts.append(text)
     if not texts:
         raise UserError("no text to classify")
-    classifier = load_classifier(args.checkpoint, resolve_device(args.device))
+    classifier = load_classifier(args.checkpoint, pick_device(args.device))
     for label, probability in classifier.predict(texts):
         print(f"{label}\t{probability:.4f}")
     return 0

@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader
 
 from buildllm.checkpoint import CONFIG, TOKENIZER, WEIGHTS, model_from_state_dict
 from buildllm.files import atomic_write
+from buildllm.training import param_groups, pick_device
 from buildllm.errors import UserError
 from buildllm.lora import DEFAULT_TARGETS, apply_lora, count_parameters, merge_lora, save_adapters
 from buildllm.model import GPTModel
@@ -59,19 +60,6 @@ Log = Callable[[str], None] | None
 
 
 # Shared helpers ----------------------------------------------------------------------------------
-
-
-def resolve_device(spec: str | torch.device = "auto") -> torch.device:
-    if str(spec) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        return torch.device(spec)
-    except RuntimeError:
-        raise UserError(f"unknown device {spec!r}: use auto, cpu, cuda, cuda:N or mps") from None
 
 
 def load_base_model(spec: str | Path, device: torch.device | str = "cpu"):
@@ -106,7 +94,6 @@ def split_items(items: Sequence, fractions: Sequence[float], seed: int) -> tuple
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; weight decay on matrices only (pretraining's groups)."""
-    from buildllm.training import param_groups
 
     return torch.optim.AdamW([g for g in param_groups(model, weight_decay) if g["params"]], lr=lr)
 
@@ -501,7 +488,7 @@ def finetune_classifier(
     if epochs < 1 or batch_size < 1:
         raise UserError("epochs and batch_size must be at least 1")
     out_dir = Path(out_dir)
-    device = resolve_device(device)
+    device = pick_device(str(device))
     rows, label_set = read_labeled_texts(data, text_column, label_column, labels, delimiter, header)
     if balance:
         rows = balance_classes(rows, seed)
@@ -890,7 +877,7 @@ def finetune_instruct(
     if epochs < 1 or batch_size < 1:
         raise UserError("epochs and batch_size must be at least 1")
     out_dir = Path(out_dir)
-    device = resolve_device(device)
+    device = pick_device(str(device))
     template = get_prompt_template(template)
     examples = read_instruction_data(data)
     train_ex, val_ex, test_ex = split_items(examples, split, seed)
