@@ -176,7 +176,7 @@ class TrainConfig:
 DEFAULT_PRESET = "shakespeare-cpu"
 DEFAULTS: dict[str, dict[str, Any]] = {
     "bundled": dict(preset=DEFAULT_PRESET, tokenizer="bpe:4096", batch_size=8, lr=3e-3,
-                    lr_schedule="cosine", warmup_steps=100, max_steps=2800, max_minutes=8.5,
+                    lr_schedule="cosine", warmup_steps=100, max_steps=3700, max_minutes=8.5,
                     eval_interval=300, eval_iters=10, sample_prompt="ROMEO:"),
     "prepared": dict(preset=DEFAULT_PRESET, batch_size=8, lr=3e-3, lr_schedule="cosine",
                      warmup_steps=100, max_steps=5000, eval_interval=250, eval_iters=20,
@@ -768,12 +768,14 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     a @ b  # warm up
-    _sync(device)
-    t, reps = time.perf_counter(), 4
-    for _ in range(reps):
+    best = math.inf
+    for _ in range(5):  # the fastest of several tries: other processes only ever slow it down
+        _sync(device)
+        t = time.perf_counter()
         a @ b
-    _sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t)
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
 
 
 def keep_freed_memory() -> None:
