@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from buildllm.model import GPTConfig, GPTModel, describe
+from buildllm.quantize import quantize_int8
 
 # Which rows exist. A row id is "<kind>-<variant>"; --rows takes ids or their prefixes.
 ROWS = (
@@ -49,6 +50,7 @@ ROWS = (
     "forward-fp32", "forward-bf16",
     "decode-b1", "decode-b8",  # fp32 weights
     "decode-b1-bf16w", "decode-b8-bf16w",  # bf16 weights
+    "decode-b1-int8", "decode-b8-int8",  # buildllm with int8 weights (quantize_int8), HF as it comes (fp32)
     "prepare",
 )
 DEFAULT_CPU_ROWS = ROWS
@@ -336,9 +338,12 @@ def bench_forward(row_id: str, cfg: GPTConfig, args, device, peaks, dtype: torch
                 args.batch * args.seq, r, _peak_key(dtype), flops, peaks)
 
 
-def bench_decode(row_id: str, cfg: GPTConfig, args, device, peaks, batch: int, weights: torch.dtype) -> Row:
+def bench_decode(row_id: str, cfg: GPTConfig, args, device, peaks, batch: int, weights: torch.dtype,
+                 int8: bool = False) -> Row:
     ours, hf = make_pair(cfg, device)
     ours, hf = ours.to(weights), hf.to(weights)
+    if int8:
+        quantize_int8(ours)
     out = {}
     fns = {"ours": decode_fn(ours, "ours", batch, args.new_tokens, device, out=out),
            "hf": decode_fn(hf, "hf", batch, args.new_tokens, device, args.hf_cache, out)}
@@ -347,9 +352,11 @@ def bench_decode(row_id: str, cfg: GPTConfig, args, device, peaks, batch: int, w
     same = (out["ours"][:, PROMPT_TOKENS:] == out["hf"][:, PROMPT_TOKENS:]).float().mean().item()
     # A decoding step attends to PROMPT_TOKENS + new_tokens / 2 positions on average.
     flops = describe(replace(cfg, context_length=PROMPT_TOKENS + args.new_tokens // 2))["forward_flops_per_token"]
-    what = (f"{_preset_of(cfg, args)} batch {batch}, {args.new_tokens} new tokens, "
-            f"{'bf16' if weights == torch.bfloat16 else 'fp32'} weights")
-    return _row(row_id, what, batch * args.new_tokens, r, _peak_key(weights), flops, peaks,
+    precision = "buildllm int8 weights, HF fp32" if int8 else ("bf16" if weights == torch.bfloat16 else "fp32")
+    what = f"{_preset_of(cfg, args)} batch {batch}, {args.new_tokens} new tokens, {precision} weights"
+    # int8 weights are multiplied in bf16: that peak is the one to compare with.
+    peak_key = "bf16" if int8 else _peak_key(weights)
+    return _row(row_id, what, batch * args.new_tokens, r, peak_key, flops, peaks,
                 same_tokens=round(same, 3), hf_cache=args.hf_cache)
 
 
@@ -455,7 +462,10 @@ def child(spec: dict) -> dict:
         model = GPTModel(cfg) if who == "ours" else hf_model_for(cfg)
         model = model.to(device)
         if kind == "decode":
-            fn = decode_fn(model.to(dtype), who, spec["batch"], spec["new_tokens"], device, spec["hf_cache"])
+            model = model.to(dtype)
+            if who == "ours" and spec.get("int8"):
+                quantize_int8(model)
+            fn = decode_fn(model, who, spec["batch"], spec["new_tokens"], device, spec["hf_cache"])
         else:
             m = model if who == "ours" else HFLogits(model)
             make = train_step_fn if kind == "train" else forward_fn
@@ -506,6 +516,7 @@ def measure_memory(row_id: str, cfg: GPTConfig | None, args, device) -> tuple[fl
     if kind == "decode":
         spec["batch"] = int(row_id.split("-")[1][1:])
         spec["dtype"] = "bfloat16" if row_id.endswith("bf16w") else "float32"
+        spec["int8"] = row_id.endswith("int8")
     peaks = []
     for who in ("ours", "hf"):
         spec["who"] = who
@@ -611,7 +622,8 @@ def main(argv: list[str] | None = None) -> int:
         elif row_id.startswith("forward"):
             row = bench_forward(row_id, cfg, args, device, peaks, dtype)
         elif row_id.startswith("decode"):
-            row = bench_decode(row_id, cfg, args, device, peaks, int(row_id.split("-")[1][1:]), dtype)
+            row = bench_decode(row_id, cfg, args, device, peaks, int(row_id.split("-")[1][1:]), dtype,
+                               int8=row_id.endswith("int8"))
         else:
             row = bench_prepare(args, device, peaks)
             cfg = None

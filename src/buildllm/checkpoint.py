@@ -20,12 +20,14 @@ from safetensors.torch import load_file, save_file
 from buildllm.errors import UserError
 from buildllm.files import atomic_write
 from buildllm.model import GPTConfig, GPTModel, MultiHeadAttention, causal_mask
+from buildllm.quantize import refuse_quantized
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 
 
 def weights_of(model: GPTModel) -> dict[str, torch.Tensor]:
     """The model's state dict, ready for safetensors: contiguous, the tied head left out."""
+    refuse_quantized(model, "save")
     state = model.state_dict()
     if model.cfg.tie_embeddings:
         state.pop("out_head.weight")

@@ -278,6 +278,13 @@ def _add_sampling_args(p) -> None:
     p.add_argument("--no-cache", action="store_true",
                    help="recompute the whole context every step instead of using the KV cache (slower)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
+    _add_quantize_arg(p)
+
+
+def _add_quantize_arg(p) -> None:
+    p.add_argument("--quantize", choices=["int8"],
+                   help="int8: store the weights as int8 (weight-only, per output row) for faster "
+                   "generation on CPU, at a small cost in accuracy (see README)")
 
 
 def _load_for_inference(args):
@@ -300,13 +307,17 @@ def _load_for_inference(args):
         model, tokenizer = load_pretrained(args.pretrained, device=device)
         if tokenizer is None:
             raise UserError(f"{args.pretrained} has no tokenizer saved with it and its vocabulary is not GPT-2's")
-        return model.eval(), tokenizer
-    model, tokenizer = load_model(args.checkpoint, device=device)
-    if tokenizer is None:
-        if model.cfg.vocab_size != 50257:
-            raise UserError(f"{args.checkpoint} has no tokenizer.json and its vocabulary is not GPT-2's: "
-                            "save the tokenizer with the model")
-        tokenizer = get_tokenizer("gpt2")
+    else:
+        model, tokenizer = load_model(args.checkpoint, device=device)
+        if tokenizer is None:
+            if model.cfg.vocab_size != 50257:
+                raise UserError(f"{args.checkpoint} has no tokenizer.json and its vocabulary is not GPT-2's: "
+                                "save the tokenizer with the model")
+            tokenizer = get_tokenizer("gpt2")
+    if args.quantize == "int8":
+        from buildllm.quantize import quantize_int8
+
+        quantize_int8(model)
     return model.eval(), tokenizer
 
 
@@ -434,6 +445,7 @@ def add_eval(sub) -> None:
     p.add_argument("--hellaswag", metavar="FILE", help="JSONL with ctx, endings and label per line")
     p.add_argument("--limit", type=int, help="score only the first N multiple-choice items")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
+    _add_quantize_arg(p)
     p.set_defaults(run=run_eval)
 
 

@@ -36,6 +36,7 @@ from buildllm.checkpoint import model_from_state_dict, weights_of
 from buildllm.files import atomic_write
 from buildllm.errors import UserError
 from buildllm.model import GPTConfig, GPTModel
+from buildllm.quantize import refuse_quantized
 
 if TYPE_CHECKING:
     from buildllm.tokenizer import Tokenizer
@@ -453,6 +454,7 @@ def _read_json(path: Path) -> dict:
 
 def hf_state_of(model: GPTModel) -> dict[str, torch.Tensor]:
     """The model's weights under HF GPT-2 names, Conv1D weights transposed back to (in, out)."""
+    refuse_quantized(model, "export")
     state = {}
     for name, tensor in model.state_dict().items():
         if name == "out_head.weight" and model.cfg.tie_embeddings:

@@ -1,0 +1,147 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from buildllm import cli
+from buildllm.checkpoint import save_model
+from buildllm.errors import UserError
+from buildllm.generation import generate, stream_text
+from buildllm.model import GPTConfig, GPTModel
+from buildllm.pretrained import save_pretrained
+from buildllm.quantize import Int8Linear, quantize_int8
+from buildllm.tokenizer import WordTokenizer
+
+TEXT = "the cat sat on the mat, then it slept. a dog ran! "
+
+
+def random_linear(in_features=64, out_features=48, bias=True, seed=0) -> nn.Linear:
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        linear.weight.mul_(torch.linspace(0.1, 10, out_features)[:, None])  # rows of very different size
+        if bias:
+            linear.bias.normal_()
+    return linear
+
+
+def test_each_weight_is_within_half_a_step_of_the_original():
+    linear = random_linear()
+    q = Int8Linear.from_linear(linear)
+    assert q.weight.dtype == torch.int8 and q.scale.shape == (48,)
+    assert int(q.weight.abs().max(dim=1).values.min()) == 127  # each row's largest weight uses the full range
+    step = q.scale.float()[:, None]
+    error = (q.dequantized() - linear.weight).abs()
+    assert bool((error <= step / 2 + 1e-7).all())
+    # The scale is per row: a row of small weights keeps its precision next to a row of large ones.
+    assert float(q.scale[0]) < float(q.scale[-1]) / 50
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_kernel_equals_the_written_out_form(bias):
+    linear = random_linear(bias=bias)
+    q = Int8Linear.from_linear(linear)
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fast, written, original = q(x), q.written_out(x), linear(x)
+    assert fast.shape == written.shape == (3, 5, 48) and fast.dtype == torch.float32
+    # The kernel multiplies in bf16 (8 bits of mantissa): agreement to bf16 rounding of the inputs.
+    assert torch.allclose(fast, written, rtol=2e-2, atol=2e-2 * float(written.abs().mean()))
+    # And both are close to the original fp32 layer.
+    assert torch.allclose(written, original, rtol=0, atol=0.01 * float(original.abs().max()))
+
+
+def test_quantize_int8_replaces_every_linear_and_only_those():
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=61, context_length=16, emb_dim=32, n_heads=4, n_layers=2))
+    embedding = model.wte.weight.detach().clone()
+    assert quantize_int8(model) is model
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 2 * 4 + 1  # qkv, out, fc, proj; head
+    assert model.wte.weight.dtype == torch.float32 and torch.equal(model.wte.weight, embedding)
+    assert not model.training
+    with pytest.raises(UserError, match="quantized already"):
+        quantize_int8(model)
+
+
+def trained_model(tok: WordTokenizer, steps: int = 150) -> GPTModel:
+    """A tiny model that has learned TEXT by heart, so its predictions have real margins."""
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=16, emb_dim=32, n_heads=4, n_layers=2))
+    ids = torch.tensor(tok.encode(TEXT * 4))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(steps):
+        start = step % (len(ids) - 17)
+        x, y = ids[start : start + 16], ids[start + 1 : start + 17]
+        loss = F.cross_entropy(model(x[None])[0], y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def word_model():
+    tok = WordTokenizer.from_text(TEXT)
+    return trained_model(tok), tok
+
+
+def test_a_quantized_model_predicts_like_the_full_precision_one(word_model):
+    model, tok = word_model
+    quantized = quantize_int8(copy.deepcopy(model))
+    ids = torch.tensor([tok.encode(TEXT * 2)[:16]])
+    with torch.no_grad():
+        full, low = model(ids), quantized(ids)
+        loss_full = F.cross_entropy(full[0, :-1], ids[0, 1:])
+        loss_low = F.cross_entropy(low[0, :-1], ids[0, 1:])
+    assert float(loss_full) < 0.5  # it did learn the text
+    assert abs(float(loss_low) - float(loss_full)) < 0.02 * float(loss_full) + 1e-3
+    assert float((full - low).abs().max()) < 0.05 * float(full.abs().max())
+    prompt = ids[:, :4]
+    assert torch.equal(generate(quantized, prompt, 20), generate(model, prompt, 20))
+
+
+def test_the_kv_cache_stays_exact_with_int8_weights(word_model):
+    model, tok = word_model
+    quantized = quantize_int8(copy.deepcopy(model))
+    prompts = [tok.encode("the cat sat"), tok.encode("a dog"), tok.encode("then it slept . a dog ran")]
+    # Past the 16-token window too, and with prompts of different lengths in one batch.
+    with_cache = generate(quantized, prompts, 30, use_cache=True)
+    assert with_cache == generate(quantized, prompts, 30, use_cache=False)
+    assert with_cache[1] == generate(quantized, [prompts[1]], 30)[0]
+
+
+def test_a_quantized_model_is_not_saved(word_model, tmp_path):
+    model, tok = word_model
+    quantized = quantize_int8(copy.deepcopy(model))
+    with pytest.raises(UserError, match="cannot save a model quantized to int8"):
+        save_model(tmp_path / "run", quantized, tok)
+    with pytest.raises(UserError, match="cannot export a model quantized to int8"):
+        save_pretrained(quantized, tmp_path / "hf")
+    assert not (tmp_path / "run" / "model.safetensors").exists() and not (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def test_cli_generate_and_eval_with_int8(word_model, tmp_path, capsys):
+    model, tok = word_model
+    save_model(tmp_path / "run", model, tok)
+    expected = "the cat" + "".join(stream_text(quantize_int8(copy.deepcopy(model)), tok, "the cat", 12)) + "\n"
+    argv = ["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "the cat", "--max-new-tokens", "12"]
+    assert cli.main([*argv, "--quantize", "int8"]) == 0
+    out = capsys.readouterr().out
+    assert out == expected
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out == out  # the text is learned by heart: int8 changes no word of it
+
+    (tmp_path / "text.txt").write_text(TEXT * 3)
+    scores = {}
+    for extra in ([], ["--quantize", "int8"]):
+        assert cli.main(["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "text.txt"),
+                         "--stride", "8", *extra]) == 0
+        line = next(l for l in capsys.readouterr().out.splitlines() if "nats per token" in l)
+        scores[bool(extra)] = float(line.split()[1])
+    assert scores[True] == pytest.approx(scores[False], rel=0.05, abs=1e-3)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*argv, "--quantize", "int4"])
+    assert exit_.value.code == 2 and "invalid choice: 'int4'" in capsys.readouterr().err
