@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from unittest import mock
 
@@ -453,3 +455,17 @@ def test_cli_bad_input_exits_2_and_overwrites_nothing(tmp_path, capsys):
     assert main(["prepare", str(bad), "--errors", "replace", "--out", str(out), "--force"]) == 0
     assert snapshot(out) != before
     assert sorted(os.listdir(tmp_path)) == ["bad.txt", "good.txt", "other.txt", "out"]
+
+
+def test_prepare_removes_what_a_killed_prepare_left(tmp_path):
+    src = tmp_path / "s.txt"
+    src.write_text(TEXT)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    abandoned = tmp_path / f".out.partial-{gone.stdout.strip()}-abc123"  # its process has exited
+    running = tmp_path / f".out.partial-{os.getpid()}-def456"  # as if another prepare were writing it now
+    for folder in (abandoned, running):
+        folder.mkdir()
+        (folder / "train.bin").write_bytes(b"\0" * 10)
+    prepare_corpus(src, tmp_path / "out", tokenizer="gpt2", val_fraction=0, progress=False)
+    assert not abandoned.exists() and running.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [running.name, "out", "s.txt"]

@@ -280,3 +280,24 @@ def test_eval_cli(bigram, tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", ["{"])
     assert cli.main(["eval", "--checkpoint", str(tmp_path / "ckpt"), "--hellaswag", str(bad)]) == 2
     assert "bad.jsonl:1" in capsys.readouterr().err
+
+
+def test_stride_one_less_than_the_window_scores_every_token_once(model):
+    ids = random_ids(75)
+    # by hand: windows of 16 tokens starting every 15, each predicting its 15 successors
+    windows = [ids[start : start + CONTEXT] for start in range(0, 74, CONTEXT - 1)]
+    expected = sum(nll_sum(model, w) for w in windows) / 74
+    result = perplexity(model, ids, stride=CONTEXT - 1)
+    assert result["tokens"] == 74 and result["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("stride", [CONTEXT, CONTEXT - 1, 5])
+def test_batched_windows_give_the_same_loss(model, stride):
+    ids = random_ids(101)
+    one_by_one = perplexity(model, ids, stride=stride)
+    for batch_size in (2, 3, 64):
+        batched = perplexity(model, ids, stride=stride, batch_size=batch_size)
+        assert batched["tokens"] == one_by_one["tokens"]
+        assert batched["loss"] == pytest.approx(one_by_one["loss"], rel=1e-6)
+    with pytest.raises(UserError, match="batch_size"):
+        perplexity(model, ids, batch_size=0)

@@ -19,7 +19,7 @@ from buildllm.errors import UserError
 from buildllm.generation import generate
 from buildllm.model import GPTConfig, GPTModel
 from buildllm.pretrained import load_pretrained, read_safetensors, save_pretrained, tf_to_hf_name
-from buildllm.tokenizer import WordTokenizer
+from buildllm.tokenizer import WordTokenizer, get_tokenizer, train_bpe
 
 transformers = pytest.importorskip("transformers")
 
@@ -379,3 +379,53 @@ def test_gpt2_124m_shapes_parity_and_round_trip(tmp_path):
     again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
         assert torch.equal(again(ids).logits, hf(ids).logits)
+
+
+# The tokenizer in GPT-2's own files --------------------------------------------------------------
+
+TOKENIZER_TEXTS = [
+    "Hello, world! It's 2026; they'll say: \"naïve café\" costs €12.50.",
+    "  leading spaces,\ttabs\n\nand blank lines   \n",
+    "emoji 🤖🎉, CJK 你好世界, Greek Ελληνικά, combining é",
+    "I'd've thought you're right—we've 3.14159 and 1,000,000 reasons.",
+    "ROMEO:\nBut, soft! what light through yonder window breaks?",
+]
+
+
+def check_hf_tokenizer(folder, tokenizer):
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    for text in TOKENIZER_TEXTS:
+        ids = tokenizer.encode(text)
+        assert hf_tokenizer(text)["input_ids"] == ids, text
+        assert hf_tokenizer.decode(ids) == text
+    assert hf_tokenizer.eos_token_id == tokenizer.eot_id
+    assert len(hf_tokenizer) == tokenizer.vocab_size
+
+
+def test_gpt2_tokenizer_exports_as_openais_vocab_and_merges(tmp_path):
+    tokenizer = get_tokenizer("gpt2")
+    vocab, merges = tokenizer.to_vocab_and_merges()
+    # Spot checks against OpenAI's published encoder.json and vocab.bpe.
+    assert (vocab["!"], vocab["Ġthe"], vocab["<|endoftext|>"], len(vocab)) == (0, 262, 50256, 50257)
+    assert merges[:3] == [("Ġ", "t"), ("Ġ", "a"), ("h", "e")] and len(merges) == 50000
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=50257, context_length=32, emb_dim=8, n_heads=2, n_layers=1)).eval()
+    save_pretrained(model, tmp_path, tokenizer)
+    assert (tmp_path / "merges.txt").read_text(encoding="utf-8").splitlines()[1] == "Ġ t"
+    check_hf_tokenizer(tmp_path, tokenizer)
+
+
+def test_a_trained_bpe_exports_for_transformers(tmp_path):
+    tokenizer = train_bpe(" ".join(TOKENIZER_TEXTS) * 20, vocab_size=400)
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=tokenizer.vocab_size, context_length=32, emb_dim=8, n_heads=2,
+                               n_layers=1)).eval()
+    save_pretrained(model, tmp_path, tokenizer)
+    check_hf_tokenizer(tmp_path, tokenizer)
+
+
+def test_a_word_tokenizer_is_kept_in_buildllms_file_only(tmp_path):
+    model, tokenizer = tiny_checkpoint(tmp_path / "ckpt")
+    save_pretrained(model, tmp_path / "hf", tokenizer)
+    assert (tmp_path / "hf" / "buildllm_tokenizer.json").is_file()
+    assert not (tmp_path / "hf" / "vocab.json").exists()  # no GPT-2 file format for a word vocabulary

@@ -55,7 +55,6 @@ _EXPORTS = {
     "TrainConfig": "training",
     "TrainResult": "training",
     "load_config": "training",
-    "evaluate_tokens": "training",
     "plot_losses": "training",
     "load_pretrained": "pretrained",
     "save_pretrained": "pretrained",

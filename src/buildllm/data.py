@@ -250,7 +250,9 @@ def prepare_corpus(
         return corpus
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    _remove_abandoned(out)
+    # The writer's process id in the name tells a later run whether the folder is abandoned.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; the corpus is not
     try:
         if bpe_vocab:
@@ -276,6 +278,26 @@ def prepare_corpus(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return load_prepared(out)
+
+
+def _remove_abandoned(out: Path) -> None:
+    """Delete the temporary folders of earlier runs into ``out`` that were killed mid-way."""
+    for folder in out.parent.glob(f".{out.name}.partial-*"):
+        pid = folder.name.removeprefix(f".{out.name}.partial-").split("-")[0]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    if os.name == "nt":  # os.kill would terminate it there: keep the folder
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: checks only
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists, owned by someone else
+        return True
+    return True
 
 
 def load_prepared(path: str | os.PathLike) -> PreparedCorpus:

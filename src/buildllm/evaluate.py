@@ -54,12 +54,15 @@ def perplexity(
     token_ids: Sequence[int] | torch.Tensor,
     context_length: int | None = None,
     stride: int = 512,
+    batch_size: int = 1,
 ) -> dict[str, float]:
     """Sliding-window loss over ``token_ids``: ``{"loss", "perplexity", "tokens"}``.
 
     ``loss`` is the mean negative log-likelihood in nats of the scored tokens (every token but the
     first), ``tokens`` how many were scored. ``context_length`` defaults to the model's; a
     ``stride`` beyond it is capped to it (disjoint windows: a larger step would skip tokens).
+    ``stride = context_length - 1`` scores every token once with the tokens before it in its window
+    as context, as training sees them. ``batch_size`` windows go through the model at once.
     """
     ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
     window = context_length or model.cfg.context_length
@@ -67,34 +70,52 @@ def perplexity(
         raise UserError(f"context_length must be in [1, {model.cfg.context_length}], got {window}")
     if stride < 1:
         raise UserError(f"stride must be at least 1 token, got {stride}")
+    if batch_size < 1:
+        raise UserError(f"batch_size must be at least 1, got {batch_size}")
     stride = min(stride, window)
     if len(ids) < 2:
         raise UserError("the text is too short to score: it needs at least two tokens")
 
+    # (begin, end, new): the window's tokens and how many at its end it scores. The rest are
+    # context only, scored by the window before (transformers sets their labels to -100).
+    windows, previous_end = [], 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + window, len(ids))
+        windows.append((begin, end, end - max(previous_end, begin + 1)))
+        previous_end = end
+        if end == len(ids):
+            break
+
     device = next(model.parameters()).device
-    total_nll, scored = 0.0, 0
+    total_nll = 0.0
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
-            previous_end = 0
-            for begin in range(0, len(ids), stride):
-                end = min(begin + window, len(ids))
-                chunk = ids[begin:end].to(device)
-                logits = model(chunk[None])[0, :-1].float()  # predictions of tokens begin+1 .. end-1
-                nll = F.cross_entropy(logits, chunk[1:], reduction="none")
-                # Score only the tokens the previous window did not (transformers sets their
-                # labels to -100); the rest of the window is context.
-                new = end - max(previous_end, begin + 1)
-                total_nll += nll[len(nll) - new :].sum().item()
-                scored += new
-                previous_end = end
-                if end == len(ids):
-                    break
+        with torch.no_grad():
+            for batch in _same_length_batches(windows, batch_size):
+                rows = torch.stack([ids[begin:end] for begin, end, _ in batch]).to(device)
+                logits = model(rows)[:, :-1].float()  # predictions of each row's tokens 1..
+                nll = F.cross_entropy(logits.transpose(1, 2), rows[:, 1:], reduction="none")  # (rows, L - 1)
+                new = torch.tensor([n for _, _, n in batch], device=device)
+                scored_here = torch.arange(nll.shape[1], device=device) >= nll.shape[1] - new[:, None]
+                total_nll += nll[scored_here].sum().item()
     finally:
         model.train(was_training)
+    scored = sum(new for _, _, new in windows)
     loss = total_nll / scored
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": scored}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "tokens": scored}
+
+
+def _same_length_batches(windows: list, batch_size: int):
+    """Consecutive windows in groups of ``batch_size`` (only the last window may be shorter)."""
+    batch = []
+    for w in windows:
+        if batch and (len(batch) == batch_size or w[1] - w[0] != batch[0][1] - batch[0][0]):
+            yield batch
+            batch = []
+        batch.append(w)
+    if batch:
+        yield batch
 
 
 def bits_per_character(loss_nats: float, n_tokens: int, n_chars: int) -> float:

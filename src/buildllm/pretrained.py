@@ -476,7 +476,9 @@ def save_pretrained(model: GPTModel, directory: str | os.PathLike, tokenizer=Non
     """Write ``model`` as a Hugging Face GPT-2 folder (config.json + model.safetensors).
 
     ``transformers.GPT2LMHeadModel.from_pretrained(directory)`` loads it with identical logits,
-    and so does ``load_pretrained``. A tokenizer is kept as ``buildllm_tokenizer.json``.
+    and so does ``load_pretrained``. A tokenizer is kept as ``buildllm_tokenizer.json``; a
+    byte-level BPE one (GPT-2's, or one from ``train_bpe``) is also written in GPT-2's own files,
+    vocab.json and merges.txt, which ``transformers.AutoTokenizer`` loads.
     """
     from safetensors.torch import save_file
 
@@ -489,8 +491,26 @@ def save_pretrained(model: GPTModel, directory: str | os.PathLike, tokenizer=Non
     atomic_write(directory / HF_WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     atomic_write(directory / HF_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
     if tokenizer is not None:
+        from buildllm.tokenizer import GPT2_PATTERN, BPETokenizer
+
         tokenizer.save(directory / TOKENIZER)  # atomic itself
+        if isinstance(tokenizer, BPETokenizer) and tokenizer.pat_str == GPT2_PATTERN:
+            save_hf_tokenizer(tokenizer, directory, model.cfg.context_length)
     return directory
+
+
+def save_hf_tokenizer(tokenizer: Tokenizer, directory: Path, context_length: int) -> None:
+    """vocab.json, merges.txt and tokenizer_config.json: the files of transformers' GPT2Tokenizer."""
+    vocab, merges = tokenizer.to_vocab_and_merges()
+    eot = "<|endoftext|>"
+    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": context_length, "add_prefix_space": False,
+              "bos_token": eot, "eos_token": eot, "unk_token": eot}
+    atomic_write(directory / "vocab.json", lambda tmp: Path(tmp).write_text(json.dumps(vocab, ensure_ascii=False),
+                                                                             encoding="utf-8"))
+    merges_text = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
+    atomic_write(directory / "merges.txt", lambda tmp: Path(tmp).write_text(merges_text, encoding="utf-8"))
+    atomic_write(directory / "tokenizer_config.json",
+                 lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> Path:

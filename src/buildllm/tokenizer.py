@@ -257,6 +257,25 @@ class BPETokenizer(Tokenizer):
             "special_tokens": self.special_tokens,
         }
 
+    def to_vocab_and_merges(self) -> tuple[dict[str, int], list[tuple[str, str]]]:
+        """The same tokenizer in GPT-2's original files: ``vocab.json`` and ``merges.txt``.
+
+        tiktoken keeps only each token's rank; OpenAI's format lists the merges themselves, in
+        order, and spells bytes as printable characters (``byte_to_unicode``). Each merge is
+        recovered by running BPE on the token's bytes with only the merges ranked before it:
+        what remains is the pair that the token was made from.
+        """
+        spell = byte_to_unicode()
+        text = lambda token: "".join(spell[b] for b in token)  # noqa: E731
+        vocab = {text(token): rank for token, rank in self.mergeable_ranks.items()}
+        vocab.update(self.special_tokens)
+        merges = []
+        for token, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1]):
+            if len(token) > 1:
+                left, right = _last_merge(token, self.mergeable_ranks)
+                merges.append((text(left), text(right)))
+        return vocab, merges
+
     @classmethod
     def _from_dict(cls, data: dict) -> BPETokenizer:
         ranks = {base64.b64decode(t): i for i, t in enumerate(data["tokens"])}
@@ -266,6 +285,43 @@ class BPETokenizer(Tokenizer):
         if sorted(specials.values()) != list(range(len(ranks), len(ranks) + len(specials))):
             raise ValueError("special token ids must follow the ordinary tokens")
         return cls(ranks, specials, name=data["name"], pat_str=data["pat_str"])
+
+
+@lru_cache(maxsize=1)
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's printable spelling of the 256 byte values (OpenAI's ``bytes_to_unicode``).
+
+    Printable Latin-1 bytes stand for themselves; the rest (controls, space) are mapped to the
+    code points from 256 up, in order, so that vocab.json and merges.txt never hold whitespace.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    spelling, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            spelling[b] = chr(b)
+        else:
+            spelling[b] = chr(256 + extra)
+            extra += 1
+    return spelling
+
+
+def _last_merge(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
+    """The two tokens that BPE merged last to make ``token``."""
+    parts = [bytes([b]) for b in token]
+    limit = ranks[token]
+    while len(parts) > 2:
+        # Apply the best-ranked merge that existed before this token did.
+        best = min(
+            ((ranks.get(a + b, limit), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))),
+            default=(limit, -1),
+        )
+        if best[0] >= limit:
+            break
+        i = best[1]
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    if len(parts) != 2:
+        raise ValueError(f"token {token!r} is not the merge of two earlier tokens")
+    return parts[0], parts[1]
 
 
 def load_gpt2_ranks(path: str | os.PathLike) -> dict[bytes, int]:

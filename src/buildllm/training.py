@@ -63,7 +63,7 @@ from torch import nn
 from buildllm.checkpoint import CONFIG, TOKENIZER, WEIGHTS, atomic_write, save_model
 from buildllm.errors import UserError
 from buildllm.model import GPTConfig, GPTModel, describe
-from buildllm.evaluate import bits_per_character
+from buildllm.evaluate import bits_per_character, perplexity
 from buildllm.files import current_umask
 
 # Configuration -----------------------------------------------------------------------------------
@@ -704,39 +704,6 @@ def estimate_loss(model: nn.Module, batches, device: torch.device, dtype: torch.
     return total / len(batches)
 
 
-@torch.no_grad()
-def evaluate_tokens(model: nn.Module, tokens, context_length: int, device: torch.device,
-                    dtype: torch.dtype = torch.float32, batch_size: int = 16) -> float:
-    """Mean loss (nats per token) of predicting every token of ``tokens`` from the ones before it.
-
-    The text is cut into consecutive windows of ``context_length`` predictions, so each token is
-    predicted exactly once, with the tokens before it in its window as context (as in training).
-    """
-    ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
-    n_pred = len(ids) - 1
-    if n_pred < 1:
-        raise UserError("the validation text has fewer than two tokens: nothing to evaluate")
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    starts = list(range(0, n_pred, context_length))
-    full = [s for s in starts if s + context_length <= n_pred]
-    for i in range(0, len(full), batch_size):  # full windows, batched
-        rows = torch.stack([ids[s : s + context_length + 1] for s in full[i : i + batch_size]])
-        with autocast(device, dtype):
-            logits = model(rows[:, :-1].to(device))
-        total += F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten().to(device),
-                                 reduction="sum").item()
-    if len(full) < len(starts):  # the last, shorter window
-        row = ids[starts[-1] :][None]
-        with autocast(device, dtype):
-            logits = model(row[:, :-1].to(device))
-        total += F.cross_entropy(logits.flatten(0, 1).float(), row[:, 1:].flatten().to(device),
-                                 reduction="sum").item()
-    model.train(was_training)
-    return total / n_pred
-
-
 def sample_text(model: GPTModel, tokenizer, cfg: TrainConfig, device: torch.device) -> str:
     """The book's generate_and_print_sample: a short continuation of the start context."""
     from buildllm.generation import generate
@@ -1282,20 +1249,23 @@ def train(config: TrainConfig | dict | None = None, **overrides) -> TrainResult:
 
     val_loss, bpc = (last_eval[1] if last_eval else None), None
     if cfg.final_eval:
-        val_loss = evaluate_tokens(eval_model, data.val_tokens, T, device, dtype, batch_size=B)
-        bpc = bits_per_character(val_loss, len(data.val_tokens), data.val_characters)
-        perplexity = math.exp(min(val_loss, 700))
+        # Every held-out token scored once, with the tokens before it in its window as context.
+        with autocast(device, dtype):
+            final = perplexity(eval_model, np.asarray(data.val_tokens, dtype=np.int64), context_length=T,
+                               stride=max(1, T - 1), batch_size=B)
+        val_loss, val_perplexity = final["loss"], final["perplexity"]
+        bpc = bits_per_character(val_loss, final["tokens"], data.val_characters)
         if dist.main:
             with open(run / METRICS, "a") as f:
                 f.write(json.dumps({
                     "kind": "final", "step": step, "tokens_seen": tokens_seen,
                     "train_loss": last_eval[0] if last_eval else None, "val_loss": val_loss, "lr": None,
                     "tokens_per_sec": round(rate, 1) if rate else None, "elapsed": round(time_spent(), 3),
-                    "val_perplexity": perplexity, "val_bits_per_char": bpc,
+                    "val_perplexity": val_perplexity, "val_bits_per_char": bpc,
                     "val_tokens": len(data.val_tokens), "val_characters": data.val_characters}) + "\n")
             plot_losses(_read_metrics(run / METRICS), run / PLOT)
         say(f"validation text ({len(data.val_tokens):,} tokens, {data.val_characters:,} characters): "
-            f"loss {val_loss:.4f}, perplexity {perplexity:.2f}, {bpc:.3f} bits per character")
+            f"loss {val_loss:.4f}, perplexity {val_perplexity:.2f}, {bpc:.3f} bits per character")
     _barrier(dist)
     return TrainResult(run, step, tokens_seen, last_eval[0] if last_eval else None, val_loss, bpc,
                        best_val if math.isfinite(best_val) else None, time.perf_counter() - wall_start,
