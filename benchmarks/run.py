@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from buildllm.model import GPTConfig, GPTModel, describe
-from buildllm.quantize import quantize_int8
+from buildllm.quantize import quantize
 
 # Which rows exist. A row id is "<kind>-<variant>"; --rows takes ids or their prefixes.
 ROWS = (
@@ -50,7 +50,8 @@ ROWS = (
     "forward-fp32", "forward-bf16",
     "decode-b1", "decode-b8",  # fp32 weights
     "decode-b1-bf16w", "decode-b8-bf16w",  # bf16 weights
-    "decode-b1-int8", "decode-b8-int8",  # buildllm with int8 weights (quantize_int8), HF as it comes (fp32)
+    "decode-b1-int8", "decode-b8-int8",  # buildllm with int8 weights (quantize), HF as it comes (fp32)
+    "decode-b1-int4", "decode-b8-int4",  # buildllm with int4 weights (groups of 32), HF fp32
     "prepare",
 )
 DEFAULT_CPU_ROWS = ROWS
@@ -339,11 +340,11 @@ def bench_forward(row_id: str, cfg: GPTConfig, args, device, peaks, dtype: torch
 
 
 def bench_decode(row_id: str, cfg: GPTConfig, args, device, peaks, batch: int, weights: torch.dtype,
-                 int8: bool = False) -> Row:
+                 scheme: str | None = None) -> Row:
     ours, hf = make_pair(cfg, device)
     ours, hf = ours.to(weights), hf.to(weights)
-    if int8:
-        quantize_int8(ours)
+    if scheme:
+        quantize(ours, scheme)
     out = {}
     fns = {"ours": decode_fn(ours, "ours", batch, args.new_tokens, device, out=out),
            "hf": decode_fn(hf, "hf", batch, args.new_tokens, device, args.hf_cache, out)}
@@ -352,12 +353,17 @@ def bench_decode(row_id: str, cfg: GPTConfig, args, device, peaks, batch: int, w
     same = (out["ours"][:, PROMPT_TOKENS:] == out["hf"][:, PROMPT_TOKENS:]).float().mean().item()
     # A decoding step attends to PROMPT_TOKENS + new_tokens / 2 positions on average.
     flops = describe(replace(cfg, context_length=PROMPT_TOKENS + args.new_tokens // 2))["forward_flops_per_token"]
-    precision = "buildllm int8 weights, HF fp32" if int8 else ("bf16" if weights == torch.bfloat16 else "fp32")
+    precision = f"buildllm {scheme} weights, HF fp32" if scheme else ("bf16" if weights == torch.bfloat16 else "fp32")
     what = f"{_preset_of(cfg, args)} batch {batch}, {args.new_tokens} new tokens, {precision} weights"
-    # int8 weights are multiplied in bf16: that peak is the one to compare with.
-    peak_key = "bf16" if int8 else _peak_key(weights)
+    # Quantized weights are multiplied in bf16: that peak is the one to compare with.
+    peak_key = "bf16" if scheme else _peak_key(weights)
     return _row(row_id, what, batch * args.new_tokens, r, peak_key, flops, peaks,
                 same_tokens=round(same, 3), hf_cache=args.hf_cache)
+
+
+def _scheme_of(row_id: str) -> str | None:
+    """"int8" for decode-b1-int8 and so on; None for rows at full precision."""
+    return next((s for s in ("int8", "int4") if row_id.endswith(s)), None)
 
 
 def _clock(args):
@@ -463,8 +469,8 @@ def child(spec: dict) -> dict:
         model = model.to(device)
         if kind == "decode":
             model = model.to(dtype)
-            if who == "ours" and spec.get("int8"):
-                quantize_int8(model)
+            if who == "ours" and spec.get("scheme"):
+                quantize(model, spec["scheme"])
             fn = decode_fn(model, who, spec["batch"], spec["new_tokens"], device, spec["hf_cache"])
         else:
             m = model if who == "ours" else HFLogits(model)
@@ -516,7 +522,7 @@ def measure_memory(row_id: str, cfg: GPTConfig | None, args, device) -> tuple[fl
     if kind == "decode":
         spec["batch"] = int(row_id.split("-")[1][1:])
         spec["dtype"] = "bfloat16" if row_id.endswith("bf16w") else "float32"
-        spec["int8"] = row_id.endswith("int8")
+        spec["scheme"] = _scheme_of(row_id)
     peaks = []
     for who in ("ours", "hf"):
         spec["who"] = who
@@ -623,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
             row = bench_forward(row_id, cfg, args, device, peaks, dtype)
         elif row_id.startswith("decode"):
             row = bench_decode(row_id, cfg, args, device, peaks, int(row_id.split("-")[1][1:]), dtype,
-                               int8=row_id.endswith("int8"))
+                               scheme=_scheme_of(row_id))
         else:
             row = bench_prepare(args, device, peaks)
             cfg = None

@@ -7,7 +7,7 @@ The package follows the pipeline, one module per stage:
     model       embeddings, causal multi-head attention, the GPT-2 architecture
     training    pretraining loop, checkpoints, resume, many GPUs through torchrun
     generation  sampling (temperature, top-k, top-p), stop tokens, KV cache, streaming
-    quantize    int8 weights for faster generation on CPU
+    quantize    int8 and int4 weights for faster generation on CPU
     pretrained  OpenAI's GPT-2 weights in and out (Hugging Face format)
     evaluate    loss, perplexity, bits per character, multiple choice
     finetune    classification and instruction fine-tuning
@@ -86,7 +86,8 @@ _EXPORTS = {
     "sample_next_token": "generation",
     "detokenize": "generation",
     "Int8Linear": "quantize",
-    "quantize_int8": "quantize",
+    "Int4Linear": "quantize",
+    "quantize": "quantize",
 }
 
 

@@ -282,9 +282,9 @@ def _add_sampling_args(p) -> None:
 
 
 def _add_quantize_arg(p) -> None:
-    p.add_argument("--quantize", choices=["int8"],
-                   help="int8: store the weights as int8 (weight-only, per output row) for faster "
-                   "generation on CPU, at a small cost in accuracy (see README)")
+    p.add_argument("--quantize", choices=["int8", "int4"],
+                   help="store the weights as 8- or 4-bit integers for faster generation on CPU: int8 is "
+                   "nearly lossless, int4 faster still and coarser (see README)")
 
 
 def _load_for_inference(args):
@@ -314,10 +314,10 @@ def _load_for_inference(args):
                 raise UserError(f"{args.checkpoint} has no tokenizer.json and its vocabulary is not GPT-2's: "
                                 "save the tokenizer with the model")
             tokenizer = get_tokenizer("gpt2")
-    if args.quantize == "int8":
-        from buildllm.quantize import quantize_int8
+    if args.quantize:
+        from buildllm.quantize import quantize
 
-        quantize_int8(model)
+        quantize(model, args.quantize)
     return model.eval(), tokenizer
 
 

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from buildllm.checkpoint import model_from_state_dict, weights_of
-from buildllm.files import atomic_write
 from buildllm.errors import UserError
+from buildllm.files import atomic_write
 from buildllm.model import GPTConfig, GPTModel
 from buildllm.quantize import refuse_quantized
 

@@ -1,24 +1,31 @@
-"""Stage 6, faster: int8 weights for generation.
+"""Stage 6, faster: int8 and int4 weights for generation.
 
 Generating one token at a time does little arithmetic per weight: every weight matrix is read
 from memory once per new token, multiplied by a single vector and dropped. On a CPU the speed of
 that loop is set by how many bytes of weights stream from memory, not by the multiplications.
-GPT-2 124M in fp32 is 500 MB per token; with int8 weights it is 125 MB.
+GPT-2 124M in fp32 is 500 MB per token; with int8 weights it is 125 MB, with int4 about 70 MB.
 
-*Weight-only* quantization stores each row of a weight matrix (one output feature) as int8
-numbers times one scale for the row, ``w ≈ q * scale`` with ``q`` in [-127, 127] and
-``scale = max|w_row| / 127`` (symmetric, per output channel). Activations are not quantized:
-the matrix product runs in bf16 through PyTorch's fused kernel, which converts the int8 weights
-on the fly, so nothing larger than int8 is ever read. The error per weight is at most half a
-step (``scale / 2``), a relative 0.4% of the row's largest weight.
+*Weight-only* quantization stores the weights as small integers and a few floats that map them
+back; activations are not quantized. The matrix product runs in bf16 through PyTorch's fused
+kernels, which convert the integers on the fly, so nothing larger is ever read.
 
-    model = quantize_int8(model)  # every nn.Linear, output head included, in place
+- ``int8``: each row (one output feature) is ``q * scale``, ``q`` in [-127, 127], ``scale =
+  max|row| / 127`` (symmetric, per output channel). The error per weight is at most half a step,
+  a relative 0.4% of the row's largest weight. Practically lossless.
+- ``int4``: each row is cut into groups of ``group_size`` weights (32 by default); a group is
+  ``(q - 8) * scale + zero`` with ``q`` in 0..15, spanning the group from its minimum to its
+  maximum (asymmetric, per group, as in GPTQ/llama.cpp-style formats). 16 levels are coarse, so
+  it costs some accuracy; it is the fastest.
 
-This is for inference: the int8 weights have no gradients, and a quantized model is not saved
-(save the fp32 model and quantize it again after loading: it takes a second).
+    model = quantize(model, "int8")  # every nn.Linear, output head included, in place
+
+This is for inference: the integer weights have no gradients, and a quantized model is not saved
+(save the full-precision model and quantize it again after loading: it takes a second).
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -76,29 +83,120 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Replace every ``nn.Linear`` in ``model`` with an ``Int8Linear``, in place; returns ``model``.
+class Int4Linear(nn.Module):
+    """``nn.Linear`` with 4-bit weights: groups of ``group_size`` along each row, each group with
+    its own scale and zero. Two weights are packed per byte."""
 
-    With tied embeddings the output head gets its own int8 copy while the token embedding stays
-    as it was (a lookup reads one row per token, so its size costs no speed).
+    GROUP_SIZES = (32, 64, 128, 256)  # what PyTorch's int4 kernel supports
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 32, device=None):
+        super().__init__()
+        if group_size not in self.GROUP_SIZES or in_features % group_size:
+            raise UserError(f"int4 needs layers whose input size is a multiple of the group size "
+                            f"({', '.join(map(str, self.GROUP_SIZES))}); this one has {in_features} "
+                            f"inputs and group size {group_size}: use int8, or a group size that divides it")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        # weight[:, j] holds inputs 2j (low 4 bits) and 2j + 1 (high 4 bits).
+        self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scale", torch.ones(out_features, groups, dtype=torch.bfloat16, device=device))
+        self.register_buffer("zero", torch.zeros(out_features, groups, dtype=torch.bfloat16, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        # The CPU kernel's own arrangement of the same numbers (see _pack_for_kernel).
+        self.register_buffer("_kernel_weight", None, persistent=False)
+        self.register_buffer("_kernel_scale_zero", None, persistent=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 32) -> Int4Linear:
+        w = linear.weight.detach().float()
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, device=w.device)
+        groups = w.view(q.out_features, -1, group_size)
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+        # Scale and zero are rounded to bf16 first (the kernel reads them in bf16), and the
+        # codes are chosen against those rounded values.
+        scale = ((high - low) / 15).clamp(min=1e-12).to(torch.bfloat16)
+        zero = (low + 8 * scale.float()).to(torch.bfloat16)
+        codes = torch.round((groups - zero.float()[..., None]) / scale.float()[..., None] + 8).clamp(0, 15)
+        codes = codes.to(torch.uint8).view(q.out_features, q.in_features)
+        q.weight.copy_(codes[:, 0::2] | (codes[:, 1::2] << 4))
+        q.scale.copy_(scale)
+        q.zero.copy_(zero)
+        if linear.bias is not None:
+            q.bias.copy_(linear.bias.detach().float())
+        if w.device.type == "cpu":
+            q._pack_for_kernel()
+        return q
+
+    def codes(self) -> torch.Tensor:
+        """The 4-bit numbers, one per weight, as a ``(out, in)`` uint8 tensor."""
+        return torch.stack([self.weight & 15, self.weight >> 4], dim=-1).view(self.out_features, self.in_features)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight matrix the codes stand for: ``(q - 8) * scale + zero``, group by group."""
+        q = self.codes().to(dtype).view(self.out_features, -1, self.group_size)
+        w = (q - 8) * self.scale.to(dtype)[..., None] + self.zero.to(dtype)[..., None]
+        return w.view(self.out_features, self.in_features)
+
+    def written_out(self, x: torch.Tensor) -> torch.Tensor:
+        """The definition: an ordinary linear layer with the dequantized weight."""
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, self.dequantized(x.dtype), bias)
+
+    def _pack_for_kernel(self) -> None:
+        # The kernel wants the output size in multiples of 16 (padded with zero rows, whose outputs
+        # are cut off again) and the scales and zeros as (groups, out, 2).
+        pad = -self.out_features % 16
+        codes = F.pad(self.codes().to(torch.int32), (0, 0, 0, pad))
+        self._kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        scale_zero = torch.stack([self.scale, self.zero], dim=-1)  # (out, groups, 2)
+        self._kernel_scale_zero = F.pad(scale_zero, (0, 0, 0, 0, 0, pad)).transpose(0, 1).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or self._kernel_weight is None:  # the fused kernel is CPU-only
+            return self.written_out(x)
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self._kernel_weight, self.group_size,
+                                                        self._kernel_scale_zero)
+        y = y[:, : self.out_features].to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y + self.bias.to(x.dtype) if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, group_size={self.group_size}")
+
+
+SCHEMES = ("int8", "int4")
+
+
+def quantize(model: nn.Module, scheme: str = "int8", group_size: int = 32) -> nn.Module:
+    """Replace every ``nn.Linear`` in ``model`` with its ``scheme`` form, in place; returns ``model``.
+
+    ``scheme``: "int8" (per-row scales) or "int4" (``group_size`` weights per scale and zero).
+    With tied embeddings the output head gets its own quantized copy while the token embedding
+    stays as it was (a lookup reads one row per token, so its size costs no speed).
     """
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:  # not subclasses, whose forward may do more
-                setattr(parent, name, Int8Linear.from_linear(child))
-                replaced += 1
-    if replaced == 0:
+    if scheme == "int8":
+        convert = Int8Linear.from_linear
+    elif scheme == "int4":
+        convert = partial(Int4Linear.from_linear, group_size=group_size)
+    else:
+        raise UserError(f"unknown quantization {scheme!r}; choose one of: {', '.join(SCHEMES)}")
+    linears = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if type(child) is nn.Linear]  # not subclasses, whose forward may do more
+    if not linears:
         raise UserError("the model has no nn.Linear layers to quantize (was it quantized already?)")
+    converted = [convert(child) for _, _, child in linears]  # all checked before any is replaced
+    for (parent, name, _), new in zip(linears, converted):
+        setattr(parent, name, new)
     return model.eval()
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, Int8Linear) for m in model.modules())
+    return any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
 
 
 def refuse_quantized(model: nn.Module, action: str) -> None:
     """Raise ``UserError`` if ``model`` holds int8 layers: ``action`` needs the full-precision weights."""
     if is_quantized(model):
-        raise UserError(f"cannot {action} a model quantized to int8: {action} the full-precision model "
-                        "and quantize it again after loading (quantize_int8 takes a second)")
+        raise UserError(f"cannot {action} a quantized model: {action} the full-precision model and "
+                        "quantize it again after loading (it takes a second)")

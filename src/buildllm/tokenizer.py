@@ -266,7 +266,10 @@ class BPETokenizer(Tokenizer):
         what remains is the pair that the token was made from.
         """
         spell = byte_to_unicode()
-        text = lambda token: "".join(spell[b] for b in token)  # noqa: E731
+
+        def text(token: bytes) -> str:
+            return "".join(spell[b] for b in token)
+
         vocab = {text(token): rank for token, rank in self.mergeable_ranks.items()}
         vocab.update(self.special_tokens)
         merges = []
