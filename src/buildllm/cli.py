@@ -317,6 +317,9 @@ def _load_for_inference(args):
     if args.quantize:
         from buildllm.quantize import quantize
 
+        if device.type != "cpu":
+            print(f"note: PyTorch's {args.quantize} kernels are CPU-only; on {device.type} the weights are "
+                  "dequantized at every step, which is slower than bf16 weights", file=sys.stderr)
         quantize(model, args.quantize)
     return model.eval(), tokenizer
 
