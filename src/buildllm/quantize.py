@@ -3,7 +3,8 @@
 Generating one token at a time does little arithmetic per weight: every weight matrix is read
 from memory once per new token, multiplied by a single vector and dropped. On a CPU the speed of
 that loop is set by how many bytes of weights stream from memory, not by the multiplications.
-GPT-2 124M in fp32 is 500 MB per token; with int8 weights it is 125 MB, with int4 about 70 MB.
+GPT-2 124M in fp32 is 500 MB per token; with int8 weights it is 125 MB, with int4 about 80 MB
+(62 MB of 4-bit codes and 16 MB of bf16 scales and zeros, one pair per 32 weights).
 
 *Weight-only* quantization stores the weights as small integers and a few floats that map them
 back; activations are not quantized. The matrix product runs in bf16 through PyTorch's fused

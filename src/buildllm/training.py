@@ -1024,6 +1024,8 @@ def train(config: TrainConfig | dict | None = None, **overrides) -> TrainResult:
 
     ``train()`` with nothing trains the default model on the bundled Shakespeare into
     ``runs/shakespeare``. Returns the final figures; everything is also in the run folder.
+    Two process-wide settings stay after it returns: on CPU, glibc keeps freed memory for reuse
+    (``keep_freed_memory``); on CUDA, fp32 matmuls may use TF32.
     """
     if config is None:
         config = TrainConfig()
