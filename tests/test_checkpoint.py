@@ -46,5 +46,8 @@ def test_shape_mismatch_names_the_first_tensor(tmp_path):
 def test_missing_folder_or_files(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_model(tmp_path / "nope")
+    (tmp_path / "model.txt").write_text("not a folder")
+    with pytest.raises(UserError, match="model.txt is a file; give the checkpoint folder"):
+        load_model(tmp_path / "model.txt")
     with pytest.raises(UserError, match="model.safetensors is missing"):
         load_model(tmp_path)

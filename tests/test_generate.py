@@ -356,6 +356,20 @@ def test_cli_generate_needs_a_model(capsys):
     assert "--checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("device, message", [("tpu", "unknown device 'tpu'"),
+                                             ("cuda", "CUDA is not available"),
+                                             ("mps", "MPS (Apple GPU) is not available")])
+def test_cli_generate_names_a_device_it_cannot_use(word_checkpoint, capsys, device, message):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    path, _, _ = word_checkpoint
+    assert cli.main(["generate", "--checkpoint", str(path), "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
 def test_cli_chat_continues_each_line_until_quit(word_checkpoint, capsys, monkeypatch):
     path, model, tok = word_checkpoint
     monkeypatch.setattr(sys, "stdin", io.StringIO("the cat\n\na dog\n/quit\nthe mat\n"))

@@ -80,6 +80,8 @@ def model_from_state_dict(
 def load_model(directory: str | Path, device: torch.device | str = "cpu", with_tokenizer: bool = True):
     """Load a folder written by ``save_model``: returns ``(model, tokenizer)`` (tokenizer may be None)."""
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"{directory} is a file; give the checkpoint folder (with {WEIGHTS} and {CONFIG})")
     if not directory.is_dir():
         raise UserError(f"checkpoint folder {directory} does not exist")
     for name in (WEIGHTS, CONFIG):

@@ -289,18 +289,14 @@ def _add_quantize_arg(p) -> None:
 
 def _load_for_inference(args):
     """``(model, tokenizer)`` for generate and chat, in eval mode on ``args.device``."""
-    import torch
-
     from buildllm.checkpoint import load_model
     from buildllm.tokenizer import get_tokenizer
+    from buildllm.training import pick_device
 
     if bool(args.checkpoint) == bool(args.pretrained):
         raise UserError("give one model: --checkpoint DIR (a folder written by buildllm train or finetune) "
                         "or --pretrained NAME_OR_PATH (GPT-2 weights)")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UserError(f"unknown device {args.device!r}: use cpu, cuda, cuda:N or mps") from None
+    device = pick_device(args.device)
     if args.pretrained:
         from buildllm.pretrained import load_pretrained
 

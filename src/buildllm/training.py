@@ -354,6 +354,11 @@ def pick_device(spec: str = "auto") -> torch.device:
         raise UserError(f"unknown device {spec!r}: use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {spec} asked for, but CUDA is not available: use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"device {spec} asked for, but there are {torch.cuda.device_count()} CUDA devices: "
+                        f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError(f"device {spec} asked for, but MPS (Apple GPU) is not available: use --device cpu")
     return device
 
 
