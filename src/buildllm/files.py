@@ -1,11 +1,15 @@
-"""Writing files so that a crash at any moment leaves the old file or the new one, never half of one."""
+"""Files: written so that a crash at any moment leaves the old file or the new one, never half of
+one; and JSON read with one clear error line for whatever is wrong with it."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from buildllm.errors import UserError
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
@@ -27,6 +31,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def read_json_object(path: str | os.PathLike, what: str = "") -> dict:
+    """The JSON object in ``path``; ``UserError`` naming ``what`` the file is when it is not one."""
+    label = f"{what} {path}" if what else str(path)
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {label}: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{label} does not hold a JSON object")
+    return data
 
 
 def current_umask() -> int:

@@ -44,7 +44,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from buildllm.checkpoint import CONFIG, TOKENIZER, WEIGHTS, model_from_state_dict
-from buildllm.files import atomic_write
+from buildllm.files import atomic_write, read_json_object
 from buildllm.training import param_groups, pick_device
 from buildllm.errors import UserError
 from buildllm.lora import DEFAULT_TARGETS, apply_lora, count_parameters, merge_lora, save_adapters
@@ -644,13 +644,7 @@ def get_prompt_template(spec: str | Path | PromptTemplate = "alpaca") -> PromptT
     if not path.is_file():
         raise UserError(f"unknown prompt template {str(spec)!r}: use {', '.join(TEMPLATES)} or a JSON file "
                         "with instruction, input and response strings")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read prompt template {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: a prompt template is a JSON object")
-    return PromptTemplate.from_dict(data, str(path))
+    return PromptTemplate.from_dict(read_json_object(path, "prompt template"), str(path))
 
 
 def load_prompt_template(checkpoint_dir: str | Path) -> PromptTemplate | None:

@@ -34,7 +34,7 @@ import torch
 
 from buildllm.checkpoint import model_from_state_dict, weights_of
 from buildllm.errors import UserError
-from buildllm.files import atomic_write
+from buildllm.files import atomic_write, read_json_object
 from buildllm.model import GPTConfig, GPTModel
 from buildllm.quantize import refuse_quantized
 
@@ -204,7 +204,7 @@ def load_pretrained(
         )
 
     if (directory / HF_CONFIG).is_file():
-        hf = _read_json(directory / HF_CONFIG)
+        hf = read_json_object(directory / HF_CONFIG)
         if "emb_dim" in hf:  # a buildllm checkpoint, not a Hugging Face folder
             from buildllm.checkpoint import load_model
 
@@ -295,7 +295,7 @@ def read_hf_weights(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
     if (directory / HF_WEIGHTS).is_file():
         files = [directory / HF_WEIGHTS]
     elif (directory / HF_INDEX).is_file():
-        index = _read_json(directory / HF_INDEX)
+        index = read_json_object(directory / HF_INDEX)
         try:
             files = [directory / f for f in sorted(set(index["weight_map"].values()))]
         except (KeyError, AttributeError, TypeError):
@@ -369,7 +369,7 @@ def read_tf_checkpoint(directory: Path, **overrides) -> tuple[GPTConfig, dict[st
             f"{directory} is OpenAI's TensorFlow checkpoint; reading it needs TensorFlow: "
             "pip install 'buildllm[tf]' (or load the Hugging Face copy, e.g. --pretrained gpt2)"
         ) from None
-    hp = _read_json(directory / "hparams.json")
+    hp = read_json_object(directory / "hparams.json")
     try:
         cfg = GPTConfig(
             vocab_size=hp["n_vocab"], context_length=hp["n_ctx"], emb_dim=hp["n_embd"],
@@ -439,16 +439,6 @@ def _tokenizer_for(directory: Path, cfg: GPTConfig):
     return gpt2 if cfg.vocab_size >= gpt2.vocab_size else None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} does not hold a JSON object")
-    return data
-
-
 # Export ------------------------------------------------------------------------------------------
 
 
@@ -501,10 +491,11 @@ def save_pretrained(model: GPTModel, directory: str | os.PathLike, tokenizer=Non
 
 def save_hf_tokenizer(tokenizer: Tokenizer, directory: Path, context_length: int) -> None:
     """vocab.json, merges.txt and tokenizer_config.json: the files of transformers' GPT2Tokenizer."""
+    from buildllm.tokenizer import EOT
+
     vocab, merges = tokenizer.to_vocab_and_merges()
-    eot = "<|endoftext|>"
     config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": context_length, "add_prefix_space": False,
-              "bos_token": eot, "eos_token": eot, "unk_token": eot}
+              "bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
     atomic_write(directory / "vocab.json", lambda tmp: Path(tmp).write_text(json.dumps(vocab, ensure_ascii=False),
                                                                              encoding="utf-8"))
     merges_text = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)

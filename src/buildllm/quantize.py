@@ -37,17 +37,53 @@ from buildllm.errors import UserError
 MAX_INT8 = 127  # symmetric: -127..127, so that -q is always representable
 
 
-class Int8Linear(nn.Module):
+class QuantizedLinear(nn.Module):
+    """What the int8 and int4 layers share: the bias, the written-out form, and the call into
+    PyTorch's fused CPU kernel, which reads the integer weights as they are stored.
+
+    A subclass says what its integers stand for (``dequantized``) and how its kernel multiplies
+    (``_kernel``).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _kernel(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(rows, in)`` bf16 -> ``(rows, at least out)`` bf16, through the fused kernel."""
+        raise NotImplementedError
+
+    def written_out(self, x: torch.Tensor) -> torch.Tensor:
+        """The definition: an ordinary linear layer with the dequantized weight."""
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, self.dequantized(x.dtype), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":  # PyTorch has the fused kernels for CPU tensors only
+            return self.written_out(x)
+        # The kernels take a 2-D bf16 input. The residual stream around them stays in the
+        # caller's dtype; only the matrix product runs in bf16.
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        y = self._kernel(rows)[:, : self.out_features].to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y + self.bias.to(x.dtype) if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int8Linear(QuantizedLinear):
     """``nn.Linear`` with its weight stored as int8 rows, each with its own scale."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        super().__init__(in_features, out_features, bias, device)
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         # bf16, because the kernel takes its scales in the activations' dtype; the scales are
         # chosen as bf16 numbers to begin with (see from_linear), so no rounding happens here.
         self.register_buffer("scale", torch.ones(out_features, dtype=torch.bfloat16, device=device))
-        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -65,45 +101,29 @@ class Int8Linear(nn.Module):
         """The weight matrix the int8 numbers stand for: ``q * scale``, row by row."""
         return self.weight.to(dtype) * self.scale.to(dtype)[:, None]
 
-    def written_out(self, x: torch.Tensor) -> torch.Tensor:
-        """The definition: an ordinary linear layer with the dequantized weight."""
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, self.dequantized(x.dtype), bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":  # PyTorch has the fused kernel for CPU tensors only
-            return self.written_out(x)
-        # The kernel takes a 2-D bf16 input and reads the int8 weight as is. The residual stream
-        # around it stays in the caller's dtype; only the matrix product runs in bf16.
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-        y = torch._weight_int8pack_mm(rows, self.weight, self.scale).to(x.dtype)
-        y = y.view(*x.shape[:-1], self.out_features)
-        return y + self.bias.to(x.dtype) if self.bias is not None else y
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+    def _kernel(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(rows, self.weight, self.scale)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(QuantizedLinear):
     """``nn.Linear`` with 4-bit weights: groups of ``group_size`` along each row, each group with
     its own scale and zero. Two weights are packed per byte."""
 
     GROUP_SIZES = (32, 64, 128, 256)  # what PyTorch's int4 kernel supports
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 32, device=None):
-        super().__init__()
         if group_size not in self.GROUP_SIZES or in_features % group_size:
             raise UserError(f"int4 needs layers whose input size is a multiple of the group size "
                             f"({', '.join(map(str, self.GROUP_SIZES))}); this one has {in_features} "
                             f"inputs and group size {group_size}: use int8, or a group size that divides it")
-        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        super().__init__(in_features, out_features, bias, device)
+        self.group_size = group_size
         groups = in_features // group_size
         # weight[:, j] holds inputs 2j (low 4 bits) and 2j + 1 (high 4 bits).
         self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer("scale", torch.ones(out_features, groups, dtype=torch.bfloat16, device=device))
         self.register_buffer("zero", torch.zeros(out_features, groups, dtype=torch.bfloat16, device=device))
-        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
-        # The CPU kernel's own arrangement of the same numbers (see _pack_for_kernel).
+        # The CPU kernel's own arrangement of the same numbers, made at the first CPU forward pass.
         self.register_buffer("_kernel_weight", None, persistent=False)
         self.register_buffer("_kernel_scale_zero", None, persistent=False)
 
@@ -124,8 +144,6 @@ class Int4Linear(nn.Module):
         q.zero.copy_(zero)
         if linear.bias is not None:
             q.bias.copy_(linear.bias.detach().float())
-        if w.device.type == "cpu":
-            q._pack_for_kernel()
         return q
 
     def codes(self) -> torch.Tensor:
@@ -138,32 +156,20 @@ class Int4Linear(nn.Module):
         w = (q - 8) * self.scale.to(dtype)[..., None] + self.zero.to(dtype)[..., None]
         return w.view(self.out_features, self.in_features)
 
-    def written_out(self, x: torch.Tensor) -> torch.Tensor:
-        """The definition: an ordinary linear layer with the dequantized weight."""
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, self.dequantized(x.dtype), bias)
-
-    def _pack_for_kernel(self) -> None:
-        # The kernel wants the output size in multiples of 16 (padded with zero rows, whose outputs
-        # are cut off again) and the scales and zeros as (groups, out, 2).
-        pad = -self.out_features % 16
-        codes = F.pad(self.codes().to(torch.int32), (0, 0, 0, pad))
-        self._kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-        scale_zero = torch.stack([self.scale, self.zero], dim=-1)  # (out, groups, 2)
-        self._kernel_scale_zero = F.pad(scale_zero, (0, 0, 0, 0, 0, pad)).transpose(0, 1).contiguous()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or self._kernel_weight is None:  # the fused kernel is CPU-only
-            return self.written_out(x)
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self._kernel_weight, self.group_size,
-                                                        self._kernel_scale_zero)
-        y = y[:, : self.out_features].to(x.dtype).view(*x.shape[:-1], self.out_features)
-        return y + self.bias.to(x.dtype) if self.bias is not None else y
+    def _kernel(self, rows: torch.Tensor) -> torch.Tensor:
+        if self._kernel_weight is None:
+            # The kernel wants the output size in multiples of 16 (padded with zero rows, whose
+            # outputs are cut off again) and the scales and zeros as (groups, out, 2).
+            pad = -self.out_features % 16
+            codes = F.pad(self.codes().to(torch.int32), (0, 0, 0, pad))
+            self._kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+            scale_zero = F.pad(torch.stack([self.scale, self.zero], dim=-1), (0, 0, 0, 0, 0, pad))
+            self._kernel_scale_zero = scale_zero.transpose(0, 1).contiguous()
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self._kernel_weight, self.group_size,
+                                                          self._kernel_scale_zero)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, group_size={self.group_size}")
+        return f"{super().extra_repr()}, group_size={self.group_size}"
 
 
 SCHEMES = ("int8", "int4")
@@ -193,7 +199,7 @@ def quantize(model: nn.Module, scheme: str = "int8", group_size: int = 32) -> nn
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
+    return any(isinstance(m, QuantizedLinear) for m in model.modules())
 
 
 def refuse_quantized(model: nn.Module, action: str) -> None:

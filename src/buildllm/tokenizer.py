@@ -314,13 +314,9 @@ def _last_merge(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
     limit = ranks[token]
     while len(parts) > 2:
         # Apply the best-ranked merge that existed before this token did.
-        best = min(
-            ((ranks.get(a + b, limit), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))),
-            default=(limit, -1),
-        )
-        if best[0] >= limit:
+        rank, i = min((ranks.get(a + b, limit), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
+        if rank >= limit:
             break
-        i = best[1]
         parts[i : i + 2] = [parts[i] + parts[i + 1]]
     if len(parts) != 2:
         raise ValueError(f"token {token!r} is not the merge of two earlier tokens")

@@ -345,7 +345,7 @@ def pick_device(spec: str = "auto") -> torch.device:
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
     try:
@@ -357,9 +357,13 @@ def pick_device(spec: str = "auto") -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UserError(f"device {spec} asked for, but there are {torch.cuda.device_count()} CUDA devices: "
                         f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if device.type == "mps" and not _mps_available():
         raise UserError(f"device {spec} asked for, but MPS (Apple GPU) is not available: use --device cpu")
     return device
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
 def pick_dtype(spec: str, device: torch.device) -> torch.dtype:
