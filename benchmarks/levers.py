@@ -23,8 +23,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 import run  # noqa: E402  (the harness next to this file)
 
-from buildllm.generation import generate  # noqa: E402
-from buildllm.model import GELU, GPTModel, KVCache, LayerNorm  # noqa: E402
+from buildllm.generation.sampling import generate  # noqa: E402
+from buildllm.models.gpt2 import GELU, GPTModel, KVCache, LayerNorm  # noqa: E402
 
 
 class FusedLayerNorm(LayerNorm):

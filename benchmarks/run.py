@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from buildllm.model import GPTConfig, GPTModel, describe
-from buildllm.quantize import quantize
+from buildllm.generation.quantization import quantize
+from buildllm.models.gpt2 import GPTConfig, GPTModel, describe
 
 # Which rows exist. A row id is "<kind>-<variant>"; --rows takes ids or their prefixes.
 ROWS = (
@@ -151,7 +151,7 @@ class HFLogits(nn.Module):
 def hf_model_for(cfg: GPTConfig) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from buildllm.pretrained import config_to_hf
+    from buildllm.weights.huggingface import config_to_hf
 
     hf_cfg = GPT2Config(**config_to_hf(cfg))
     hf_cfg._attn_implementation = "sdpa"  # HF's fastest attention on CPU and without flash-attn
@@ -160,7 +160,7 @@ def hf_model_for(cfg: GPTConfig) -> nn.Module:
 
 def make_pair(cfg: GPTConfig, device: torch.device, seed: int = 0) -> tuple[GPTModel, nn.Module]:
     """Our model (seeded GPT-2 init) and a GPT2LMHeadModel holding a copy of its weights."""
-    from buildllm.pretrained import hf_state_of
+    from buildllm.weights.huggingface import hf_state_of
 
     torch.manual_seed(seed)
     ours = GPTModel(cfg)
@@ -270,7 +270,7 @@ def decode_fn(model: nn.Module, who: str, batch: int, new_tokens: int, device: t
 
     ``who`` is "ours" (``buildllm.generate``) or "hf" (``GPT2LMHeadModel.generate``).
     """
-    from buildllm.generation import generate
+    from buildllm.generation.sampling import generate
 
     vocab = model.config.vocab_size if who == "hf" else model.cfg.vocab_size
     prompt = torch.randint(vocab, (batch, PROMPT_TOKENS), generator=torch.Generator().manual_seed(2)).to(device)
@@ -383,7 +383,7 @@ def _preset_of(cfg: GPTConfig, args) -> str:
 
 def make_corpus(directory: Path, megabytes: float) -> Path:
     """The bundled Shakespeare, repeated to about ``megabytes`` MB, as one text file."""
-    from buildllm.data import shakespeare_plays
+    from buildllm.data.shakespeare import shakespeare_plays
 
     text = "\n\n".join(shakespeare_plays().values())
     path = directory / "corpus.txt"
@@ -418,7 +418,7 @@ def raw_tiktoken(path: Path) -> int:
 
 
 def run_prepare(path: Path, out: Path) -> int:
-    from buildllm.data import prepare_corpus
+    from buildllm.data.prepare import prepare_corpus
 
     corpus = prepare_corpus(path, out, tokenizer="gpt2", progress=False, force=True)
     return len(corpus.train) + len(corpus.val)
@@ -455,7 +455,7 @@ def child(spec: dict) -> dict:
     # What both contenders need anyway is loaded before the baseline: the libraries, the tokenizer.
     import transformers.models.gpt2.modeling_gpt2  # noqa: F401
 
-    import buildllm.generation  # noqa: F401
+    import buildllm.generation.sampling  # noqa: F401
     from buildllm.tokenizer import get_tokenizer
 
     get_tokenizer("gpt2")

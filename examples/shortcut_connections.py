@@ -12,7 +12,7 @@ in exactly such shortcuts.
 import torch
 from torch import nn
 
-from buildllm.model import GELU
+from buildllm.models.gpt2 import GELU
 
 
 class DeepNetwork(nn.Module):

@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 import run  # noqa: E402
 
-from buildllm.model import GPTConfig  # noqa: E402
+from buildllm.models.gpt2 import GPTConfig  # noqa: E402
 
 TINY = GPTConfig(vocab_size=101, context_length=32, emb_dim=32, n_heads=4, n_layers=2)
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from buildllm.checkpoint import WEIGHTS, load_model, save_model
 from buildllm.errors import UserError
-from buildllm.model import GPTConfig, GPTModel
+from buildllm.models.gpt2 import GPTConfig, GPTModel
+from buildllm.weights.checkpoint import WEIGHTS, load_model, save_model
 
 CFG = GPTConfig(vocab_size=61, context_length=16, emb_dim=32, n_heads=4, n_layers=2)
 

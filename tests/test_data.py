@@ -13,18 +13,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import buildllm.data as data
+import buildllm.data.prepare as data
 from buildllm.cli import main
-from buildllm.data import (
+from buildllm.data.prepare import load_prepared, prepare_corpus
+from buildllm.data.shakespeare import (
     SHAKESPEARE_VAL_PLAYS,
-    SlidingWindowDataset,
-    create_dataloader,
-    get_batch,
-    load_prepared,
-    prepare_corpus,
     shakespeare_plays,
     shakespeare_train_val,
 )
+from buildllm.data.windows import SlidingWindowDataset, create_dataloader, get_batch
 from buildllm.errors import UserError
 from buildllm.tokenizer import EOT, WordTokenizer, get_tokenizer
 

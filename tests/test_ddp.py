@@ -8,9 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from buildllm.data import prepare_corpus, shakespeare_plays
+from buildllm.data.prepare import prepare_corpus
+from buildllm.data.shakespeare import shakespeare_plays
 from buildllm.tokenizer import train_bpe
-from buildllm.training import TrainConfig, train
+from buildllm.training.config import TrainConfig
+from buildllm.training.engine import train
 
 TINY = ["--preset", "nano", "--batch-size", "4", "--grad-accum", "2", "--context-length", "32",
         "--max-steps", "5", "--warmup-steps", "1", "--lr", "3e-3", "--eval-interval", "5", "--eval-iters", "1",

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from buildllm import cli
-from buildllm.checkpoint import save_model
 from buildllm.errors import UserError
 from buildllm.evaluate import (
     MultipleChoiceItem,
@@ -19,8 +18,9 @@ from buildllm.evaluate import (
     perplexity,
     score_endings,
 )
-from buildllm.model import GPTConfig, GPTModel
+from buildllm.models.gpt2 import GPTConfig, GPTModel
 from buildllm.tokenizer import WordTokenizer
+from buildllm.weights.checkpoint import save_model
 
 CONTEXT = 16
 

@@ -36,7 +36,7 @@ def test_info_prints_the_gpt2_parameter_count(capsys):
 
 
 def test_info_on_a_config_file(tmp_path, capsys):
-    from buildllm.model import GPTConfig
+    from buildllm.models.gpt2 import GPTConfig
 
     GPTConfig.from_preset("gpt2", qkv_bias=False, tie_embeddings=False).save(tmp_path / "config.json")
     assert main(["info", "--config", str(tmp_path)]) == 0

@@ -7,29 +7,31 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from buildllm.checkpoint import load_model, save_model
 from buildllm.cli import main
 from buildllm.errors import UserError
-from buildllm.finetune import (
-    TEMPLATES,
+from buildllm.finetune.classify import (
     LabeledText,
     balance_classes,
     classifier_logits,
     collate_classification,
-    collate_instruction,
     finetune_classifier,
+    load_classifier,
+    make_classifier,
+    read_labeled_texts,
+)
+from buildllm.finetune.common import split_items
+from buildllm.finetune.instruct import (
+    TEMPLATES,
+    collate_instruction,
     finetune_instruct,
     get_prompt_template,
-    load_classifier,
     load_prompt_template,
-    make_classifier,
     read_instruction_data,
-    read_labeled_texts,
-    split_items,
 )
-from buildllm.lora import ADAPTER_WEIGHTS, load_adapters
-from buildllm.model import GPTConfig, GPTModel
+from buildllm.finetune.lora import ADAPTER_WEIGHTS, load_adapters
+from buildllm.models.gpt2 import GPTConfig, GPTModel
 from buildllm.tokenizer import WordTokenizer
+from buildllm.weights.checkpoint import load_model, save_model
 
 # Synthetic data ----------------------------------------------------------------------------------
 
@@ -388,7 +390,7 @@ def test_chat_wraps_lines_in_the_instruction_template(tmp_path, instruction_data
     template turns each stdin line into a prompt, and chat prints only the response."""
     import io
 
-    from buildllm.generation import stream_text
+    from buildllm.generation.sampling import stream_text
 
     data, tok = instruction_data
     out = tmp_path / "inst"

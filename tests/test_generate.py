@@ -9,11 +9,17 @@ import torch
 from torch import nn
 
 from buildllm import cli
-from buildllm.checkpoint import save_model
 from buildllm.errors import UserError
-from buildllm.generation import detokenize, generate, sample_next_token, stream, stream_text
-from buildllm.model import GPTConfig, GPTModel
+from buildllm.generation.sampling import (
+    detokenize,
+    generate,
+    sample_next_token,
+    stream,
+    stream_text,
+)
+from buildllm.models.gpt2 import GPTConfig, GPTModel
 from buildllm.tokenizer import WordTokenizer, get_tokenizer
+from buildllm.weights.checkpoint import save_model
 
 CFG = GPTConfig(vocab_size=61, context_length=16, emb_dim=32, n_heads=4, n_layers=2)
 
@@ -380,7 +386,8 @@ def test_cli_chat_continues_each_line_until_quit(word_checkpoint, capsys, monkey
 
 
 def test_cli_chat_uses_an_instruction_models_prompt_template(word_checkpoint, capsys, monkeypatch):
-    from buildllm.finetune import PROMPT_TEMPLATE, get_prompt_template
+    from buildllm.finetune.common import PROMPT_TEMPLATE
+    from buildllm.finetune.instruct import get_prompt_template
 
     path, model, tok = word_checkpoint
     template = get_prompt_template("alpaca")
@@ -397,7 +404,7 @@ def test_cli_chat_uses_an_instruction_models_prompt_template(word_checkpoint, ca
 
 def test_buildllm_generate_is_the_function_in_any_import_order():
     import buildllm
-    import buildllm.generation as module
+    import buildllm.generation.sampling as module
 
     idx = torch.tensor([[1, 2]])
     assert buildllm.generate is module.generate

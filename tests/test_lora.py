@@ -7,9 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from buildllm.checkpoint import load_model, save_model
 from buildllm.errors import UserError
-from buildllm.lora import (
+from buildllm.finetune.lora import (
     ADAPTER_WEIGHTS,
     ALL_TARGETS,
     LinearWithLoRA,
@@ -21,7 +20,8 @@ from buildllm.lora import (
     merge_lora,
     save_adapters,
 )
-from buildllm.model import GPTConfig, GPTModel
+from buildllm.models.gpt2 import GPTConfig, GPTModel
+from buildllm.weights.checkpoint import load_model, save_model
 
 CFG = GPTConfig.from_preset("nano", vocab_size=97, context_length=16, emb_dim=32, n_heads=2, n_layers=2)
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from buildllm.errors import UserError
-from buildllm.model import (
+from buildllm.models.gpt2 import (
     GELU,
     PRESETS,
     FeedForward,

@@ -14,12 +14,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from buildllm import cli
-from buildllm.checkpoint import save_model
 from buildllm.errors import UserError
-from buildllm.generation import generate
-from buildllm.model import GPTConfig, GPTModel
-from buildllm.pretrained import load_pretrained, read_safetensors, save_pretrained, tf_to_hf_name
+from buildllm.generation.sampling import generate
+from buildllm.models.gpt2 import GPTConfig, GPTModel
 from buildllm.tokenizer import WordTokenizer, get_tokenizer, train_bpe
+from buildllm.weights.checkpoint import save_model
+from buildllm.weights.huggingface import read_safetensors, save_pretrained
+from buildllm.weights.loader import load_pretrained
+from buildllm.weights.openai import tf_to_hf_name
 
 transformers = pytest.importorskip("transformers")
 
@@ -87,7 +89,7 @@ def test_bin_folder_without_prefix_and_with_mask_buffers(reference, tmp_path):
         state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
     torch.save(state, tmp_path / "pytorch_model.bin")
     hf.config.save_pretrained(tmp_path)
-    model = GPTModel.from_pretrained(tmp_path)
+    model, _ = load_pretrained(tmp_path)
     assert_same_model(hf, model, 2000)
 
 
@@ -294,8 +296,8 @@ def test_tf_checkpoint_route_with_a_stand_in_for_tensorflow(reference, monkeypat
 
 def test_round_trip_through_save_pretrained(reference, tmp_path):
     hf, folder = reference
-    model = GPTModel.from_pretrained(folder)
-    model.save_pretrained(tmp_path)
+    model, _ = load_pretrained(folder)
+    save_pretrained(model, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["architectures"] == ["GPT2LMHeadModel"] and config["model_type"] == "gpt2"
     assert (config["n_ctx"], config["n_embd"], config["n_layer"], config["n_head"]) == (128, 64, 3, 4)

@@ -6,13 +6,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from buildllm import cli
-from buildllm.checkpoint import save_model
 from buildllm.errors import UserError
-from buildllm.generation import generate, stream_text
-from buildllm.model import GPTConfig, GPTModel
-from buildllm.pretrained import save_pretrained
-from buildllm.quantize import Int4Linear, Int8Linear, quantize
+from buildllm.generation.quantization import Int4Linear, Int8Linear, quantize
+from buildllm.generation.sampling import generate, stream_text
+from buildllm.models.gpt2 import GPTConfig, GPTModel
 from buildllm.tokenizer import WordTokenizer
+from buildllm.weights.checkpoint import save_model
+from buildllm.weights.huggingface import save_pretrained
 
 TEXT = "the cat sat on the mat, then it slept. a dog ran! "
 

@@ -14,21 +14,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from buildllm.checkpoint import load_model
 from buildllm.cli import main as cli_main
-from buildllm.data import prepare_corpus, shakespeare_plays
+from buildllm.data.prepare import prepare_corpus
+from buildllm.data.shakespeare import shakespeare_plays
 from buildllm.errors import UserError
-from buildllm.model import GPTConfig, GPTModel
+from buildllm.models.gpt2 import GPTConfig, GPTModel
 from buildllm.tokenizer import train_bpe
-from buildllm.training import (
-    DEFAULTS,
-    TrainConfig,
-    cli_config,
-    learning_rate,
-    param_groups,
-    resolve,
-    train,
-)
+from buildllm.training.config import DEFAULTS, TrainConfig, cli_config, resolve
+from buildllm.training.engine import train
+from buildllm.training.optim import learning_rate, param_groups
+from buildllm.weights.checkpoint import load_model
 
 TEXT = shakespeare_plays()["macbeth"][:24000]
 TINY_MODEL = {"emb_dim": 32, "n_heads": 2, "n_layers": 2, "context_length": 32}
@@ -139,7 +134,7 @@ def test_rng_states_round_trip_through_a_weights_only_load(tmp_path):
 
     import numpy as np
 
-    from buildllm.training import rng_state, set_rng_state
+    from buildllm.training.run_folder import rng_state, set_rng_state
 
     torch.save(rng_state(), tmp_path / "rng.pt")
     draws = (random.random(), np.random.rand(), np.random.randn(), torch.rand(1).item())
@@ -340,6 +335,7 @@ def test_cli_errors_are_one_line_and_exit_2(files, tmp_path, capsys):
 
 def test_buildllm_train_is_the_function_in_any_import_order():
     import buildllm
-    import buildllm.training as module
+    import buildllm.training.engine as module
+    import buildllm.training.config as config_module
 
-    assert buildllm.train is module.train and buildllm.TrainConfig is module.TrainConfig
+    assert buildllm.train is module.train and buildllm.TrainConfig is config_module.TrainConfig

@@ -38,7 +38,7 @@ def add_info(sub) -> None:
 def run_info(args) -> int:
     from pathlib import Path
 
-    from buildllm.model import GPTConfig, describe
+    from buildllm.models.gpt2 import GPTConfig, describe
 
     if args.config:
         path = Path(args.config)
@@ -84,7 +84,7 @@ def add_prepare(sub) -> None:
 
 
 def run_prepare(args) -> int:
-    from buildllm.data import prepare_corpus
+    from buildllm.data.prepare import prepare_corpus
 
     corpus = prepare_corpus(args.input, args.out, tokenizer=args.tokenizer,
                             val_fraction=args.val_fraction, errors=args.errors, force=args.force,
@@ -207,7 +207,7 @@ def _finetune_common_kwargs(args) -> dict:
 
 
 def run_finetune_classify(args) -> int:
-    from buildllm.finetune import finetune_classifier
+    from buildllm.finetune.classify import finetune_classifier
 
     result = finetune_classifier(
         args.model, args.data, args.out,
@@ -223,7 +223,7 @@ def run_finetune_classify(args) -> int:
 
 
 def run_finetune_instruct(args) -> int:
-    from buildllm.finetune import finetune_instruct
+    from buildllm.finetune.instruct import finetune_instruct
 
     result = finetune_instruct(
         args.model, args.data, args.out, template=args.template, split=_fractions(args.split, "--split"),
@@ -245,8 +245,8 @@ def add_classify(sub) -> None:
 
 
 def run_classify(args) -> int:
-    from buildllm.finetune import load_classifier
-    from buildllm.training import pick_device
+    from buildllm.finetune.classify import load_classifier
+    from buildllm.training.runtime import pick_device
 
     texts = []
     for text in args.texts:
@@ -289,16 +289,16 @@ def _add_quantize_arg(p) -> None:
 
 def _load_for_inference(args):
     """``(model, tokenizer)`` for generate and chat, in eval mode on ``args.device``."""
-    from buildllm.checkpoint import load_model
     from buildllm.tokenizer import get_tokenizer
-    from buildllm.training import pick_device
+    from buildllm.training.runtime import pick_device
+    from buildllm.weights.checkpoint import load_model
 
     if bool(args.checkpoint) == bool(args.pretrained):
         raise UserError("give one model: --checkpoint DIR (a folder written by buildllm train or finetune) "
                         "or --pretrained NAME_OR_PATH (GPT-2 weights)")
     device = pick_device(args.device)
     if args.pretrained:
-        from buildllm.pretrained import load_pretrained
+        from buildllm.weights.loader import load_pretrained
 
         model, tokenizer = load_pretrained(args.pretrained, device=device)
         if tokenizer is None:
@@ -311,7 +311,7 @@ def _load_for_inference(args):
                                 "save the tokenizer with the model")
             tokenizer = get_tokenizer("gpt2")
     if args.quantize:
-        from buildllm.quantize import quantize
+        from buildllm.generation.quantization import quantize
 
         if device.type != "cpu":
             print(f"note: PyTorch's {args.quantize} kernels are CPU-only; on {device.type} the weights are "
@@ -335,7 +335,7 @@ def _print_continuation(model, tokenizer, prompt: str, sampler: dict) -> None:
     """Print the model's continuation of ``prompt`` as it is produced, then a newline."""
     import warnings
 
-    from buildllm.generation import stream_text
+    from buildllm.generation.sampling import stream_text
 
     def plain(message, category, *rest, **kw):  # like errors: one line, no source location
         print(f"warning: {message}", file=sys.stderr)
@@ -358,7 +358,7 @@ def add_generate(sub) -> None:
 
 
 def run_generate(args) -> int:
-    from buildllm.generation import check_sampling
+    from buildllm.generation.sampling import check_sampling
 
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
     if args.num_samples < 1:
@@ -386,8 +386,8 @@ def add_chat(sub) -> None:
 
 
 def run_chat(args) -> int:
-    from buildllm.finetune import load_prompt_template
-    from buildllm.generation import check_sampling
+    from buildllm.finetune.instruct import load_prompt_template
+    from buildllm.generation.sampling import check_sampling
 
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
     model, tokenizer = _load_for_inference(args)
@@ -422,7 +422,7 @@ def add_convert(sub) -> None:
 
 
 def run_convert(args) -> int:
-    from buildllm.pretrained import export_checkpoint
+    from buildllm.weights.huggingface import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.out, force=args.force)
     print(f"{out}: Hugging Face GPT-2 folder (load it with transformers.GPT2LMHeadModel.from_pretrained)")
@@ -522,7 +522,8 @@ def add_train(sub) -> None:
 
 
 def run_train(args) -> int:
-    from buildllm.training import cli_config, train
+    from buildllm.training.config import cli_config
+    from buildllm.training.engine import train
 
     keys = ("data", "out", "name", "tokenizer", "preset", "init_from", "max_steps", "epochs", "max_minutes",
             "seed", "lr", "warmup_steps", "weight_decay", "batch_size", "context_length", "grad_accum",

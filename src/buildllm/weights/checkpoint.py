@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from buildllm.errors import UserError
 from buildllm.files import atomic_write
-from buildllm.model import GPTConfig, GPTModel, MultiHeadAttention, causal_mask
-from buildllm.quantize import refuse_quantized
+from buildllm.generation.quantization import refuse_quantized
+from buildllm.models.gpt2 import GPTConfig, GPTModel, MultiHeadAttention, causal_mask
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 

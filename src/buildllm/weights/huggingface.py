@@ -26,20 +26,16 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from buildllm.checkpoint import model_from_state_dict, weights_of
 from buildllm.errors import UserError
 from buildllm.files import atomic_write, read_json_object
-from buildllm.model import GPTConfig, GPTModel
-from buildllm.quantize import refuse_quantized
-
-if TYPE_CHECKING:
-    from buildllm.tokenizer import Tokenizer
+from buildllm.generation.quantization import refuse_quantized
+from buildllm.models.gpt2 import GPTConfig, GPTModel
+from buildllm.tokenizer import Tokenizer
+from buildllm.weights.checkpoint import model_from_state_dict
 
 # The model ids OpenAI published, and where they live on the Hugging Face Hub.
 MODEL_IDS = {
@@ -48,11 +44,16 @@ MODEL_IDS = {
     "gpt2-large": "openai-community/gpt2-large",  # 774M
     "gpt2-xl": "openai-community/gpt2-xl",  # 1558M
 }
+
+
 HF_CONFIG, HF_WEIGHTS, HF_WEIGHTS_BIN = "config.json", "model.safetensors", "pytorch_model.bin"
+
+
 HF_INDEX = "model.safetensors.index.json"  # sharded safetensors: which file holds which tensor
+
+
 TOKENIZER = "buildllm_tokenizer.json"  # ours, next to the HF files (HF's own tokenizer.json differs)
 
-# Name mapping ------------------------------------------------------------------------------------
 
 # Inside each block h.N (HF) / blocks.N (ours).
 BLOCK_NAMES = {
@@ -69,6 +70,8 @@ BLOCK_NAMES = {
     "ff.proj.weight": "mlp.c_proj.weight",
     "ff.proj.bias": "mlp.c_proj.bias",
 }
+
+
 TOP_NAMES = {
     "wte.weight": "wte.weight",
     "wpe.weight": "wpe.weight",
@@ -76,12 +79,15 @@ TOP_NAMES = {
     "final_norm.shift": "ln_f.bias",
     "out_head.weight": "lm_head.weight",
 }
-# HF weights stored Conv1D-style, (in, out): transposed relative to nn.Linear.
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
 # Buffers some HF files carry: the causal mask and the value masked scores get. Not weights.
 HF_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 
+
 _HF_BLOCK = {hf: ours for ours, hf in BLOCK_NAMES.items()}
+
+
 _HF_TOP = {hf: ours for ours, hf in TOP_NAMES.items()}
 
 
@@ -100,11 +106,11 @@ def from_hf_name(name: str) -> str | None:
     return _HF_TOP.get(name)
 
 
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
 def is_conv1d(hf_name: str) -> bool:
     return hf_name.endswith(CONV1D)
-
-
-# Configurations ----------------------------------------------------------------------------------
 
 
 def config_from_hf(hf: dict, source: str = HF_CONFIG, **overrides) -> GPTConfig:
@@ -167,67 +173,6 @@ def config_to_hf(cfg: GPTConfig, eot_id: int | None = None) -> dict:
         "eos_token_id": eot_id,
         "use_cache": True,
     }
-
-
-# Loading -----------------------------------------------------------------------------------------
-
-
-def load_pretrained(
-    name_or_path: str | os.PathLike,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = torch.float32,
-    **overrides,
-) -> tuple[GPTModel, Tokenizer | None]:
-    """GPT-2 weights as ``(model, tokenizer)``, in eval mode.
-
-    ``name_or_path``: a Hugging Face folder (config.json + model.safetensors or pytorch_model.bin),
-    OpenAI's TensorFlow folder (hparams.json + model.ckpt.*), a buildllm checkpoint folder, or a
-    model id ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "openai-community/gpt2", ...)
-    downloaded with huggingface_hub. ``dtype``: convert the weights (None keeps the stored dtype).
-    ``overrides``: GPTConfig fields that do not change shapes, e.g. ``drop_rate=0.1`` to
-    fine-tune or ``attention="readable"``.
-
-    The tokenizer is the one saved next to the weights by buildllm, else GPT-2's own when its ids
-    fit the vocabulary, else None.
-    """
-    path = Path(name_or_path)
-    if path.is_dir():
-        directory = path
-    elif path.exists():
-        raise UserError(f"{path} is a file: pass the folder that holds config.json and the weights")
-    elif str(name_or_path) in MODEL_IDS or re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)):
-        directory = download(str(name_or_path))
-    else:
-        raise UserError(
-            f"{name_or_path} is neither a folder nor a model id; use {', '.join(MODEL_IDS)} "
-            "or a Hugging Face GPT-2 folder"
-        )
-
-    if (directory / HF_CONFIG).is_file():
-        hf = read_json_object(directory / HF_CONFIG)
-        if "emb_dim" in hf:  # a buildllm checkpoint, not a Hugging Face folder
-            from buildllm.checkpoint import load_model
-
-            model, tokenizer = load_model(directory, device=device)
-            if overrides:  # same tensors, new settings
-                try:
-                    cfg = replace(model.cfg, **overrides)
-                except TypeError as e:
-                    raise UserError(f"bad config override: {e}") from None
-                model = model_from_state_dict(cfg, weights_of(model), device)
-            return (model if dtype is None else model.to(dtype)), tokenizer
-        cfg = config_from_hf(hf, str(directory / HF_CONFIG), **overrides)
-        state, source = read_hf_weights(directory)
-    elif (directory / "hparams.json").is_file():
-        cfg, state = read_tf_checkpoint(directory, **overrides)
-        source = str(directory)
-    else:
-        raise UserError(
-            f"{directory} holds no GPT-2 weights: expected config.json with model.safetensors or "
-            "pytorch_model.bin (Hugging Face), or hparams.json with model.ckpt.* (OpenAI)"
-        )
-    model = model_from_hf_state(cfg, state, device=device, dtype=dtype, source=source)
-    return model, _tokenizer_for(directory, cfg)
 
 
 def model_from_hf_state(
@@ -355,54 +300,6 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def read_tf_checkpoint(directory: Path, **overrides) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
-    """OpenAI's original release: ``hparams.json`` and a TensorFlow checkpoint ``model.ckpt``.
-
-    Variables are named like ``model/h0/attn/c_attn/w``; they become HF names
-    (``h.0.attn.c_attn.weight``) and then follow the Hugging Face route. Conv1D weights are stored
-    as ``(1, in, out)``: the leading 1 is dropped, which gives HF's ``(in, out)``.
-    """
-    try:
-        import tensorflow as tf
-    except ImportError:
-        raise UserError(
-            f"{directory} is OpenAI's TensorFlow checkpoint; reading it needs TensorFlow: "
-            "pip install 'buildllm[tf]' (or load the Hugging Face copy, e.g. --pretrained gpt2)"
-        ) from None
-    hp = read_json_object(directory / "hparams.json")
-    try:
-        cfg = GPTConfig(
-            vocab_size=hp["n_vocab"], context_length=hp["n_ctx"], emb_dim=hp["n_embd"],
-            n_heads=hp["n_head"], n_layers=hp["n_layer"], **overrides,
-        )
-    except (KeyError, TypeError) as e:
-        raise UserError(f"{directory / 'hparams.json'}: missing or bad setting {e}") from None
-    checkpoint = tf.train.latest_checkpoint(str(directory)) or str(directory / "model.ckpt")
-    state = {}
-    for name, _shape in tf.train.list_variables(checkpoint):
-        if not name.startswith("model/"):
-            continue  # e.g. the optimizer's step counter
-        array = tf.train.load_variable(checkpoint, name)
-        if array.ndim == 3 and array.shape[0] == 1:
-            array = array.reshape(array.shape[1:])  # Conv1D: (1, in, out) -> (in, out)
-        state[tf_to_hf_name(name)] = torch.from_numpy(array.copy())
-    return cfg, state
-
-
-def tf_to_hf_name(name: str) -> str:
-    """``model/h0/attn/c_attn/w`` -> ``h.0.attn.c_attn.weight``; ``model/wte`` -> ``wte.weight``."""
-    parts = name.removeprefix("model/").split("/")
-    if re.fullmatch(r"h\d+", parts[0]):
-        parts[0:1] = ["h", parts[0][1:]]
-    if parts[-1] in ("w", "g"):  # weight (w) and LayerNorm gain (g)
-        parts[-1] = "weight"
-    elif parts[-1] == "b":
-        parts[-1] = "bias"
-    else:  # wte, wpe
-        parts.append("weight")
-    return ".".join(parts)
-
-
 def download(model_id: str) -> Path:
     """Fetch a model's config.json and weights from the Hugging Face Hub (or its local cache)."""
     repo = MODEL_IDS.get(model_id, model_id)
@@ -428,18 +325,6 @@ def download(model_id: str) -> Path:
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:120]
         raise UserError(f"cannot download {repo} ({reason}); {how}") from None
     return folder
-
-
-def _tokenizer_for(directory: Path, cfg: GPTConfig):
-    from buildllm.tokenizer import get_tokenizer
-
-    if (directory / TOKENIZER).is_file():
-        return get_tokenizer(directory / TOKENIZER)
-    gpt2 = get_tokenizer("gpt2")
-    return gpt2 if cfg.vocab_size >= gpt2.vocab_size else None
-
-
-# Export ------------------------------------------------------------------------------------------
 
 
 def hf_state_of(model: GPTModel) -> dict[str, torch.Tensor]:
@@ -506,7 +391,7 @@ def save_hf_tokenizer(tokenizer: Tokenizer, directory: Path, context_length: int
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> Path:
     """Turn a buildllm checkpoint folder into a Hugging Face GPT-2 folder (``buildllm convert``)."""
-    from buildllm.checkpoint import load_model
+    from buildllm.weights.checkpoint import load_model
 
     out = Path(out)
     if out.exists() and not out.is_dir():

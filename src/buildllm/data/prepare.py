@@ -1,19 +1,7 @@
-"""Stage 2 of the pipeline: token ids to (input, target) training pairs.
+"""Streamed preparation for corpora bigger than memory (nanoGPT's way).
 
-A language model learns to predict the next token, so every training example is a window of
-``max_length`` tokens (the input) and the same window shifted one token to the right (the target).
-
-Two ways to get those windows, for two sizes of corpus:
-
-* In memory (the book's chapter 2): ``create_dataloader(text, tokenizer)`` tokenizes a string and
-  slides a window over it (``SlidingWindowDataset``); a PyTorch DataLoader batches and shuffles.
-* On disk, for corpora bigger than memory (nanoGPT's way): ``prepare_corpus`` streams text files or
-  JSON lines through the tokenizer into flat ``train.bin``/``val.bin`` token files plus a
-  ``meta.json``; ``load_prepared`` memory-maps them and ``get_batch`` samples random windows
-  straight from the map.
-
-The bundled corpus is Shakespeare's 42 plays and poems (``shakespeare_plays()``), shipped inside the
-package; four whole works are held out for validation (``SHAKESPEARE_VAL_PLAYS``).
+``prepare_corpus`` streams text files or JSON lines through the tokenizer into flat
+``train.bin``/``val.bin`` token files plus a ``meta.json``; ``load_prepared`` memory-maps them.
 """
 
 from __future__ import annotations
@@ -26,148 +14,57 @@ import os
 import re
 import shutil
 import sys
-import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
 
+from buildllm.data.shakespeare import (
+    SHAKESPEARE_PATH,
+    SHAKESPEARE_VAL_PLAYS,
+    shakespeare_plays,
+)
 from buildllm.errors import UserError
-from buildllm.files import current_umask, atomic_write_bytes
+from buildllm.files import atomic_write_bytes, current_umask
 from buildllm.tokenizer import (
-    EOT,
     Tokenizer,
     check_bpe_vocab_size,
     get_tokenizer,
     train_bpe,
 )
 
-# The bundled corpus ------------------------------------------------------------------------------
-
-SHAKESPEARE_PATH = Path(__file__).parent / "assets" / "shakespeare.tar.xz"
-# Held out for validation: one history, one tragedy, one comedy, one romance (482,299 characters,
-# 9.5% of the corpus). Whole works, so validation text is never a neighbour of training text.
-SHAKESPEARE_VAL_PLAYS = ("henry_v", "julius_caesar", "tempest", "twelfth_night")
-
-
-@lru_cache(maxsize=1)
-def _shakespeare() -> tuple[tuple[str, str], ...]:
-    with tarfile.open(SHAKESPEARE_PATH, "r:xz") as archive:
-        plays = []
-        for member in sorted(archive.getmembers(), key=lambda m: m.name):
-            name = member.name.removesuffix(".txt").removesuffix("_gut")
-            plays.append((name, archive.extractfile(member).read().decode("utf-8")))
-    return tuple(plays)
-
-
-def shakespeare_plays(split: str = "all") -> dict[str, str]:
-    """The bundled works as ``{name: text}`` sorted by name; ``split`` is "all", "train" or "val"."""
-    if split not in ("all", "train", "val"):
-        raise UserError(f"unknown split {split!r}: use all, train or val")
-    return {
-        name: text
-        for name, text in _shakespeare()
-        if split == "all" or (name in SHAKESPEARE_VAL_PLAYS) == (split == "val")
-    }
-
-
-def shakespeare_train_val() -> tuple[str, str]:
-    """Training and validation text, each the works joined by ``<|endoftext|>``.
-
-    Encode them with ``allowed_special={"<|endoftext|>"}`` (``create_dataloader`` does) so the
-    separator becomes the end-of-text token.
-    """
-    return EOT.join(shakespeare_plays("train").values()), EOT.join(shakespeare_plays("val").values())
-
-
-# In memory: the book's sliding-window dataset ----------------------------------------------------
-
-
-class SlidingWindowDataset(Dataset):
-    """Windows of ``max_length`` tokens every ``stride`` tokens, each with its next-token target.
-
-    Window i starts at ``i * stride``; the starts are ``range(0, len(ids) - max_length, stride)``,
-    exactly as the book's ``GPTDatasetV1``, so the last target token is always inside the text.
-    A stride equal to max_length gives non-overlapping windows; a smaller one, overlapping windows.
-    """
-
-    def __init__(self, token_ids: Sequence[int] | np.ndarray | torch.Tensor, max_length: int,
-                 stride: int):
-        if isinstance(token_ids, torch.Tensor):
-            ids = token_ids.detach().to("cpu", torch.long).reshape(-1)
-        else:
-            ids = torch.from_numpy(np.asarray(token_ids, dtype=np.int64).reshape(-1))
-        if max_length < 1:
-            raise UserError(f"max_length must be at least 1, got {max_length}")
-        if stride < 1:
-            raise UserError(f"stride must be at least 1, got {stride}")
-        if len(ids) < max_length + 1:
-            raise UserError(f"text has {len(ids)} tokens, fewer than max_length + 1 = "
-                            f"{max_length + 1}: use more text or a smaller max_length")
-        self.token_ids = ids
-        self.max_length = max_length
-        self.stride = stride
-        self.starts = range(0, len(ids) - max_length, stride)
-
-    def __len__(self) -> int:
-        return len(self.starts)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        start = self.starts[i]
-        window = self.token_ids[start : start + self.max_length + 1]
-        return window[:-1], window[1:]
-
-
-def create_dataloader(
-    text: str,
-    tokenizer: str | os.PathLike | Tokenizer = "gpt2",
-    batch_size: int = 4,
-    max_length: int = 256,
-    stride: int = 128,
-    shuffle: bool = True,
-    drop_last: bool = True,
-    num_workers: int = 0,
-    generator: torch.Generator | None = None,
-) -> DataLoader:
-    """Tokenize ``text`` (``<|endoftext|>`` allowed) and batch its sliding windows (the book's loader).
-
-    Batches are ``(inputs, targets)``, two LongTensors of shape (batch_size, max_length). Pass a
-    seeded ``generator`` for a reproducible shuffle.
-    """
-    if batch_size < 1:
-        raise UserError(f"batch_size must be at least 1, got {batch_size}")
-    tok = get_tokenizer(tokenizer)
-    dataset = SlidingWindowDataset(tok.encode(text, allowed_special={EOT}), max_length, stride)
-    if drop_last and len(dataset) < batch_size:
-        raise UserError(f"text gives {len(dataset)} windows of {max_length} tokens, fewer than one "
-                        f"batch of {batch_size}: use more text, a smaller batch or stride, or "
-                        "drop_last=False")
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                      num_workers=num_workers, generator=generator)
-
-
-# On disk: preparing a big corpus -----------------------------------------------------------------
-
 FORMAT = "buildllm-prepared-v1"
+
+
 READ_BYTES = 1 << 20  # read files 1 MiB at a time
+
+
 PIECE_CHARS = 1 << 20  # encode at most ~1 Mi characters per call
+
+
 MAX_PIECE_CHARS = 64 << 20  # a longer stretch with no safe cut (see below) is cut anyway
+
+
 BATCH_CHARS = 8 << 20  # ... and hand ~8 Mi characters at a time to tiktoken's threads
+
+
 BPE_TRAIN_CHARS = 20_000_000  # "bpe:VOCAB" learns from the first 20 M characters of training text
+
+
 MAX_LISTED_DOCUMENTS = 1000  # meta.json names the validation documents up to this many
+
 
 # A cut between two pieces of one text is safe where no tokenizer would join them: before a
 # space, or after a newline, with a visible character on both sides. (GPT-2's pre-tokens never
 # contain a visible character followed by whitespace, nor "\n" followed by a visible character.)
 _VISIBLE = r"[\w!-/:-@\[-`{-~]"
+
+
 _SAFE_CUT = re.compile(rf"(?<={_VISIBLE})(?= {_VISIBLE})|(?<={_VISIBLE}\n)(?={_VISIBLE})")
 
 
@@ -326,36 +223,6 @@ def load_prepared(path: str | os.PathLike) -> PreparedCorpus:
         arrays[split] = np.memmap(file, dtype=dtype, mode="r") if size else np.zeros(0, dtype)
     return PreparedCorpus(path, meta, tokenizer, arrays["train"], arrays["val"])
 
-
-def get_batch(
-    tokens: np.ndarray,
-    batch_size: int,
-    context_length: int,
-    generator: torch.Generator,
-    device: str | torch.device = "cpu",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``batch_size`` random windows of a token array: inputs and next-token targets, int64.
-
-    Window starts are uniform over ``[0, len(tokens) - context_length)`` and drawn from
-    ``generator`` (a CPU torch.Generator), so a seeded generator gives the same batches every run.
-    Only the rows read are paged in from a memory-mapped array.
-    """
-    n = len(tokens)
-    if n < context_length + 1:
-        raise UserError(f"{n} tokens are fewer than context_length + 1 = {context_length + 1}: "
-                        "use a bigger corpus or a smaller context length")
-    starts = torch.randint(n - context_length, (batch_size,), generator=generator).numpy()
-    rows = tokens[starts[:, None] + np.arange(context_length + 1)].astype(np.int64)
-    x = torch.from_numpy(np.ascontiguousarray(rows[:, :-1]))
-    y = torch.from_numpy(np.ascontiguousarray(rows[:, 1:]))
-    device = torch.device(device)
-    if device.type == "cuda":  # pinned memory lets the copy overlap with compute
-        return (x.pin_memory().to(device, non_blocking=True),
-                y.pin_memory().to(device, non_blocking=True))
-    return x.to(device), y.to(device)
-
-
-# prepare_corpus, step by step --------------------------------------------------------------------
 
 # A document's text arrives as chunks: (text, how many input bytes it consumed).
 Chunks = Iterator[tuple[str, int]]

@@ -366,19 +366,6 @@ class GPTModel(nn.Module):
     def device(self) -> torch.device:
         return self.wte.weight.device
 
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, device: torch.device | str = "cpu", **kwargs) -> GPTModel:
-        """GPT-2 weights: "gpt2" ... "gpt2-xl", or a Hugging Face / OpenAI folder (see pretrained.py)."""
-        from buildllm.pretrained import load_pretrained  # imported here: pretrained.py imports this module
-
-        return load_pretrained(name_or_path, device=device, **kwargs)[0]
-
-    def save_pretrained(self, directory: str | Path, tokenizer=None) -> Path:
-        """Write a Hugging Face GPT-2 folder that transformers loads with identical logits."""
-        from buildllm.pretrained import save_pretrained
-
-        return save_pretrained(self, directory, tokenizer)
-
 
 # For the reader: what a configuration costs ------------------------------------------------------
 

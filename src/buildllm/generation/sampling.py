@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from buildllm.errors import UserError
-from buildllm.model import KVCache
+from buildllm.models.gpt2 import KVCache
 
 Prompt = torch.Tensor | Sequence[Sequence[int]]
 

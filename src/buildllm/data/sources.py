@@ -1,0 +1,178 @@
+"""Batch sources for the training engine: where each step's (input, target) batch comes from.
+
+A source yields micro-batches (``next_batch``), fixed evaluation batches (``eval_batches``) and
+its position (``state_dict``), so a resumed run continues with exactly the batch it would have
+seen next.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from buildllm.errors import UserError
+from buildllm.training.config import TrainConfig, data_mode
+from buildllm.training.runtime import Dist, barrier
+
+
+class RandomWindows:
+    """Scale mode: every micro-batch is ``batch_size`` windows at random places of train.bin.
+
+    The one generator is the whole data position: saving its state saves where we are. Under
+    torchrun every process draws the same global batch and keeps its own rows, so N processes
+    see exactly the batches one process would.
+    """
+
+    def __init__(self, corpus, batch_size: int, context_length: int, seed: int, dist: Dist):
+        self.corpus, self.batch_size, self.context_length, self.dist = corpus, batch_size, context_length, dist
+        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.tokenizer = corpus.tokenizer
+        self.val_tokens = corpus.val
+        self.val_characters = corpus.meta["val"]["characters"]
+        for split in ("train", "val"):
+            tokens = getattr(corpus, split)
+            if len(tokens) < context_length + 1:
+                raise UserError(f"the {split} split of {corpus.path} has {len(tokens)} tokens, fewer "
+                                f"than one window of context_length + 1 = {context_length + 1}: use "
+                                "more data or a smaller --context-length")
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        from buildllm.data.windows import get_batch
+
+        x, y = get_batch(self.corpus.train, self.batch_size, self.context_length, self.generator)
+        return my_rows(x, self.dist), my_rows(y, self.dist)
+
+    def eval_batches(self, split: str, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The same ``n`` batches at every evaluation: losses move only because the model does."""
+        from buildllm.data.windows import get_batch
+
+        g = torch.Generator().manual_seed(self.seed)
+        tokens = getattr(self.corpus, split)
+        return [get_batch(tokens, self.batch_size, self.context_length, g) for _ in range(n)]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+class SlidingWindows:
+    """Book mode: the text's sliding windows, shuffled anew each epoch (the book's DataLoader).
+
+    The position is (epoch, batch within it) plus the generator state the epoch's shuffle was
+    drawn from, so a resumed run redraws the same order and carries on from the same batch.
+    """
+
+    def __init__(self, text: str, tokenizer, cfg: TrainConfig, dist: Dist):
+        from buildllm.data.windows import SlidingWindowDataset
+        from buildllm.tokenizer import EOT
+
+        split = int(len(text) * (1 - cfg.val_fraction))  # the book's 90/10 split, by characters
+        train_text, val_text = text[:split], text[split:]
+        self.tokenizer, self.dist, self.batch_size = tokenizer, dist, cfg.batch_size
+        train_ids = tokenizer.encode(train_text, allowed_special={EOT})
+        val_ids = tokenizer.encode(val_text, allowed_special={EOT})
+        T, stride = cfg.context_length, cfg.stride or cfg.context_length
+        for name, ids, share in (("training", train_ids, 1 - cfg.val_fraction), ("validation", val_ids, cfg.val_fraction)):
+            if len(ids) < T + 1:
+                raise UserError(f"the {name} text ({share:.0%} of {cfg.data}) has {len(ids)} tokens, "
+                                f"fewer than one window of context_length + 1 = {T + 1}: use a longer "
+                                "text or a smaller --context-length")
+        self.train = SlidingWindowDataset(train_ids, T, stride)
+        self.val = SlidingWindowDataset(val_ids, T, T)
+        self.batches_per_epoch = len(self.train) // cfg.batch_size  # the book drops the last partial batch
+        if self.batches_per_epoch == 0:
+            raise UserError(f"the training text gives {len(self.train)} windows of {T} tokens, fewer "
+                            f"than one batch of {cfg.batch_size}: use a longer text, a smaller "
+                            "--batch-size or --context-length")
+        self.val_tokens = np.asarray(val_ids, dtype=np.int64)
+        self.val_characters = len(val_text)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.seed = cfg.seed
+        self.epoch, self.index = 0, 0
+        self._start_epoch()
+
+    def _start_epoch(self) -> None:
+        self.epoch_state = self.generator.get_state()
+        self.order = torch.randperm(len(self.train), generator=self.generator)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.index == self.batches_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+            self._start_epoch()
+        rows = self.order[self.index * self.batch_size : (self.index + 1) * self.batch_size]
+        self.index += 1
+        x, y = _stack([self.train[int(i)] for i in my_rows(rows, self.dist)])
+        return x, y
+
+    def eval_batches(self, split: str, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first ``n`` batches of validation (in order) or of training (in a fixed shuffle)."""
+        dataset = self.val if split == "val" else self.train
+        order = (torch.arange(len(dataset)) if split == "val"
+                 else torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed)))
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)][:n]
+        return [_stack([dataset[int(i)] for i in rows]) for rows in batches]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "epoch_generator": self.epoch_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["epoch_generator"])
+        self._start_epoch()
+        self.epoch, self.index = state["epoch"], state["index"]
+
+
+def _stack(pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([x for x, _ in pairs]), torch.stack([y for _, y in pairs])
+
+
+def my_rows(batch: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """This process's contiguous share of a global batch."""
+    if not dist.enabled:
+        return batch
+    if len(batch) % dist.world_size:
+        raise UserError(f"batch_size {len(batch)} does not split evenly over {dist.world_size} "
+                        "processes: make it a multiple of the process count")
+    share = len(batch) // dist.world_size
+    return batch[dist.rank * share : (dist.rank + 1) * share]
+
+
+def open_data(cfg: TrainConfig, tokenizer, dist: Dist):
+    """The batches of ``cfg.data``; ``tokenizer`` is None unless the model already has one."""
+    from buildllm.data.prepare import (
+        default_prepared_dir,
+        load_prepared,
+        prepare_corpus,
+    )
+
+    mode = data_mode(cfg.data)
+    if mode == "book":
+        from buildllm.tokenizer import get_tokenizer
+
+        tok = tokenizer or get_tokenizer(cfg.tokenizer)
+        try:
+            text = Path(cfg.data).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read {cfg.data} as UTF-8 text: {e}") from None
+        return SlidingWindows(text, tok, cfg, dist)
+
+    if mode == "bundled":
+        spec = tokenizer or cfg.tokenizer
+        path = default_prepared_dir(None, spec)
+        if dist.main:  # tokenize once, then every process maps the same files
+            corpus = prepare_corpus(None, path, tokenizer=spec, progress=cfg.progress)
+        barrier(dist)
+        corpus = load_prepared(path)
+    else:
+        corpus = load_prepared(cfg.data)
+        if cfg.tokenizer is not None and cfg.tokenizer != corpus.meta["tokenizer"]["spec"]:
+            raise UserError(f"{cfg.data} was prepared with tokenizer {corpus.meta['tokenizer']['spec']}, "
+                            f"not {cfg.tokenizer}: drop --tokenizer or prepare the data again")
+    if tokenizer is not None and tokenizer.fingerprint() != corpus.tokenizer.fingerprint():
+        raise UserError(f"{corpus.path} was tokenized with {corpus.tokenizer.name}, but the model "
+                        f"uses {tokenizer.name}: prepare the data with the model's tokenizer.json")
+    return RandomWindows(corpus, cfg.batch_size, cfg.context_length, cfg.seed, dist)

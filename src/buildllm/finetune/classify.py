@@ -1,0 +1,500 @@
+"""Classification (the book's chapter 6).
+
+Rows of text and label from a CSV/TSV become token ids; the model's output head (emb_dim ->
+vocabulary) is replaced by a small one (emb_dim -> classes); the output at the *last* token is the
+text's representation, because under causal attention it is the only position that has seen every
+token. AdamW trains the head, the last block(s) and the final norm; the checkpoint with the best
+validation accuracy is kept.
+
+Which token represents a text? The book pads every text to one length with ``<|endoftext|>`` and
+reads the output at the last *position*, which for all but the longest texts is a pad token: the
+model then has to learn to carry the message across a run of padding. We read the output at the
+last *real* token instead (``representation="last_token"``, gathered by each text's length). Under
+causal attention that output never sees the padding after it, so the padding length changes
+nothing and each batch is padded only to its own longest text. ``representation="last_position"``
+reproduces the book exactly (every text padded to the same ``max_length``).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import random
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from buildllm.errors import UserError
+from buildllm.files import atomic_write
+from buildllm.finetune.common import (
+    CLASSIFIER,
+    METRICS,
+    Log,
+    log_trainable,
+    make_optimizer,
+    pick_model,
+    split_items,
+    write_json,
+)
+from buildllm.finetune.lora import (
+    DEFAULT_TARGETS,
+    apply_lora,
+    merge_lora,
+    save_adapters,
+)
+from buildllm.models.gpt2 import GPTModel
+from buildllm.training.runtime import pick_device
+from buildllm.weights.checkpoint import (
+    CONFIG,
+    TOKENIZER,
+    WEIGHTS,
+    model_from_state_dict,
+)
+
+
+@dataclass(frozen=True)
+class LabeledText:
+    text: str
+    label: str
+    line: int  # where it came from, for error messages
+
+
+def open_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")  # -sig: drop a BOM that spreadsheets add
+    except FileNotFoundError:
+        raise UserError(f"data file {path} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+
+
+def _delimiter(path: Path, text: str) -> str:
+    """Tab for .tsv, comma for .csv, otherwise sniffed from the first lines."""
+    suffix = path.suffix.lower()
+    if suffix in (".tsv", ".tab"):
+        return "\t"
+    if suffix == ".csv":
+        return ","
+    try:
+        return csv.Sniffer().sniff(text[:8192], delimiters=",\t;|").delimiter
+    except csv.Error:
+        raise UserError(f"cannot tell the delimiter of {path}: name it .csv or .tsv, or pass a delimiter") from None
+
+
+def read_labeled_texts(
+    path: str | Path,
+    text_column: str | int = "text",
+    label_column: str | int = "label",
+    labels: Sequence[str] | None = None,
+    delimiter: str | None = None,
+    header: bool = True,
+) -> tuple[list[LabeledText], list[str]]:
+    """Rows of a CSV/TSV file and the label set (``labels`` if given, else the sorted labels found).
+
+    Without a header row, columns are 0-based indices (the SMS spam file is ``label<TAB>text``).
+    Every malformed row is a ``UserError`` naming the file and line.
+    """
+    path = Path(path)
+    content = open_text(path)
+    delimiter = delimiter or _delimiter(path, content)
+    reader = csv.reader(io.StringIO(content, newline=""), delimiter=delimiter)
+    text_col, label_col = text_column, label_column
+    n_fields = None
+    if header:
+        try:
+            names = next(reader)
+        except StopIteration:
+            raise UserError(f"{path} is empty") from None
+        except csv.Error as e:
+            raise UserError(f"{path}:1: {e}") from None
+        names = [n.strip() for n in names]
+        for what, col in (("text", text_column), ("label", label_column)):
+            if str(col) not in names:
+                raise UserError(
+                    f"{path}:1: no {what} column {str(col)!r} (columns: {', '.join(names)}); choose it with --{what}-column"
+                )
+        text_col, label_col = names.index(str(text_column)), names.index(str(label_column))
+        n_fields = len(names)
+    else:
+        try:
+            text_col, label_col = int(text_column), int(label_column)
+        except ValueError:
+            raise UserError("without a header row, --text-column and --label-column are 0-based column numbers") from None
+    label_set = list(labels) if labels is not None else None
+    if label_set is not None and len(set(label_set)) != len(label_set):
+        raise UserError(f"the label list {label_set} has duplicates")
+
+    rows: list[LabeledText] = []
+    line = 1
+    try:
+        for fields in reader:
+            line = reader.line_num
+            if not fields or all(not f.strip() for f in fields):
+                continue  # blank line
+            if n_fields is not None and len(fields) != n_fields:
+                raise UserError(
+                    f"{path}:{line}: {len(fields)} fields, the header has {n_fields} "
+                    "(quote text that contains the delimiter)"
+                )
+            if max(text_col, label_col) >= len(fields):
+                raise UserError(f"{path}:{line}: missing column {max(text_col, label_col)} (the row has {len(fields)})")
+            text, label = fields[text_col], fields[label_col].strip()
+            if not text.strip():
+                raise UserError(f"{path}:{line}: the text is empty")
+            if not label:
+                raise UserError(f"{path}:{line}: the label is empty")
+            if label_set is not None and label not in label_set:
+                raise UserError(f"{path}:{line}: label {label!r} is not one of {', '.join(label_set)}")
+            rows.append(LabeledText(text, label, line))
+    except csv.Error as e:
+        raise UserError(f"{path}:{reader.line_num}: {e}") from None
+    if not rows:
+        raise UserError(f"{path} has no data rows")
+    found = sorted({r.label for r in rows})
+    label_set = label_set if label_set is not None else found
+    if len(label_set) < 2:
+        raise UserError(f"{path}: a classifier needs at least 2 classes, found only {found}")
+    return rows, label_set
+
+
+def balance_classes(rows: Sequence[LabeledText], seed: int = 123) -> list[LabeledText]:
+    """Undersample every class to the size of the smallest one (the book's ``create_balanced_dataset``)."""
+    by_label: dict[str, list[LabeledText]] = {}
+    for r in rows:
+        by_label.setdefault(r.label, []).append(r)
+    smallest = min(len(v) for v in by_label.values())
+    rng = random.Random(seed)
+    keep = {id(r) for group in by_label.values() for r in rng.sample(group, smallest)}
+    return [r for r in rows if id(r) in keep]  # original order; the split shuffles later
+
+
+def encode_labeled(
+    rows: Sequence[LabeledText], tokenizer, labels: Sequence[str], max_length: int
+) -> list[tuple[list[int], int]]:
+    """``(token ids, class index)`` per row, truncated to the first ``max_length`` tokens."""
+    index = {label: i for i, label in enumerate(labels)}
+    items = []
+    for r, ids in zip(rows, tokenizer.encode_batch([r.text for r in rows])):
+        if not ids:
+            raise UserError(f"line {r.line}: the text encodes to no tokens")
+        items.append((ids[:max_length], index[r.label]))
+    return items
+
+
+def collate_classification(
+    batch: Sequence[tuple[list[int], int]], pad_id: int, pad_to: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(input_ids, lengths, labels)``: right-padded with ``pad_id`` to ``pad_to`` or the longest."""
+    width = pad_to or max(len(ids) for ids, _ in batch)
+    inputs = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    for row, (ids, _) in enumerate(batch):
+        inputs[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    lengths = torch.tensor([len(ids) for ids, _ in batch], dtype=torch.long)
+    labels = torch.tensor([label for _, label in batch], dtype=torch.long)
+    return inputs, lengths, labels
+
+
+TRAINABLE = ("head", "last_blocks", "all")
+
+
+REPRESENTATIONS = ("last_token", "last_position")
+
+
+def make_classifier(
+    model: GPTModel, num_classes: int, trainable: str = "last_blocks", last_blocks: int = 1
+) -> GPTModel:
+    """Replace the output head by ``Linear(emb_dim, num_classes)`` and choose what trains (in place).
+
+    ``"head"``: the new head only. ``"last_blocks"``: the last ``last_blocks`` transformer blocks,
+    the final LayerNorm and the head (the book's choice, with 1 block). ``"all"``: everything.
+    """
+    if trainable not in TRAINABLE:
+        raise UserError(f"trainable must be one of {', '.join(TRAINABLE)}, not {trainable!r}")
+    if trainable == "last_blocks" and not 1 <= last_blocks <= len(model.blocks):
+        raise UserError(f"last_blocks must be between 1 and {len(model.blocks)}, got {last_blocks}")
+    for p in model.parameters():
+        p.requires_grad = trainable == "all"
+    if trainable == "last_blocks":
+        for module in [*model.blocks[-last_blocks:], model.final_norm]:
+            for p in module.parameters():
+                p.requires_grad = True
+    device = model.wte.weight.device
+    # A new module, so a head tied to the token embedding is untied: the embedding stays as it was.
+    model.out_head = nn.Linear(model.cfg.emb_dim, num_classes).to(device)
+    return model
+
+
+def classifier_logits(
+    model: GPTModel, input_ids: torch.Tensor, lengths: torch.Tensor, representation: str = "last_token"
+) -> torch.Tensor:
+    """Class logits ``(batch, classes)`` read at the last real token (or the last position)."""
+    logits = model(input_ids)  # (batch, tokens, classes)
+    if representation == "last_position":
+        return logits[:, -1, :]
+    return logits[torch.arange(len(lengths), device=logits.device), lengths.to(logits.device) - 1]
+
+
+def calc_loss_batch(model, batch, device, representation="last_token") -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of one batch, and how many of its predictions are right."""
+    input_ids, lengths, labels = (t.to(device) for t in batch)
+    logits = classifier_logits(model, input_ids, lengths, representation)
+    loss = F.cross_entropy(logits, labels)
+    return loss, (logits.argmax(dim=-1) == labels).sum()
+
+
+@torch.no_grad()
+def evaluate_classifier(model, loader, device, representation="last_token", num_batches=None) -> tuple[float, float]:
+    """Mean loss and accuracy over ``loader`` (or its first ``num_batches``), dropout off."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct, seen = 0.0, 0, 0
+    for i, batch in enumerate(loader):
+        if num_batches is not None and i >= num_batches:
+            break
+        loss, right = calc_loss_batch(model, batch, device, representation)
+        n = len(batch[2])
+        total_loss += loss.item() * n
+        correct += int(right)
+        seen += n
+    model.train(was_training)
+    if not seen:
+        return float("nan"), float("nan")
+    return total_loss / seen, correct / seen
+
+
+def save_classifier(directory: str | Path, model: GPTModel, tokenizer, meta: dict) -> Path:
+    """A classifier folder: model.safetensors (head included), config.json, tokenizer.json, classifier.json.
+
+    config.json is the base model's GPTConfig; classifier.json says the head has
+    ``num_classes`` outputs (and a bias) instead of the vocabulary, so loaders build it accordingly.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(directory / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG, lambda tmp: model.cfg.save(tmp))
+    atomic_write(directory / TOKENIZER, lambda tmp: tokenizer.save(tmp))
+    write_json(directory / CLASSIFIER, meta)
+    return directory
+
+
+@dataclass
+class Classifier:
+    """A loaded classifier: ``predict(texts)`` gives ``(label, probability)`` per text."""
+
+    model: GPTModel
+    tokenizer: object
+    labels: list[str]
+    max_length: int
+    representation: str = "last_token"
+
+    @torch.no_grad()
+    def predict_proba(self, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+        """Class probabilities ``(len(texts), num_classes)``."""
+        self.model.eval()
+        pad_to = self.max_length if self.representation == "last_position" else None
+        out = []
+        for start in range(0, len(texts), batch_size):
+            chunk = texts[start : start + batch_size]
+            encoded = self.tokenizer.encode_batch(list(chunk))
+            for text, ids in zip(chunk, encoded):
+                if not ids:
+                    raise UserError(f"cannot classify {text!r}: it encodes to no tokens")
+            batch = collate_classification([(ids[: self.max_length], 0) for ids in encoded], self.tokenizer.eot_id, pad_to)
+            logits = classifier_logits(self.model, batch[0].to(self.model.device), batch[1], self.representation)
+            out.append(torch.softmax(logits.float(), dim=-1).cpu())
+        return torch.cat(out) if out else torch.empty(0, len(self.labels))
+
+    def predict(self, texts: Sequence[str]) -> list[tuple[str, float]]:
+        probs = self.predict_proba(texts)
+        best = probs.argmax(dim=-1)
+        return [(self.labels[int(i)], float(p[i])) for i, p in zip(best, probs)]
+
+
+def load_classifier(directory: str | Path, device: torch.device | str = "cpu") -> Classifier:
+    """Load a folder written by ``save_classifier`` (the output of ``finetune_classifier``)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from buildllm.models.gpt2 import GPTConfig
+    from buildllm.tokenizer import get_tokenizer
+
+    directory = Path(directory)
+    if not (directory / CLASSIFIER).is_file():
+        raise UserError(f"{directory} is not a classifier checkpoint ({CLASSIFIER} is missing); "
+                        "make one with `buildllm finetune classify`")
+    try:
+        meta = json.loads((directory / CLASSIFIER).read_text())
+        labels, max_length = [str(x) for x in meta["labels"]], int(meta["max_length"])
+        representation = meta.get("representation", "last_token")
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"cannot read {directory / CLASSIFIER}: {e!r}") from None
+    cfg = GPTConfig.load(directory / CONFIG)
+    try:
+        state = load_file(directory / WEIGHTS, device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{directory / WEIGHTS} is corrupt or missing ({e}); fine-tune again") from None
+    head = {k.removeprefix("out_head."): state.pop(k) for k in list(state) if k.startswith("out_head.")}
+    if set(head) != {"weight", "bias"} or tuple(head["weight"].shape) != (len(labels), cfg.emb_dim):
+        raise UserError(f"{directory / WEIGHTS}: the classification head does not match {len(labels)} labels")
+    # The body loads like any model whose head is tied (no head tensor expected); then the real head.
+    from dataclasses import replace
+
+    model = model_from_state_dict(replace(cfg, tie_embeddings=True), state, device=device, source=str(directory / WEIGHTS))
+    model.cfg = cfg
+    model.out_head = nn.Linear(cfg.emb_dim, len(labels), device=device)
+    model.out_head.load_state_dict(head)
+    tokenizer = get_tokenizer(directory / TOKENIZER)
+    return Classifier(model.eval(), tokenizer, labels, max_length, representation)
+
+
+@dataclass
+class ClassifierResult:
+    checkpoint: Path
+    labels: list[str]
+    history: list[dict] = field(default_factory=list)  # per epoch: train/val loss and accuracy
+    best_epoch: int = 0
+    test_accuracy: float = float("nan")
+    test_loss: float = float("nan")
+    trainable_parameters: int = 0
+
+
+def finetune_classifier(
+    base: str | Path | GPTModel,
+    data: str | Path,
+    out_dir: str | Path,
+    *,
+    tokenizer=None,
+    text_column: str | int = "text",
+    label_column: str | int = "label",
+    labels: Sequence[str] | None = None,
+    header: bool = True,
+    delimiter: str | None = None,
+    balance: bool = False,
+    split: Sequence[float] = (0.7, 0.1, 0.2),
+    max_length: int | None = None,
+    representation: str = "last_token",
+    trainable: str = "last_blocks",
+    last_blocks: int = 1,
+    lora_rank: int | None = None,
+    lora_alpha: float | None = None,
+    lora_targets: Sequence[str] = DEFAULT_TARGETS,
+    epochs: int = 5,
+    batch_size: int = 8,
+    lr: float = 5e-5,
+    weight_decay: float = 0.1,
+    eval_batches: int | None = None,
+    seed: int = 123,
+    device: str | torch.device = "auto",
+    log: Log = print,
+) -> ClassifierResult:
+    """Fine-tune ``base`` (a checkpoint folder, a GPT-2 folder or model id, or a GPTModel with
+    ``tokenizer``, which is then changed in place) as a text classifier on ``data`` and save the best epoch (by validation accuracy) to ``out_dir``.
+
+    ``max_length``: tokens per text (default: the longest training text, at most the context).
+    With ``lora_rank``, the blocks train through LoRA adapters and the new head trains fully.
+    """
+    if representation not in REPRESENTATIONS:
+        raise UserError(f"representation must be one of {', '.join(REPRESENTATIONS)}, not {representation!r}")
+    if epochs < 1 or batch_size < 1:
+        raise UserError("epochs and batch_size must be at least 1")
+    out_dir = Path(out_dir)
+    device = pick_device(str(device))
+    rows, label_set = read_labeled_texts(data, text_column, label_column, labels, delimiter, header)
+    if balance:
+        rows = balance_classes(rows, seed)
+    counts = Counter(r.label for r in rows)
+    if log:
+        log(f"{len(rows)} examples, {len(label_set)} classes: "
+            + ", ".join(f"{label} {counts.get(label, 0)}" for label in label_set))
+    train_rows, val_rows, test_rows = split_items(rows, split, seed)
+
+    model, tokenizer = pick_model(base, tokenizer, device)
+    context = model.cfg.context_length
+    if max_length is None:
+        # The book's rule: as long as the longest training text, capped by the context window.
+        max_length = min(context, max(len(ids) for ids in tokenizer.encode_batch([r.text for r in train_rows])))
+    elif not 1 <= max_length <= context:
+        raise UserError(f"max_length must be between 1 and the context length {context}, got {max_length}")
+    train_set, val_set, test_set = (
+        encode_labeled(part, tokenizer, label_set, max_length) for part in (train_rows, val_rows, test_rows)
+    )
+
+    torch.manual_seed(seed)  # the new head's initialisation and the LoRA matrices
+    make_classifier(model, len(label_set), trainable, last_blocks)
+    if lora_rank is not None:
+        apply_lora(model, lora_rank, lora_alpha or 2 * lora_rank, lora_targets)  # freezes everything ...
+        for p in model.out_head.parameters():  # ... but the new head is random: it trains fully
+            p.requires_grad = True
+    trainable_count, _ = log_trainable(model, log)
+
+    pad_to = max_length if representation == "last_position" else None
+    collate = partial(collate_classification, pad_id=tokenizer.eot_id, pad_to=pad_to)
+    generator = torch.Generator().manual_seed(seed)
+    train_loader = DataLoader(train_set, batch_size, shuffle=True, collate_fn=collate, generator=generator,
+                              drop_last=len(train_set) > batch_size)  # no noisy tiny last batch (book)
+    eval_loader = partial(DataLoader, batch_size=batch_size, collate_fn=collate)
+    train_eval, val_eval, test_eval = eval_loader(train_set), eval_loader(val_set), eval_loader(test_set)
+    optimizer = make_optimizer(model, lr, weight_decay)
+
+    meta = {"task": "classification", "num_classes": len(label_set), "labels": label_set,
+            "max_length": max_length, "representation": representation}
+    result = ClassifierResult(out_dir, label_set, trainable_parameters=trainable_count)
+    best = -1.0
+    for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
+        model.train()
+        for batch in train_loader:
+            optimizer.zero_grad(set_to_none=True)
+            loss, _ = calc_loss_batch(model, batch, device, representation)
+            loss.backward()
+            optimizer.step()
+        train_loss, train_acc = evaluate_classifier(model, train_eval, device, representation, eval_batches)
+        val_loss, val_acc = evaluate_classifier(model, val_eval, device, representation, eval_batches)
+        result.history.append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
+                               "val_loss": val_loss, "val_accuracy": val_acc,
+                               "seconds": time.perf_counter() - start})
+        # Keep the epoch with the best validation accuracy (training accuracy without a validation set).
+        score = val_acc if val_set else train_acc
+        improved = score > best
+        if improved:
+            best, result.best_epoch = score, epoch
+            _save_classifier_model(out_dir, model, tokenizer, meta)
+        if log:
+            log(f"epoch {epoch}: train loss {train_loss:.3f} acc {100 * train_acc:.2f}% | "
+                f"val loss {val_loss:.3f} acc {100 * val_acc:.2f}% | "
+                f"{time.perf_counter() - start:.1f}s{' (saved)' if improved else ''}")
+
+    # Test with the checkpoint as saved: this also proves the folder loads.
+    best_model = load_classifier(out_dir, device).model
+    result.test_loss, result.test_accuracy = evaluate_classifier(best_model, test_eval, device, representation)
+    if log and test_set:
+        log(f"test accuracy {100 * result.test_accuracy:.2f}% ({len(test_set)} examples, epoch {result.best_epoch} "
+            f"checkpoint) -> {out_dir}")
+    write_json(out_dir / METRICS, {"best_epoch": result.best_epoch, "test_loss": result.test_loss,
+                                     "test_accuracy": result.test_accuracy, "history": result.history,
+                                     "split_sizes": [len(train_set), len(val_set), len(test_set)]})
+    return result
+
+
+def _save_classifier_model(out_dir: Path, model: GPTModel, tokenizer, meta: dict) -> None:
+    from buildllm.finetune.lora import lora_layers
+
+    if lora_layers(model):
+        save_adapters(out_dir, model)  # the adapters plus the trained head, a small file
+        model = merge_lora(copy.deepcopy(model))
+    save_classifier(out_dir, model, tokenizer, meta)

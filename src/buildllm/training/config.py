@@ -1,0 +1,295 @@
+"""The training configuration: every knob of a run, its defaults per data mode, and the checks.
+
+A config comes from a YAML/JSON file, ``--set KEY=VALUE`` and command-line options, in that order
+(``cli_config``); ``resolve`` fills what is left from the data mode's defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from buildllm.errors import UserError
+from buildllm.models.gpt2 import GPTConfig
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run. ``None`` means "the default of the data mode" (see DEFAULTS)."""
+
+    # What to learn from, and where the run goes.
+    data: str | None = None  # None: bundled Shakespeare; a .txt file; or a `buildllm prepare` folder
+    out: str | None = None  # run folder (default: runs/<name>)
+    name: str | None = None  # run name (default: the data's name)
+    tokenizer: str | None = None  # gpt2, a tokenizer.json, or bpe:VOCAB (learned from the data)
+    # The model.
+    preset: str | None = None  # a GPTConfig preset
+    model: dict = field(default_factory=dict)  # GPTConfig overrides, e.g. {"n_layers": 6}
+    init_from: str | None = None  # start from these weights (a checkpoint folder or GPT-2) instead
+    lora_rank: int | None = None  # train LoRA adapters of this rank (needs init_from)
+    lora_alpha: float | None = None  # LoRA scale numerator (default: 2 x rank)
+    # How long.
+    max_steps: int | None = None  # optimizer steps; in book mode, None means `epochs` passes
+    epochs: int | None = None  # book mode: passes over the training windows
+    max_minutes: float | None = None  # wall-time budget of the whole run, final evaluation included
+    # Batches.
+    batch_size: int | None = None  # sequences per micro-batch, over all processes together
+    grad_accum: int = 1  # micro-batches per optimizer step
+    context_length: int | None = None  # tokens per sequence (default: the model's)
+    stride: int | None = None  # book mode: sliding-window stride (default: context_length)
+    val_fraction: float = 0.1  # book mode: the last share of the text that validates
+    # Optimizer and schedule.
+    lr: float | None = None  # peak learning rate
+    lr_schedule: Literal["cosine", "constant"] | None = None  # after warmup
+    warmup_steps: int | None = None
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.1  # on matrices only: never on biases or norms
+    no_decay: tuple[str, ...] = ("wpe",)  # and never on these parameters (name or module prefix)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    # Evaluation, samples and checkpoints.
+    eval_interval: int | None = None  # steps between evaluations (and checkpoints)
+    eval_iters: int | None = None  # batches per split and evaluation
+    save_interval: int | None = None  # steps between checkpoints (default: eval_interval)
+    keep_last: int = 2  # checkpoints kept besides best/
+    final_eval: bool = True  # loss and bits per character on the whole validation text at the end
+    sample_prompt: str | None = None  # start context of the sample printed at each evaluation
+    sample_tokens: int = 50
+    sample_temperature: float = 0.8
+    sample_top_k: int | None = 40
+    progress: bool = True  # progress bar and printed evaluations
+    # Hardware and reproducibility.
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    compile: bool = False  # torch.compile the model
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun
+    seed: int = 123
+    # What to do with an out folder that already holds a run.
+    resume: bool | Literal["auto"] = False  # True: continue it; "auto": continue it if there is one
+    force: bool = False  # start over, replacing it
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        unknown = sorted(set(d) - set(cls.keys()))
+        if unknown:
+            raise UserError(f"unknown training config key(s) {', '.join(unknown)}; valid keys: "
+                            f"{', '.join(cls.keys())}")
+        d = dict(d)
+        if "no_decay" in d and d["no_decay"] is not None:
+            d["no_decay"] = tuple([d["no_decay"]] if isinstance(d["no_decay"], str) else d["no_decay"])
+        return cls(**d)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> TrainConfig:
+        """Read a YAML (.yaml, .yml) or JSON file of config keys."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"cannot read config {path}: {e.strerror}") from None
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                d = yaml.safe_load(text) or {}
+            else:
+                d = json.loads(text)
+        except Exception as e:  # yaml and json each have their own error types
+            raise UserError(f"config {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: "
+                            f"{str(e).splitlines()[0]}") from None
+        if not isinstance(d, dict):
+            raise UserError(f"config {path} must be a mapping of keys to values")
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["no_decay"] = list(self.no_decay)
+        return d
+
+    def replace(self, **changes) -> TrainConfig:
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+
+RUN_CONFIG = "train_config.json"  # the resolved config, saved in the run folder
+
+# Defaults per data mode. The bundled run was tuned by measurement to finish in under 10 minutes
+# on a 2-core CPU (see the README); the book's values are chapter 5's.
+DEFAULT_PRESET = "shakespeare-cpu"
+
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "bundled": dict(preset=DEFAULT_PRESET, tokenizer="bpe:4096", batch_size=8, lr=3e-3,
+                    lr_schedule="cosine", warmup_steps=100, max_steps=3700, max_minutes=8.5,
+                    eval_interval=300, eval_iters=10, sample_prompt="ROMEO:"),
+    "prepared": dict(preset=DEFAULT_PRESET, batch_size=8, lr=3e-3, lr_schedule="cosine",
+                     warmup_steps=100, max_steps=5000, eval_interval=250, eval_iters=20,
+                     sample_prompt="\n"),
+    # The book: GPT-2's 124M shape with a 256-token context, lr 4e-4, weight decay 0.1, batch 2,
+    # 10 epochs, evaluation every 5 steps on 5 batches, "Every effort moves you".
+    "book": dict(preset="gpt2", tokenizer="gpt2", batch_size=2, lr=4e-4, lr_schedule="constant",
+                 warmup_steps=0, epochs=10, eval_interval=5, eval_iters=5,
+                 sample_prompt="Every effort moves you"),
+}
+
+
+BOOK_MODEL = {"context_length": 256, "drop_rate": 0.1, "qkv_bias": False}  # the book's GPT_CONFIG_124M
+
+
+# Keys that may differ when a run is resumed: they change how long it runs or what it reports,
+# not what was computed so far.
+RESUMABLE_KEYS = {"max_steps", "epochs", "max_minutes", "eval_interval", "eval_iters", "save_interval",
+                  "keep_last", "final_eval", "sample_prompt", "sample_tokens", "sample_temperature",
+                  "sample_top_k", "progress", "device", "compile", "out", "resume", "force"}
+
+
+def data_mode(data: str | None) -> str:
+    if data is None:
+        return "bundled"
+    path = Path(data)
+    if path.is_dir():
+        if not (path / "meta.json").is_file():
+            raise UserError(f"{path} is a folder but not a prepared corpus (no meta.json): run "
+                            f"`buildllm prepare INPUT --out {path}`, or give a .txt file")
+        return "prepared"
+    if path.is_file():
+        return "book"
+    raise UserError(f"data {path} does not exist: give a .txt file, a folder made by `buildllm "
+                    "prepare`, or nothing for the bundled Shakespeare")
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Fill every ``None`` with its mode's default and check the values; the result is what runs."""
+    mode = data_mode(cfg.data)
+    filled = {k: v for k, v in DEFAULTS[mode].items() if getattr(cfg, k) is None}
+    if cfg.max_steps is not None:  # a step count given is the budget: no default time limit
+        filled.pop("max_minutes", None)
+    if mode == "book" and cfg.preset is None and cfg.init_from is None:
+        filled["model"] = {**BOOK_MODEL, **cfg.model}
+    if cfg.init_from is not None:
+        filled.pop("preset", None)  # the model comes from init_from
+        if cfg.tokenizer is None:
+            filled.pop("tokenizer", None)  # ... and so does its tokenizer
+    if mode == "prepared":
+        filled.pop("tokenizer", None)  # the prepared corpus has its own
+    if cfg.name is None:
+        stem = "shakespeare" if mode == "bundled" else Path(cfg.data).resolve().name.split(".")[0]
+        filled["name"] = re.sub(r"[^\w.-]", "_", stem) or "run"
+    if "warmup_steps" in filled and cfg.max_steps is not None and filled["warmup_steps"] >= cfg.max_steps:
+        filled["warmup_steps"] = cfg.max_steps // 10  # a short run still gets to decay
+    cfg = cfg.replace(**filled)
+    if cfg.init_from is None:  # the model's shape is known now (its vocabulary comes with the data)
+        try:
+            model_cfg = GPTConfig.from_preset(cfg.preset, **cfg.model)
+        except TypeError as e:
+            known = ", ".join(f.name for f in fields(GPTConfig))
+            raise UserError(f"bad model override ({e}); valid keys: {known}") from None
+        if cfg.context_length is None:
+            cfg = cfg.replace(context_length=model_cfg.context_length)
+        check_context(cfg.context_length, model_cfg.context_length)
+    if cfg.out is None:
+        cfg = cfg.replace(out=str(Path("runs") / cfg.name))
+    if cfg.save_interval is None:
+        cfg = cfg.replace(save_interval=cfg.eval_interval)
+    if cfg.lora_rank is not None and cfg.lora_alpha is None:
+        cfg = cfg.replace(lora_alpha=2.0 * cfg.lora_rank)
+    check(cfg)
+    return cfg
+
+
+def check(cfg: TrainConfig) -> None:
+    def positive(name: str, integer: bool = True, allow_none: bool = True) -> None:
+        v = getattr(cfg, name)
+        if v is None and allow_none:
+            return
+        ok = isinstance(v, int) and not isinstance(v, bool) if integer else isinstance(v, (int, float))
+        if not ok or v <= 0:
+            raise UserError(f"{name} must be a positive {'integer' if integer else 'number'}, got {v!r}")
+
+    for name in ("batch_size", "grad_accum", "context_length", "stride", "max_steps", "epochs",
+                 "eval_interval", "eval_iters", "save_interval", "keep_last", "lora_rank"):
+        positive(name)
+    for name in ("lr", "max_minutes", "lora_alpha"):
+        positive(name, integer=False)
+    for name in ("warmup_steps", "sample_tokens"):
+        v = getattr(cfg, name)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            raise UserError(f"{name} must be an integer >= 0, got {v!r}")
+    for name, lo, hi in (("min_lr_ratio", 0, 1), ("val_fraction", 0, 1), ("beta1", 0, 1), ("beta2", 0, 1)):
+        v = getattr(cfg, name)
+        if not isinstance(v, (int, float)) or not lo <= v <= hi:
+            raise UserError(f"{name} must be between {lo} and {hi}, got {v!r}")
+    for name in ("weight_decay", "grad_clip", "sample_temperature"):
+        v = getattr(cfg, name)
+        if not isinstance(v, (int, float)) or v < 0:
+            raise UserError(f"{name} must be a number >= 0, got {v!r}")
+    choices = {"dtype": ("auto", "bf16", "fp16", "fp32"), "parallel": ("ddp", "fsdp"),
+               "lr_schedule": ("cosine", "constant"), "resume": (True, False, "auto")}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise UserError(f"{name} must be one of {', '.join(map(str, allowed))}, got {getattr(cfg, name)!r}")
+    if not isinstance(cfg.model, dict):
+        raise UserError(f"model must be a mapping of GPTConfig overrides, got {cfg.model!r}")
+    if cfg.lora_rank is not None and cfg.init_from is None:
+        raise UserError("LoRA adapts trained weights: give init_from (--init-from) with lora_rank")
+    if cfg.init_from is not None and (cfg.preset is not None or set(cfg.model) - {"drop_rate", "attention"}):
+        raise UserError("init_from takes the model's shape from its weights: drop preset and model "
+                        "overrides other than drop_rate and attention")
+
+
+def parse_assignments(items: list[str]) -> dict:
+    """``["lr=3e-4", "model.n_layers=6"]`` -> ``{"lr": 0.0003, "model": {"n_layers": 6}}`` (YAML values)."""
+    import yaml
+
+    out: dict = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set wants KEY=VALUE, got {item!r}")
+        try:
+            value = yaml.safe_load(text) if text else None
+        except yaml.YAMLError:
+            value = text
+        if key.startswith("model."):
+            out.setdefault("model", {})[key.removeprefix("model.")] = value
+        else:
+            out[key] = value
+    return out
+
+
+def cli_config(path: str | None, options: dict, assignments: list[str] = ()) -> TrainConfig:
+    """The config the command line asks for: the file, then ``--set``, then the options given.
+
+    Resuming without a file starts from the run's saved config, so ``--out DIR --resume`` is enough.
+    """
+    overrides = {**parse_assignments(list(assignments)), **{k: v for k, v in options.items() if v is not None}}
+    base = TrainConfig.from_file(path) if path else TrainConfig()
+    if overrides.get("resume") and not path:
+        probe = base.replace(**{k: v for k, v in overrides.items() if k != "model"})
+        out = probe.out or str(Path("runs") / (probe.name or resolve(probe).name))
+        base = saved_config(out) or base
+    if "model" in overrides:
+        overrides["model"] = {**base.model, **overrides["model"]}
+    return base.replace(**overrides)
+
+
+def saved_config(out: str | os.PathLike) -> TrainConfig | None:
+    """The resolved config of the run in ``out``, or None if there is none."""
+    path = Path(out) / RUN_CONFIG
+    return TrainConfig.from_file(path) if path.is_file() else None
+
+
+def check_context(context_length: int, model_context: int) -> None:
+    if context_length > model_context:
+        raise UserError(f"context_length {context_length} exceeds the model's {model_context}: use "
+                        f"--context-length {model_context} or less, or a model with a longer context "
+                        "(the model key context_length)")
