@@ -3,7 +3,6 @@
 import ast
 from pathlib import Path
 
-
 import buildllm
 
 PACKAGE = Path(buildllm.__file__).parent
@@ -69,3 +68,46 @@ def test_the_cycle_finder_finds_a_cycle():
 def test_no_import_cycle_inside_the_package():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_no_public_name_is_also_a_submodule_name():
+    submodules = {p.stem for p in PACKAGE.glob("*.py")} | {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    assert not set(buildllm.__all__) & submodules
+
+
+PUBLIC_NAMES_AFTER_USE = r"""
+import importlib, inspect, sys, tempfile, types
+import buildllm
+
+# Use the package the way the README does, so every submodule gets imported ...
+out = tempfile.mkdtemp()
+result = buildllm.train(buildllm.TrainConfig(data=sys.argv[1], preset="nano", tokenizer="gpt2", max_steps=2,
+                                             batch_size=2, context_length=16, eval_interval=2, eval_iters=1,
+                                             sample_tokens=0, progress=False, device="cpu", out=out))
+model, tokenizer = buildllm.load_model(out)
+buildllm.quantize(model, "int8")
+buildllm.generate(model, [tokenizer.encode("the")], 3)
+buildllm.load_pretrained(out)
+
+# ... then every public name must still be the object its module defines, never a module.
+for name in buildllm.__all__:
+    value = getattr(buildllm, name)
+    home = importlib.import_module("buildllm." + buildllm._EXPORTS[name])
+    assert not isinstance(value, types.ModuleType), f"buildllm.{name} is a module"
+    assert value is getattr(home, name), f"buildllm.{name} is not {home.__name__}.{name}"
+print("ok", len(buildllm.__all__))
+"""
+
+
+def test_public_names_survive_every_submodule_import(tmp_path):
+    """A submodule import binds its name on the package; a public function of the same name would
+    then turn into the module (``buildllm.quantize(model)``: 'module' object is not callable)."""
+    import subprocess
+    import sys
+
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    done = subprocess.run([sys.executable, "-c", PUBLIC_NAMES_AFTER_USE, str(text)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("ok")
