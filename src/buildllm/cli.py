@@ -164,7 +164,7 @@ def _fractions(text: str, what: str) -> tuple[float, ...]:
 
 def _add_finetune_common(p, epochs: int, split: str) -> None:
     # Still declared by hand: these commands will get config dataclasses, then options(p, ...).
-    p.add_argument("--model", required=True, metavar="PATH_OR_ID",
+    p.add_argument("--model", metavar="PATH_OR_ID",
                    help="the model to start from: a buildllm checkpoint folder or a Hugging Face GPT-2 folder")
     p.add_argument("--checkpoint", dest="model", help=argparse.SUPPRESS)
     p.add_argument("--data", required=True, help="the training data file")
@@ -235,7 +235,7 @@ def run_finetune_classify(args) -> int:
     from buildllm.finetune.classify import finetune_classifier
 
     result = finetune_classifier(
-        args.model, args.data, args.out,
+        _need_model(args), args.data, args.out,
         text_column=args.text_column, label_column=args.label_column, header=not args.no_header,
         delimiter=args.delimiter, labels=args.labels.split(",") if args.labels else None, balance=args.balance,
         split=_fractions(args.split, "--split"), max_length=args.max_length,
@@ -251,7 +251,7 @@ def run_finetune_instruct(args) -> int:
     from buildllm.finetune.instruct import finetune_instruct
 
     result = finetune_instruct(
-        args.model, args.data, args.out, template=args.template, split=_fractions(args.split, "--split"),
+        _need_model(args), args.data, args.out, template=args.template, split=_fractions(args.split, "--split"),
         mask_prompt=args.mask_prompt, allowed_max_length=args.max_length, log_every=args.log_every,
         max_new_tokens=args.max_new_tokens, test_responses=not args.no_test_responses,
         **_finetune_common_kwargs(args),
@@ -394,9 +394,9 @@ def _print_continuation(model, tokenizer, prompt: str, sampler: dict, stop: str 
             if stop in pending:
                 pending = pending[: pending.index(stop)]
                 break
-            keep = len(stop) - 1
-            print(pending[: len(pending) - keep], end="", flush=True)
-            pending = pending[len(pending) - keep:]
+            cut = max(0, len(pending) - (len(stop) - 1))
+            print(pending[:cut], end="", flush=True)
+            pending = pending[cut:]
     print(pending, flush=True)
 
 
