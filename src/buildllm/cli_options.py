@@ -182,6 +182,18 @@ def complete(args: argparse.Namespace, cls) -> Any:
     return options
 
 
+MODEL_HELP = ("give a model: --model PATH_OR_ID, a folder written by buildllm train or finetune, GPT-2 "
+              "weights (gpt2 ... gpt2-xl, a Hugging Face or OpenAI folder) or a Hugging Face id "
+              "(--checkpoint and --pretrained are older names of --model)")
+
+
+def need_model(args: argparse.Namespace) -> str:
+    """``args.model``, or the error that says how to name one."""
+    if not args.model:
+        raise UserError(MODEL_HELP)
+    return args.model
+
+
 # The options of the commands that run a model ---------------------------------------------------
 # Shared pieces are base classes: every command that loads a model names it the same way.
 
