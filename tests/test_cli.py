@@ -46,21 +46,23 @@ def test_every_command_has_help(command, capsys):
     assert out.startswith("usage: buildllm " + " ".join(command))
     if command in MODEL_COMMANDS:
         assert "--model" in out
-    for old in ("--checkpoint", "--pretrained", "--init-from", "--config FILE" if command != ["train"] else "-x-"):
+    for old in ("--checkpoint", "--pretrained", "--init-from"):
         assert old not in out  # old names still work but are not advertised
+    assert ("--config FILE" in out) == (command == ["train"])  # info's old --config is hidden too
 
 
-@pytest.mark.parametrize("command", [c for c in COMMANDS if c not in (["info"], ["prepare"], ["tokenize"],
-                                                                      ["convert"])], ids=" ".join)
-def test_device_defaults_to_auto_everywhere(command):
-    args = cli.build_parser().parse_args([*command, "--data", "x", "--out", "y", "--model", "m"]
-                                         if command[0] == "finetune" else [*command, *(["t"] if command == ["classify"] else [])])
+@pytest.mark.parametrize("argv", [["finetune", "classify", "--data", "d", "--out", "o"],
+                                  ["finetune", "instruct", "--data", "d", "--out", "o"],
+                                  ["classify", "text"], ["generate"], ["chat"], ["eval"]], ids=" ".join)
+def test_device_defaults_to_auto_everywhere(argv):
+    args = cli.build_parser().parse_args(argv)
     if hasattr(args, "options"):
-        complete(args, args.options)
-    if command == ["train"]:
-        assert not hasattr(args, "device") and TrainConfig().device == "auto"  # the config supplies it
-    else:
-        assert args.device == "auto"
+        complete(args, args.options)  # as main does
+    assert args.device == "auto"
+
+
+def test_train_device_default_is_the_configs():
+    assert not hasattr(cli.build_parser().parse_args(["train"]), "device") and TrainConfig().device == "auto"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -85,7 +87,9 @@ def test_two_different_models_are_an_error(capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: give one model, not two: a and b") and len(err.strip().splitlines()) == 1
     assert cli.main(["train", "--model", "a", "--init-from", "b"]) == 2
-    assert "give one init from, not two" in capsys.readouterr().err
+    assert "give one model, not two: a and b" in capsys.readouterr().err
+    assert cli.main(["generate", "--model", "a", "--checkpoint", "a", "--device", "tpu"]) == 2  # same one twice is fine
+    assert "unknown device 'tpu'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command, old, dest", [
@@ -218,3 +222,28 @@ def test_stop_string_cuts_the_text_even_when_split_over_pieces(monkeypatch, caps
     assert capsys.readouterr().out == "abc<|stop|>zz\n"
     cli._print_continuation(None, None, "", {})
     assert capsys.readouterr().out == "abc<|stop|>zz\n"
+
+
+def test_generate_with_dtype_and_stop(tmp_path, capsys):
+    from buildllm.generation.sampling import stream_text
+    from buildllm.models.gpt2 import GPTConfig, GPTModel
+    from buildllm.tokenizer import WordTokenizer
+    from buildllm.weights.checkpoint import save_model
+
+    import torch
+
+    torch.manual_seed(0)
+    tok = WordTokenizer.from_text("the cat sat on the mat, then it slept. a dog ran!")
+    model = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=16, emb_dim=16, n_heads=2, n_layers=1))
+    save_model(tmp_path / "run", model, tok)
+    argv = ["generate", "--model", str(tmp_path / "run"), "--prompt", "the cat", "--max-new-tokens", "12"]
+    assert cli.main(argv) == 0
+    full = capsys.readouterr().out
+    assert full == "the cat" + "".join(stream_text(model.eval(), tok, "the cat", 12)) + "\n"
+    stop = full[len("the cat"):].split()[2]  # a word the model produces
+    assert cli.main([*argv, "--stop", stop]) == 0
+    assert capsys.readouterr().out == full[: full.index(stop, len("the cat"))] + "\n"
+    assert cli.main([*argv, "--dtype", "bf16"]) == 0
+    assert capsys.readouterr().out.startswith("the cat")
+    assert cli.main([*argv, "--dtype", "bf16", "--quantize", "int8"]) == 2
+    assert "drop --dtype bf16" in capsys.readouterr().err

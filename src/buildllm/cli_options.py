@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import inspect
 import io
 import textwrap
@@ -104,12 +105,19 @@ def _default_of(f: dataclasses.Field):
 
 
 class Once(argparse.Action):
-    """Store a value, refusing a second, different one (``--model A --checkpoint B``)."""
+    """Store a value, refusing a second, different one (``--model A --checkpoint B``).
+
+    A UserError, not a parser error: ``main`` parses inside its ``try``, so it is one line, exit 2.
+    """
+
+    def __init__(self, *args, name: str, **kw):
+        super().__init__(*args, **kw)
+        self.name = name  # the option's shown name, whichever alias was typed
 
     def __call__(self, parser, namespace, values, option_string=None):
         before = getattr(namespace, self.dest, None)
         if before is not None and before != values:
-            raise UserError(f"give one {self.dest.replace('_', ' ')}, not two: {before} and {values}")
+            raise UserError(f"give one {self.name.lstrip('-')}, not two: {before} and {values}")
         setattr(namespace, self.dest, values)
 
 
@@ -148,7 +156,7 @@ def add_options(parser, cls, *, skip=(), flags: dict | None = None, aliases: dic
             spec = dict(type=kind.kind, choices=kind.choices, nargs="+" if kind.many else None,
                         metavar=metavars.get(f.name, _metavar(f.name, kind)), help=text.strip())
             if f.name in once:
-                spec["action"] = Once
+                spec["action"] = functools.partial(Once, name=flag)
         parser.add_argument(flag, **common, **spec)
         for alias in aliases.get(f.name, ()):
             parser.add_argument(alias, **common, **{**spec, "help": argparse.SUPPRESS})
