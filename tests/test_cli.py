@@ -82,6 +82,16 @@ def test_bad_options_are_one_error_line(argv, message, capsys):
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_the_readme_and_makefile_command_lines_still_parse():
+    parser = cli.build_parser()
+    train = parser.parse_args(["train", "--out", "runs/shakespeare", "--resume-if-exists"])
+    assert (train.out, train.resume) == ("runs/shakespeare", "auto")
+    generate = parser.parse_args(["generate", "--checkpoint", "runs/shakespeare", "--prompt", "ROMEO:",
+                                  "--max-new-tokens", "200", "--temperature", "0.8", "--top-k", "50", "--seed", "0"])
+    assert (generate.model, generate.max_new_tokens, generate.temperature, generate.top_k, generate.seed) == \
+        ("runs/shakespeare", 200, 0.8, 50, 0)
+
+
 def test_two_different_models_are_an_error(capsys):
     assert cli.main(["generate", "--model", "a", "--checkpoint", "b"]) == 2
     err = capsys.readouterr().err

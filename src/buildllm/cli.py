@@ -26,7 +26,6 @@ from buildllm.cli_options import (
     TokenizeOptions,
     add_options,
     complete,
-    field_help,
     given,
     need_model,
 )
@@ -427,13 +426,13 @@ def add_train(sub) -> None:
                    help="any config key, e.g. --set model.n_layers=6 --set min_lr_ratio=0.05")
     # The model (a dict of GPTConfig overrides) is set with --set model.KEY=VALUE. resume and force
     # exclude each other, so they are declared here, in a group; the rest is generated.
-    helps = field_help(TrainConfig)
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_const", const=True, default=argparse.SUPPRESS,
                        help="continue the run in --out")
     again.add_argument("--resume-if-exists", dest="resume", action="store_const", const="auto",
                        default=argparse.SUPPRESS, help="continue the run in --out if there is one, else start it")
-    again.add_argument("--force", action="store_const", const=True, default=argparse.SUPPRESS, help=helps["force"])
+    again.add_argument("--force", action="store_const", const=True, default=argparse.SUPPRESS,
+                       help="start over, replacing the run in --out")
     add_options(p, TrainConfig, skip={"resume", "force"}, extra_help=TRAIN_HELP,
                 flags={"init_from": "--model"}, aliases={"init_from": ["--init-from"]}, once={"init_from"},
                 metavars={"init_from": "PATH_OR_ID", "data": "PATH", "out": "DIR", "no_decay": "NAME"})
