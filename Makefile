@@ -15,7 +15,7 @@ install-test:
 
 run: install
 	$(BIN)/buildllm train --out $(RUN) --resume-if-exists
-	$(BIN)/buildllm generate --checkpoint $(RUN) --prompt "ROMEO:" --max-new-tokens 200 --temperature 0.8 --top-k 50 --seed 0
+	$(BIN)/buildllm generate --model $(RUN) --prompt "ROMEO:" --max-new-tokens 200 --temperature 0.8 --top-k 50 --seed 0
 
 test: install-test
 	$(BIN)/python -m pytest -q

@@ -92,24 +92,7 @@ class TrainConfig:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> TrainConfig:
         """Read a YAML (.yaml, .yml) or JSON file of config keys."""
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as e:
-            raise UserError(f"cannot read config {path}: {e.strerror}") from None
-        try:
-            if path.suffix in (".yaml", ".yml"):
-                import yaml
-
-                d = yaml.safe_load(text) or {}
-            else:
-                d = json.loads(text)
-        except Exception as e:  # yaml and json each have their own error types
-            raise UserError(f"config {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: "
-                            f"{str(e).splitlines()[0]}") from None
-        if not isinstance(d, dict):
-            raise UserError(f"config {path} must be a mapping of keys to values")
-        return cls.from_dict(d)
+        return cls.from_dict(read_config_file(path))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -246,8 +229,33 @@ def check(cfg: TrainConfig) -> None:
                         "overrides other than drop_rate and attention")
 
 
+def read_config_file(path: str | os.PathLike) -> dict:
+    """The mapping in a YAML (.yaml, .yml) or JSON file; any config dataclass can be read from one."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot read config {path}: {e.strerror}") from None
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            d = yaml.safe_load(text) or {}
+        else:
+            d = json.loads(text)
+    except Exception as e:  # yaml and json each have their own error types
+        raise UserError(f"config {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: "
+                        f"{str(e).splitlines()[0]}") from None
+    if not isinstance(d, dict):
+        raise UserError(f"config {path} must be a mapping of keys to values")
+    return d
+
+
 def parse_assignments(items: list[str]) -> dict:
-    """``["lr=3e-4", "model.n_layers=6"]`` -> ``{"lr": 0.0003, "model": {"n_layers": 6}}`` (YAML values)."""
+    """``["lr=3e-4", "model.n_layers=6"]`` -> ``{"lr": 0.0003, "model": {"n_layers": 6}}`` (YAML values).
+
+    A dotted key sets one entry of a mapping-valued key (TrainConfig's ``model``).
+    """
     import yaml
 
     out: dict = {}
@@ -259,27 +267,47 @@ def parse_assignments(items: list[str]) -> dict:
             value = yaml.safe_load(text) if text else None
         except yaml.YAMLError:
             value = text
-        if key.startswith("model."):
-            out.setdefault("model", {})[key.removeprefix("model.")] = value
+        outer, dot, inner = key.partition(".")
+        if dot:
+            out.setdefault(outer, {})[inner] = value
         else:
             out[key] = value
     return out
 
 
-def cli_config(path: str | None, options: dict, assignments: list[str] = ()) -> TrainConfig:
+def config_from_dict(cls, d: dict):
+    """A ``cls`` from a mapping, naming unknown keys; lists become tuples where the field is one.
+
+    Config classes with their own ``from_dict`` (TrainConfig) use it.
+    """
+    if hasattr(cls, "from_dict"):
+        return cls.from_dict(d)
+    keys = [f.name for f in fields(cls)]
+    unknown = sorted(set(d) - set(keys))
+    if unknown:
+        raise UserError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(keys)}")
+    tuples = {f.name for f in fields(cls) if isinstance(f.default, tuple)}
+    return cls(**{k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in d.items()})
+
+
+def cli_config(path: str | None, options: dict, assignments: list[str] = (), cls=TrainConfig):
     """The config the command line asks for: the file, then ``--set``, then the options given.
 
-    Resuming without a file starts from the run's saved config, so ``--out DIR --resume`` is enough.
+    Works for any config dataclass ``cls``; ``options`` holds only what was typed (None = not
+    given). A mapping-valued key (TrainConfig's ``model``) is merged with the file's, not replaced.
+    For TrainConfig, resuming without a file starts from the run's saved config, so
+    ``--out DIR --resume`` is enough.
     """
     overrides = {**parse_assignments(list(assignments)), **{k: v for k, v in options.items() if v is not None}}
-    base = TrainConfig.from_file(path) if path else TrainConfig()
-    if overrides.get("resume") and not path:
+    base = config_from_dict(cls, read_config_file(path)) if path else cls()
+    if cls is TrainConfig and overrides.get("resume") and not path:
         probe = base.replace(**{k: v for k, v in overrides.items() if k != "model"})
         out = probe.out or str(Path("runs") / (probe.name or resolve(probe).name))
         base = saved_config(out) or base
-    if "model" in overrides:
-        overrides["model"] = {**base.model, **overrides["model"]}
-    return base.replace(**overrides)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(getattr(base, key, None), dict):
+            overrides[key] = {**getattr(base, key), **value}
+    return config_from_dict(cls, {**{f.name: getattr(base, f.name) for f in fields(cls)}, **overrides})
 
 
 def saved_config(out: str | os.PathLike) -> TrainConfig | None:
