@@ -18,6 +18,7 @@ from buildllm.generation.sampling import (
     stream_text,
 )
 from buildllm.models.gpt2 import GPTConfig, GPTModel
+from buildllm.models.layers import KVCache
 from buildllm.tokenizer import WordTokenizer, get_tokenizer
 from buildllm.weights.checkpoint import save_model
 
@@ -50,6 +51,9 @@ class Recorder(nn.Module):
         self.logits.append(out[:, -1].clone())
         return out
 
+    def new_kv_cache(self, *args, **kwargs):  # generation asks the model for its cache
+        return self.model.new_kv_cache(*args, **kwargs)
+
 
 class FixedLogits(nn.Module):
     """A fake model whose next-token logits are always the same vector (for sampling statistics)."""
@@ -72,6 +76,9 @@ class Counting(nn.Module):
 
     def forward(self, idx, kv_cache=None, padding=None):
         return torch.nn.functional.one_hot((idx + 1) % self.cfg.vocab_size, self.cfg.vocab_size).float() * 10
+
+    def new_kv_cache(self, batch_size, max_length=None, device=None, dtype=torch.float32):
+        return KVCache(self.cfg, batch_size, max_length, device=device or "cpu", dtype=dtype)
 
 
 # KV cache: identical to recomputing everything ----------------------------------------------------

@@ -102,8 +102,11 @@ def build_model(cfg: TrainConfig, vocab_size: int | None, device: torch.device):
         if tokenizer is None:
             raise UserError(f"{cfg.init_from} has no tokenizer saved with it: save its tokenizer.json")
     else:
+        from buildllm.models import registry
+
         overrides = {"vocab_size": vocab_size, **cfg.model}  # a model key may pad the vocabulary
-        model, tokenizer = GPTModel(GPTConfig.from_preset(cfg.preset, **overrides)).to(device), None
+        # The preset's arch picks the model class: any registered architecture trains the same way.
+        model, tokenizer = registry.build(registry.preset(cfg.preset, **overrides)).to(device), None
     if cfg.lora_rank is not None:
         from buildllm.finetune.lora import apply_lora
 

@@ -32,6 +32,7 @@ from torch import nn
 
 from buildllm.errors import UserError
 from buildllm.files import atomic_write, read_json_object, write_json, write_safetensors
+from buildllm.generation.quantization import refuse_quantized
 from buildllm.models import registry
 from buildllm.tokenizer import Tokenizer
 from buildllm.weights.checkpoint import model_from_state_dict, tied_parameters, weights_of
@@ -231,6 +232,7 @@ def download(model_id: str) -> Path:
 
 def hf_state_of(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's weights under its architecture's HF names, transposed where HF stores (in, out)."""
+    refuse_quantized(model, "export")
     fmt = hf_format_of(model.cfg)
     state = {}
     for name, tensor in weights_of(model).items():  # tied parameters once: transformers ties them itself
