@@ -289,35 +289,24 @@ def _add_quantize_arg(p) -> None:
 
 def _load_for_inference(args):
     """``(model, tokenizer)`` for generate and chat, in eval mode on ``args.device``."""
-    from buildllm.tokenizer import get_tokenizer
     from buildllm.training.runtime import pick_device
-    from buildllm.weights.checkpoint import load_model
+    from buildllm.weights.loader import load_model
 
     if bool(args.checkpoint) == bool(args.pretrained):
         raise UserError("give one model: --checkpoint DIR (a folder written by buildllm train or finetune) "
                         "or --pretrained NAME_OR_PATH (GPT-2 weights)")
     device = pick_device(args.device)
-    if args.pretrained:
-        from buildllm.weights.loader import load_pretrained
-
-        model, tokenizer = load_pretrained(args.pretrained, device=device)
-        if tokenizer is None:
-            raise UserError(f"{args.pretrained} has no tokenizer saved with it and its vocabulary is not GPT-2's")
-    else:
-        model, tokenizer = load_model(args.checkpoint, device=device)
-        if tokenizer is None:
-            if model.cfg.vocab_size != 50257:
-                raise UserError(f"{args.checkpoint} has no tokenizer.json and its vocabulary is not GPT-2's: "
-                                "save the tokenizer with the model")
-            tokenizer = get_tokenizer("gpt2")
-    if args.quantize:
-        from buildllm.generation.quantization import quantize
-
-        if device.type != "cpu":
-            print(f"note: PyTorch's {args.quantize} kernels are CPU-only; on {device.type} the weights are "
-                  "dequantized at every step, which is slower than bf16 weights", file=sys.stderr)
-        quantize(model, args.quantize)
-    return model.eval(), tokenizer
+    if args.quantize and device.type != "cpu":
+        print(f"note: PyTorch's {args.quantize} kernels are CPU-only; on {device.type} the weights are "
+              "dequantized at every step, which is slower than bf16 weights", file=sys.stderr)
+    source = args.checkpoint or args.pretrained
+    # dtype=None keeps the stored dtype; the one loader decides what the folder is and whether its
+    # vocabulary fits the tokenizer, the same way for --checkpoint and --pretrained.
+    model, tokenizer = load_model(source, device=device, dtype=None, quantize=args.quantize)
+    if tokenizer is None:
+        raise UserError(f"{source} has no tokenizer saved with it and its vocabulary ({model.cfg.vocab_size}) "
+                        "is smaller than GPT-2's: save the tokenizer with the model")
+    return model, tokenizer
 
 
 def _sampler(args, model):

@@ -54,6 +54,15 @@ def register(arch: str, model_class: type, config_class: type, presets: dict | N
     _ARCHS[arch] = Arch(arch, model_class, config_class, presets, hf_format)
 
 
+# Under the names ``buildllm`` exports them by (``buildllm.build_model(cfg)``, ...).
+def register_arch(*args, **kwargs) -> None:
+    register(*args, **kwargs)
+
+
+def build_model(cfg):
+    return build(cfg)
+
+
 def archs() -> list[str]:
     return list(_ARCHS)
 
