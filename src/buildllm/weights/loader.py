@@ -126,7 +126,7 @@ def _resolve(source) -> Path:
     raise UserError(f"{source} is neither a folder nor a model id; use {', '.join(MODEL_IDS)} or a model folder")
 
 
-def _config(config: dict, where: Path, overrides: dict):
+def _config(config: dict, overrides: dict):
     cfg = registry.config_from_dict(config)
     try:
         return replace(cfg, **overrides) if overrides else cfg
@@ -144,7 +144,7 @@ def _read_weights(path: Path, device) -> dict[str, torch.Tensor]:
 def _model_from_folder(directory: Path, config: dict, device, dtype, overrides) -> nn.Module:
     if not (directory / WEIGHTS).is_file():
         raise UserError(f"{directory} is not a buildllm model folder: {WEIGHTS} is missing")
-    cfg = _config(config, directory / CONFIG, overrides)
+    cfg = _config(config, overrides)
     state = _read_weights(directory / WEIGHTS, device)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
@@ -157,7 +157,7 @@ def _load_classifier(directory: Path, device, dtype, overrides):
     labels = meta.get("labels")
     if not isinstance(labels, list) or not labels:
         raise UserError(f"{directory / CLASSIFIER} names no labels; fine-tune the classifier again")
-    cfg = _config(read_json_object(directory / CONFIG, "model config"), directory / CONFIG, overrides)
+    cfg = _config(read_json_object(directory / CONFIG, "model config"), overrides)
     state = _read_weights(directory / WEIGHTS, device)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
