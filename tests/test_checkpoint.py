@@ -108,3 +108,26 @@ def test_config_save_is_atomic_and_names_its_arch(tmp_path):
     assert '"arch": "gpt2"' in (tmp_path / "config.json").read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
     assert GPTConfig.load(tmp_path / "config.json") == CFG
+
+
+def test_one_loader_reads_classifier_and_instruction_folders(tmp_path):
+    import buildllm
+    from buildllm.finetune.classify import load_classifier, save_classifier
+    from buildllm.files import write_json
+
+    tok = _word_tokenizer(40)
+    cfg = GPTConfig(**{**CFG.to_dict(), "vocab_size": tok.vocab_size})
+    torch.manual_seed(0)
+    model = GPTModel(cfg).eval()
+    save_model(tmp_path / "instruct", model, tok)
+    write_json(tmp_path / "instruct" / "prompt_template.json", {"name": "t", "instruction": "{instruction}"})
+    loaded = buildllm.load_model(tmp_path / "instruct")
+    assert loaded.prompt_template["name"] == "t" and loaded.classifier is None
+
+    model.out_head = torch.nn.Linear(cfg.emb_dim, 2)
+    save_classifier(tmp_path / "cls", model, tok, {"labels": ["no", "yes"], "max_length": 16})
+    classifier = buildllm.load_model(tmp_path / "cls")
+    assert classifier.classifier["labels"] == ["no", "yes"]
+    idx = torch.randint(0, cfg.vocab_size, (1, 16))
+    assert torch.equal(classifier.model(idx), load_classifier(tmp_path / "cls").model(idx))
+    assert torch.equal(classifier.model(idx), model(idx))

@@ -6,7 +6,7 @@ A frozen ``Linear`` layer computes ``x W^T + b``. LoRA adds a trainable low-rank
 
 with ``A`` random and ``B`` zero, so at the start the update is exactly zero and the adapted model
 computes exactly what the base model did. Only ``A`` and ``B`` train. After training the update can
-be folded into ``W`` (``merge_lora``), which leaves a plain ``GPTModel`` of the original size.
+be folded into ``W`` (``merge_lora``), which leaves a plain model of the original size and architecture.
 
 Scaling: this module multiplies by ``alpha / rank`` as the LoRA paper does, so changing the rank does
 not change the update's size. The book's appendix E multiplies by ``alpha`` alone; its setting
@@ -151,8 +151,10 @@ def merge_lora(model: nn.Module) -> nn.Module:
         parent = model.get_submodule(parent_name) if parent_name else model
         linear = layer.linear
         delta = layer.lora.delta_weight().to(linear.weight.dtype)
-        tied_to_embedding = hasattr(model, "wte") and linear.weight is model.wte.weight
-        if tied_to_embedding:
+        # Shared with another parameter (a head tied to the token embedding, whatever the arch calls it)?
+        tied = any(p is linear.weight for n, p in model.named_parameters(remove_duplicate=False)
+                   if n != f"{name}.linear.weight")
+        if tied:
             linear.weight = nn.Parameter(linear.weight + delta, requires_grad=linear.weight.requires_grad)
             from dataclasses import replace
 
