@@ -259,20 +259,6 @@ class GPTModel(nn.Module):
             self.out_head.weight = self.wte.weight
         self.reset_parameters()
 
-    # What the rest of the package asks of a model (models/registry.py lists it) ------------------
-
-    # LoRA adapts these Linear layers by default (attribute names): attention's fused query/key/value
-    # projection and its output projection, the feed-forward expansion and projection.
-    lora_targets: tuple[str, ...] = ("qkv", "out_proj", "fc", "proj")
-
-    def init_buffers(self, device: torch.device | str | None = None) -> None:
-        """Remake the non-persistent buffers (the causal masks), e.g. after a meta-device load."""
-        for block in self.blocks:
-            block.att.mask = causal_mask(self.cfg.context_length, device=device)
-
-    def new_kv_cache(self, batch_size: int, max_length: int | None = None, device=None, dtype=torch.float32):
-        return KVCache(self.cfg, batch_size, max_length, device=device or self.device, dtype=dtype)
-
     def reset_parameters(self) -> None:
         """GPT-2's initialisation: N(0, 0.02), zero biases, residual projections scaled down."""
         for name, p in self.named_parameters():
@@ -341,6 +327,20 @@ class GPTModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.wte.weight.device
+
+    # What the rest of the package asks of a model (models/registry.py lists it) ------------------
+
+    # LoRA adapts these Linear layers by default (attribute names): attention's fused query/key/value
+    # projection and its output projection, the feed-forward expansion and projection.
+    lora_targets: tuple[str, ...] = ("qkv", "out_proj", "fc", "proj")
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """Remake the non-persistent buffers (the causal masks), e.g. after a meta-device load."""
+        for block in self.blocks:
+            block.att.mask = causal_mask(self.cfg.context_length, device=device)
+
+    def new_kv_cache(self, batch_size: int, max_length: int | None = None, device=None, dtype=torch.float32):
+        return KVCache(self.cfg, batch_size, max_length, device=device or self.device, dtype=dtype)
 
     # For the reader: what a configuration costs (``buildllm.describe`` adds memory) ---------------
 

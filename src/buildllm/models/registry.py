@@ -20,6 +20,19 @@ What a model class provides (GPT-2's ``GPTModel`` is the reference):
     Model.lora_targets              names of the Linear layers LoRA adapts by default
     Model.count_parameters(cfg)     {"total", "embedding", "head", "non_embedding"}
     Model.flops_per_token(cfg)      {"train": ..., "forward": ...}
+
+Adding an architecture, e.g. Llama 3:
+
+1. ``models/llama.py``: its config (a frozen dataclass with ``arch = "llama"``; fields the package
+   reads: vocab_size, context_length, emb_dim, n_heads, n_layers, head_dim, drop_rate,
+   tie_embeddings), its model class with the methods above, its presets, and last
+   ``registry.register("llama", LlamaModel, LlamaConfig, PRESETS, hf_format=llama_hf)``.
+2. ``models/llama_hf.py``: its Hugging Face weight map, with the names ``models/gpt2_hf.py`` has.
+3. One import line in ``models/__init__.py`` so the built-in arch registers on import (and, if
+   wanted, public names in ``buildllm/__init__.py``'s table).
+
+Training, generation, LoRA, quantization, checkpoints and the loader need no change.
+``tests/test_architectures.py`` registers a toy architecture and runs it through all of them.
 """
 
 from __future__ import annotations
