@@ -300,9 +300,9 @@ def _load_for_inference(args):
         print(f"note: PyTorch's {args.quantize} kernels are CPU-only; on {device.type} the weights are "
               "dequantized at every step, which is slower than bf16 weights", file=sys.stderr)
     source = args.checkpoint or args.pretrained
-    # dtype=None keeps the stored dtype; the one loader decides what the folder is and whether its
-    # vocabulary fits the tokenizer, the same way for --checkpoint and --pretrained.
-    model, tokenizer = load_model(source, device=device, dtype=None, quantize=args.quantize)
+    # The one loader decides what the folder is and whether its vocabulary fits the tokenizer, the
+    # same way for --checkpoint and --pretrained; weights come as fp32 (what the int8/int4 kernels take).
+    model, tokenizer = load_model(source, device=device, quantize=args.quantize)
     if tokenizer is None:
         raise UserError(f"{source} has no tokenizer saved with it and its vocabulary ({model.cfg.vocab_size}) "
                         "is smaller than GPT-2's: save the tokenizer with the model")
