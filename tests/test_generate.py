@@ -333,6 +333,20 @@ def test_cli_generate_streams_the_continuation(word_checkpoint, capsys):
     assert capsys.readouterr().out == expected
 
 
+def test_cli_loads_a_padded_vocabulary_and_refuses_a_smaller_one(tmp_path, capsys):
+    """--checkpoint and --pretrained share the one loader and its one vocabulary rule."""
+    tok = WordTokenizer.from_text("the cat sat on the mat, then it slept. a dog ran!")
+    save_model(tmp_path / "padded", tiny_model(vocab_size=tok.vocab_size + 5), tok)
+    for flag in ("--checkpoint", "--pretrained"):
+        assert cli.main(["generate", flag, str(tmp_path / "padded"), "--prompt", "the cat",
+                         "--max-new-tokens", "3"]) == 0
+    capsys.readouterr()
+    save_model(tmp_path / "small", tiny_model(vocab_size=tok.vocab_size - 1), tok)
+    assert cli.main(["generate", "--checkpoint", str(tmp_path / "small"), "--prompt", "the cat"]) == 2
+    err = capsys.readouterr().err
+    assert "tokens but the model only" in err and err.count("\n") == 1
+
+
 def test_cli_generate_samples_reproducibly_with_a_seed(word_checkpoint, capsys):
     path, _, _ = word_checkpoint
     argv = ["generate", "--checkpoint", str(path), "--prompt", "a dog", "--max-new-tokens", "8",
