@@ -51,3 +51,83 @@ def test_missing_folder_or_files(tmp_path):
         load_model(tmp_path / "model.txt")
     with pytest.raises(UserError, match="model.safetensors is missing"):
         load_model(tmp_path)
+
+
+def test_user_error_is_a_value_error():
+    assert issubclass(UserError, ValueError)
+
+
+def _word_tokenizer(n_words: int):
+    from buildllm.tokenizer import WordTokenizer
+
+    return WordTokenizer.from_text(" ".join(f"w{i}" for i in range(n_words)))
+
+
+def test_one_vocabulary_rule_padded_loads_smaller_is_one_line(tmp_path):
+    """The one loader: a model vocabulary padded past the tokenizer's loads; a smaller one does not."""
+    import buildllm
+
+    tok = _word_tokenizer(40)
+    padded = GPTConfig(**{**CFG.to_dict(), "vocab_size": tok.vocab_size + 7})
+    save_model(tmp_path / "padded", GPTModel(padded), tok)
+    model, loaded_tok = buildllm.load_model(tmp_path / "padded")
+    assert model.cfg.vocab_size == tok.vocab_size + 7 and loaded_tok.vocab_size == tok.vocab_size
+    small = GPTConfig(**{**CFG.to_dict(), "vocab_size": tok.vocab_size - 1})
+    save_model(tmp_path / "small", GPTModel(small), tok)
+    with pytest.raises(UserError, match=r"the tokenizer has \d+ tokens but the model only \d+") as e:
+        buildllm.load_model(tmp_path / "small")
+    assert "\n" not in str(e.value)
+    assert buildllm.load_pretrained is buildllm.load_model
+
+
+def test_one_loader_takes_adapters_on_a_base_and_quantizes(tmp_path):
+    import buildllm
+    from buildllm.finetune.lora import apply_lora, save_adapters
+
+    torch.manual_seed(0)
+    base = GPTModel(CFG).eval()
+    save_model(tmp_path / "base", base)
+    import copy
+
+    tuned = apply_lora(copy.deepcopy(base), rank=2, alpha=4)
+    for layer in tuned.modules():
+        if hasattr(layer, "B") and isinstance(layer.B, torch.nn.Parameter):
+            torch.nn.init.normal_(layer.B)
+    save_adapters(tmp_path / "adapters", tuned)
+    with pytest.raises(UserError, match="pass base="):
+        buildllm.load_model(tmp_path / "adapters")
+    loaded, _ = buildllm.load_model(tmp_path / "adapters", base=tmp_path / "base")
+    idx = torch.randint(0, CFG.vocab_size, (1, 16))
+    assert torch.allclose(loaded(idx), tuned.eval()(idx), atol=1e-5)
+    quantized, _ = buildllm.load_model(tmp_path / "base", quantize="int8")
+    assert quantized.blocks[0].att.qkv.__class__.__name__ == "Int8Linear"
+
+
+def test_config_save_is_atomic_and_names_its_arch(tmp_path):
+    CFG.save(tmp_path / "config.json")
+    assert '"arch": "gpt2"' in (tmp_path / "config.json").read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+    assert GPTConfig.load(tmp_path / "config.json") == CFG
+
+
+def test_one_loader_reads_classifier_and_instruction_folders(tmp_path):
+    import buildllm
+    from buildllm.finetune.classify import load_classifier, save_classifier
+    from buildllm.files import write_json
+
+    tok = _word_tokenizer(40)
+    cfg = GPTConfig(**{**CFG.to_dict(), "vocab_size": tok.vocab_size})
+    torch.manual_seed(0)
+    model = GPTModel(cfg).eval()
+    save_model(tmp_path / "instruct", model, tok)
+    write_json(tmp_path / "instruct" / "prompt_template.json", {"name": "t", "instruction": "{instruction}"})
+    loaded = buildllm.load_model(tmp_path / "instruct")
+    assert loaded.prompt_template["name"] == "t" and loaded.classifier is None
+
+    model.out_head = torch.nn.Linear(cfg.emb_dim, 2)
+    save_classifier(tmp_path / "cls", model, tok, {"labels": ["no", "yes"], "max_length": 16})
+    classifier = buildllm.load_model(tmp_path / "cls")
+    assert classifier.classifier["labels"] == ["no", "yes"]
+    idx = torch.randint(0, cfg.vocab_size, (1, 16))
+    assert torch.equal(classifier.model(idx), load_classifier(tmp_path / "cls").model(idx))
+    assert torch.equal(classifier.model(idx), model(idx))

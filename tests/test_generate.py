@@ -18,6 +18,7 @@ from buildllm.generation.sampling import (
     stream_text,
 )
 from buildllm.models.gpt2 import GPTConfig, GPTModel
+from buildllm.models.layers import KVCache
 from buildllm.tokenizer import WordTokenizer, get_tokenizer
 from buildllm.weights.checkpoint import save_model
 
@@ -50,6 +51,9 @@ class Recorder(nn.Module):
         self.logits.append(out[:, -1].clone())
         return out
 
+    def new_kv_cache(self, *args, **kwargs):  # generation asks the model for its cache
+        return self.model.new_kv_cache(*args, **kwargs)
+
 
 class FixedLogits(nn.Module):
     """A fake model whose next-token logits are always the same vector (for sampling statistics)."""
@@ -72,6 +76,9 @@ class Counting(nn.Module):
 
     def forward(self, idx, kv_cache=None, padding=None):
         return torch.nn.functional.one_hot((idx + 1) % self.cfg.vocab_size, self.cfg.vocab_size).float() * 10
+
+    def new_kv_cache(self, batch_size, max_length=None, device=None, dtype=torch.float32):
+        return KVCache(self.cfg, batch_size, max_length, device=device or "cpu", dtype=dtype)
 
 
 # KV cache: identical to recomputing everything ----------------------------------------------------
@@ -324,6 +331,20 @@ def test_cli_generate_streams_the_continuation(word_checkpoint, capsys):
     assert cli.main(["generate", "--checkpoint", str(path), "--prompt", "the cat", "--max-new-tokens", "10",
                      "--no-cache"]) == 0
     assert capsys.readouterr().out == expected
+
+
+def test_cli_loads_a_padded_vocabulary_and_refuses_a_smaller_one(tmp_path, capsys):
+    """--checkpoint and --pretrained share the one loader and its one vocabulary rule."""
+    tok = WordTokenizer.from_text("the cat sat on the mat, then it slept. a dog ran!")
+    save_model(tmp_path / "padded", tiny_model(vocab_size=tok.vocab_size + 5), tok)
+    for flag in ("--checkpoint", "--pretrained"):
+        assert cli.main(["generate", flag, str(tmp_path / "padded"), "--prompt", "the cat",
+                         "--max-new-tokens", "3"]) == 0
+    capsys.readouterr()
+    save_model(tmp_path / "small", tiny_model(vocab_size=tok.vocab_size - 1), tok)
+    assert cli.main(["generate", "--checkpoint", str(tmp_path / "small"), "--prompt", "the cat"]) == 2
+    err = capsys.readouterr().err
+    assert "tokens but the model only" in err and err.count("\n") == 1
 
 
 def test_cli_generate_samples_reproducibly_with_a_seed(word_checkpoint, capsys):

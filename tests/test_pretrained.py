@@ -166,7 +166,7 @@ def test_unexpected_name_is_named(reference, tmp_path):
 
 
 def test_missing_tensor_is_named(reference, tmp_path):
-    with pytest.raises(UserError, match=r"tensor 'h\.2\.ln_2\.bias' is missing"):
+    with pytest.raises(UserError, match=r"tensor 'transformer\.h\.2\.ln_2\.bias' is missing"):
         load_pretrained(copy_with(reference[1], tmp_path, lambda s: s.pop("transformer.h.2.ln_2.bias")))
 
 
@@ -174,7 +174,7 @@ def test_extra_layer_is_unexpected(reference, tmp_path):
     def add_layer(state):
         state["transformer.h.3.ln_1.weight"] = torch.ones(64)
 
-    with pytest.raises(UserError, match=r"unexpected tensor 'h\.3\.ln_1\.weight' \(the config has 3 layers"):
+    with pytest.raises(UserError, match=r"unexpected tensor 'transformer\.h\.3\.ln_1\.weight' \(the config has 3 layers"):
         load_pretrained(copy_with(reference[1], tmp_path, add_layer))
 
 
@@ -182,7 +182,7 @@ def test_shape_mismatch_is_named(reference, tmp_path):
     def bigger_context(config):
         config["n_positions"] = 256
 
-    with pytest.raises(UserError, match=r"'wpe\.weight' has shape \(128, 64\), the config needs \(256, 64\)"):
+    with pytest.raises(UserError, match=r"'transformer\.wpe\.weight' has shape \(128, 64\), the config needs \(256, 64\)"):
         load_pretrained(copy_with(reference[1], tmp_path, edit_config=bigger_context))
 
 
@@ -190,7 +190,7 @@ def test_linear_layout_instead_of_conv1d_is_caught(reference, tmp_path):
     def transpose(state):
         state["transformer.h.0.attn.c_attn.weight"] = state["transformer.h.0.attn.c_attn.weight"].t().contiguous()
 
-    with pytest.raises(UserError, match=r"'h\.0\.attn\.c_attn\.weight' has shape \(192, 64\), the config needs \(64, 192\)"):
+    with pytest.raises(UserError, match=r"'transformer\.h\.0\.attn\.c_attn\.weight' has shape \(192, 64\), the config needs \(64, 192\)"):
         load_pretrained(copy_with(reference[1], tmp_path, transpose))
 
 
@@ -205,7 +205,7 @@ def test_folder_without_weights(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(UserError, match="no model.safetensors or pytorch_model.bin"):
         load_pretrained(tmp_path)
-    with pytest.raises(UserError, match="holds no GPT-2 weights"):
+    with pytest.raises(UserError, match="holds no model"):
         load_pretrained(tmp_path / "..")
 
 

@@ -4,7 +4,7 @@ The package follows the pipeline, one module per stage:
 
     tokenizer   text to token ids (word-level, GPT-2 BPE, BPE trained on your corpus)
     data        token ids to (input, target) training pairs; memory-mapped shards for big corpora
-    model       embeddings, causal multi-head attention, the GPT-2 architecture
+    models      the architectures (GPT-2, ...) behind one registry: build, presets, counts
     training    pretraining loop, checkpoints, resume, many GPUs through torchrun
     generation  sampling (temperature, top-k, top-p), stop tokens, KV cache, streaming
     quantize    int8 and int4 weights for faster generation on CPU
@@ -47,10 +47,15 @@ _EXPORTS = {
     "LayerNorm": "models.gpt2",
     "GELU": "models.gpt2",
     "KVCache": "models.gpt2",
-    "count_parameters": "models.gpt2",
-    "describe": "models.gpt2",
+    "count_parameters": "models.registry",
+    "describe": "models.registry",
+    "register_arch": "models.registry",
+    "build_model": "models.registry",
+    "config_from_dict": "models.registry",
+    "all_presets": "models.registry",
     "save_model": "weights.checkpoint",
-    "load_model": "weights.checkpoint",
+    "load_model": "weights.loader",
+    "LoadedModel": "weights.loader",
     "train": "training.engine",
     "TrainConfig": "training.config",
     "TrainResult": "training.engine",

@@ -200,46 +200,27 @@ def _is_buildllm_folder(path: str) -> bool:
         return False
 
 
-def _load(args):
-    """``_load_for_inference`` with ``--dtype`` applied: the weights in the precision asked for."""
+def _load_for_inference(args):
+    """``(model, tokenizer)`` for the inference commands, in eval mode on ``args.device``."""
     import torch
 
-    if args.dtype != "auto" and args.quantize:
-        raise UserError(f"--quantize {args.quantize} chooses how the weights are stored: drop --dtype {args.dtype}")
-    model, tokenizer = _load_for_inference(args)
-    if args.dtype != "auto":
-        model = model.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype])
-    return model, tokenizer
-
-
-def _load_for_inference(args):
-    """``(model, tokenizer)`` for generate and chat, in eval mode on ``args.device``."""
-    from buildllm.tokenizer import get_tokenizer
     from buildllm.training.runtime import pick_device
-    from buildllm.weights.checkpoint import load_model
+    from buildllm.weights.loader import load_model
 
     need_model(args)
+    if args.dtype != "auto" and args.quantize:
+        raise UserError(f"--quantize {args.quantize} chooses how the weights are stored: drop --dtype {args.dtype}")
     device = pick_device(args.device)
-    if not _is_buildllm_folder(args.model):  # GPT-2 weights: a Hugging Face or OpenAI folder, or an id
-        from buildllm.weights.loader import load_pretrained
-
-        model, tokenizer = load_pretrained(args.model, device=device)
-        if tokenizer is None:
-            raise UserError(f"{args.model} has no tokenizer saved with it and its vocabulary is not GPT-2's")
-    else:
-        model, tokenizer = load_model(args.model, device=device)
-        if tokenizer is None:
-            if model.cfg.vocab_size != 50257:
-                raise UserError(f"{args.model} has no tokenizer.json and its vocabulary is not GPT-2's: "
-                                "save the tokenizer with the model")
-            tokenizer = get_tokenizer("gpt2")
-    if args.quantize:
-        from buildllm.generation.quantization import quantize
-
-        if device.type != "cpu":
-            print(f"note: PyTorch's {args.quantize} kernels are CPU-only; on {device.type} the weights are "
-                  "dequantized at every step, which is slower than bf16 weights", file=sys.stderr)
-        quantize(model, args.quantize)
+    if args.quantize and device.type != "cpu":
+        print(f"note: PyTorch's {args.quantize} kernels are CPU-only; on {device.type} the weights are "
+              "dequantized at every step, which is slower than bf16 weights", file=sys.stderr)
+    # The one loader decides what the folder is and whether its vocabulary fits the tokenizer;
+    # weights come as fp32 unless --dtype says otherwise (fp32 is what the int8/int4 kernels take).
+    dtype = {"auto": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    model, tokenizer = load_model(args.model, device=device, dtype=dtype, quantize=args.quantize)
+    if tokenizer is None:
+        raise UserError(f"{args.model} has no tokenizer saved with it and its vocabulary ({model.cfg.vocab_size}) "
+                        "is smaller than GPT-2's: save the tokenizer with the model")
     return model.eval(), tokenizer
 
 
@@ -302,7 +283,7 @@ def run_generate(args) -> int:
     if args.num_samples > 1 and args.temperature == 0:
         print("note: --temperature 0 is greedy, so every sample is the same; try --temperature 0.8",
               file=sys.stderr)
-    model, tokenizer = _load(args)
+    model, tokenizer = _load_for_inference(args)
     sampler = _sampler(args, model)  # one generator for all samples: different yet reproducible
     for i in range(args.num_samples):
         if args.num_samples > 1:
@@ -326,7 +307,7 @@ def run_chat(args) -> int:
     from buildllm.generation.sampling import check_sampling
 
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
-    model, tokenizer = _load(args)
+    model, tokenizer = _load_for_inference(args)
     template = load_prompt_template(args.model) if _is_buildllm_folder(args.model) else None
     sampler = _sampler(args, model)
     interactive = sys.stdin.isatty()
@@ -378,7 +359,7 @@ def run_eval(args) -> int:
         raise UserError("nothing to evaluate: add --data FILE (perplexity) and/or --hellaswag FILE")
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be at least 1, got {args.limit}")
-    model, tokenizer = _load(args)
+    model, tokenizer = _load_for_inference(args)
     if args.data:
         try:
             with open(args.data, encoding="utf-8") as f:

@@ -33,6 +33,24 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Write ``obj`` as indented UTF-8 JSON, atomically (the one JSON writer of the package)."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict) -> None:
+    """Write ``tensors`` (name -> tensor) as a .safetensors file, atomically: the one weights writer.
+
+    Tensors are made contiguous and moved to the CPU first, as safetensors needs. The metadata
+    ``"format": "pt"`` tells transformers these are PyTorch tensors (it refuses files without it).
+    """
+    from safetensors.torch import save_file
+
+    state = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+
+
 def read_json_object(path: str | os.PathLike, what: str = "") -> dict:
     """The JSON object in ``path``; ``UserError`` naming ``what`` the file is when it is not one."""
     label = f"{what} {path}" if what else str(path)

@@ -6,7 +6,7 @@ A frozen ``Linear`` layer computes ``x W^T + b``. LoRA adds a trainable low-rank
 
 with ``A`` random and ``B`` zero, so at the start the update is exactly zero and the adapted model
 computes exactly what the base model did. Only ``A`` and ``B`` train. After training the update can
-be folded into ``W`` (``merge_lora``), which leaves a plain ``GPTModel`` of the original size.
+be folded into ``W`` (``merge_lora``), which leaves a plain model of the original size and architecture.
 
 Scaling: this module multiplies by ``alpha / rank`` as the LoRA paper does, so changing the rank does
 not change the update's size. The book's appendix E multiplies by ``alpha`` alone; its setting
@@ -15,7 +15,6 @@ not change the update's size. The book's appendix E multiplies by ``alpha`` alon
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -24,8 +23,9 @@ from torch import nn
 
 from buildllm.errors import UserError
 
-# The Linear layers of a GPT block, by attribute name (see model.py): attention's fused
-# query/key/value projection and its output projection, the feed-forward expansion and projection.
+# Which Linear layers LoRA adapts by default is the architecture's choice: each model class names
+# them in ``lora_targets`` (GPT-2's are below, kept under their old name). ``apply_lora`` without
+# targets asks the model.
 DEFAULT_TARGETS: tuple[str, ...] = ("qkv", "out_proj", "fc", "proj")
 ALL_TARGETS: tuple[str, ...] = (*DEFAULT_TARGETS, "out_head")
 
@@ -70,16 +70,27 @@ class LinearWithLoRA(nn.Module):
         return self.linear.weight
 
 
-def _check(rank, alpha, targets) -> tuple[str, ...]:
+def default_targets(model: nn.Module) -> tuple[str, ...]:
+    """The Linear layers the model's architecture adapts by default (its ``lora_targets``)."""
+    return tuple(getattr(model, "lora_targets", DEFAULT_TARGETS))
+
+
+def _check(model, rank, alpha, targets) -> tuple[str, ...]:
     if not isinstance(rank, int) or rank < 1:
         raise UserError(f"LoRA rank must be a positive integer, got {rank!r}")
     if not alpha > 0:
         raise UserError(f"LoRA alpha must be positive, got {alpha!r}")
+    if targets is None:
+        targets = default_targets(model)
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    unknown = [t for t in targets if t not in ALL_TARGETS]
+    # Any Linear layer of this model may be a target (its attribute name); the model says which exist.
+    linear_names = {name.rpartition(".")[2] for name, m in model.named_modules()
+                    if isinstance(m, (nn.Linear, LinearWithLoRA))}
+    choices = sorted(linear_names | set(default_targets(model)))
+    unknown = [t for t in targets if t not in linear_names]
     if unknown or not targets:
         raise UserError(
-            f"unknown LoRA target(s) {', '.join(unknown) or '(none given)'}; choose from: {', '.join(ALL_TARGETS)}"
+            f"unknown LoRA target(s) {', '.join(unknown) or '(none given)'}; choose from: {', '.join(choices)}"
         )
     return targets
 
@@ -88,15 +99,16 @@ def apply_lora(
     model: nn.Module,
     rank: int,
     alpha: float,
-    targets: tuple[str, ...] | list[str] | str = DEFAULT_TARGETS,
+    targets: tuple[str, ...] | list[str] | str | None = None,
 ) -> nn.Module:
     """Freeze every parameter of ``model``, then wrap each ``nn.Linear`` named in ``targets``.
 
     Works in place and returns the model. Names are attribute names: ``"qkv"`` wraps every
-    ``blocks[i].att.qkv``. Parameters you want to train fully besides the adapters (a new
+    ``blocks[i].att.qkv``. ``targets=None`` takes the architecture's defaults
+    (``model.lora_targets``; GPT-2's are ``DEFAULT_TARGETS``). Parameters you want to train fully besides the adapters (a new
     classification head, say) must be unfrozen afterwards.
     """
-    targets = _check(rank, alpha, targets)
+    targets = _check(model, rank, alpha, targets)
     for p in model.parameters():
         p.requires_grad = False
     replaced = 0
@@ -139,8 +151,10 @@ def merge_lora(model: nn.Module) -> nn.Module:
         parent = model.get_submodule(parent_name) if parent_name else model
         linear = layer.linear
         delta = layer.lora.delta_weight().to(linear.weight.dtype)
-        tied_to_embedding = hasattr(model, "wte") and linear.weight is model.wte.weight
-        if tied_to_embedding:
+        # Shared with another parameter (a head tied to the token embedding, whatever the arch calls it)?
+        tied = any(p is linear.weight for n, p in model.named_parameters(remove_duplicate=False)
+                   if n != f"{name}.linear.weight")
+        if tied:
             linear.weight = nn.Parameter(linear.weight + delta, requires_grad=linear.weight.requires_grad)
             from dataclasses import replace
 
@@ -178,15 +192,12 @@ def save_adapters(directory: str | Path, model: nn.Module) -> Path:
     """Write ``adapter.safetensors`` (``adapter_state``: a small file) and ``adapter_config.json``.
 
     Together with the base model they rebuild the fine-tuned one (``load_adapters``)."""
-    from safetensors.torch import save_file
-
-    from buildllm.files import atomic_write
+    from buildllm.files import write_json, write_safetensors
 
     directory = Path(directory)
     config = adapter_config(model)
-    state = adapter_state(model)
-    atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    atomic_write(directory / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    write_safetensors(directory / ADAPTER_WEIGHTS, adapter_state(model))
+    write_json(directory / ADAPTER_CONFIG, config)
     return directory / ADAPTER_WEIGHTS
 
 
@@ -197,10 +208,12 @@ def load_adapters(directory: str | Path, model: nn.Module) -> nn.Module:
 
     directory = Path(directory)
     config_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
+    from buildllm.files import read_json_object
+
+    config = read_json_object(config_path, "LoRA adapter config")
     try:
-        config = json.loads(config_path.read_text())
         rank, alpha, targets = int(config["rank"]), float(config["alpha"]), tuple(config["targets"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"cannot read LoRA adapter config {config_path}: {e}") from None
     try:
         state = load_file(weights_path, device=str(next(model.parameters()).device))

@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from buildllm.errors import UserError
-from buildllm.models.gpt2 import KVCache
 
 Prompt = torch.Tensor | Sequence[Sequence[int]]
 
@@ -149,7 +148,7 @@ def _decode(model, prompt, padding, max_new_tokens, sampling, eos_id, use_cache)
         if use_cache:
             # The last pass with the cache reads position prompt_length + max_new_tokens - 2.
             max_length = min(context_length, prompt_length + max_new_tokens - 1)
-            cache = KVCache(model.cfg, batch, max_length, device=prompt.device, dtype=_dtype_of(model))
+            cache = model.new_kv_cache(batch, max_length, device=prompt.device, dtype=_dtype_of(model))
 
         def window_logits(n: int) -> torch.Tensor:
             """Logits after the last ``context_length`` of the first ``n`` tokens, from scratch."""

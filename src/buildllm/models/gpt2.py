@@ -12,13 +12,15 @@ Attention comes in two forms that share the same parameters, chosen by ``GPTConf
 as a textbook would; ``"fast"`` hands the same tensors to PyTorch's fused
 ``scaled_dot_product_attention``. ``tests/test_model.py`` proves they give the same outputs and
 gradients.
+
+GPT-2 is one architecture among those in ``models/registry.py``: the last lines of this file
+register it, with its presets and its Hugging Face weight map (``gpt2_hf.py``).
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -27,12 +29,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from buildllm.errors import UserError
+from buildllm.files import read_json_object, write_json
+from buildllm.models import gpt2_hf, registry
+from buildllm.models.layers import KVCache, causal_mask
 
 # Configuration -----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class GPTConfig:
+    arch: str = "gpt2"  # which model class builds this config (models/registry.py)
     vocab_size: int = 50257
     context_length: int = 1024
     emb_dim: int = 768
@@ -58,34 +64,25 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.emb_dim // self.n_heads
 
+    # Presets and saved configs may belong to any registered architecture: these look them up
+    # by name or by their "arch" key, so the config that comes back may be another arch's class.
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> GPTConfig:
-        if name not in PRESETS:
-            raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-        return replace(PRESETS[name], **overrides) if overrides else PRESETS[name]
+    def from_preset(cls, name: str, **overrides):
+        return registry.preset(name, **overrides)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> GPTConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserError(
-                f"unknown model config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}"
-            )
-        return cls(**d)
+    def from_dict(cls, d: dict):
+        return registry.config_from_dict(d)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_json(path, self.to_dict())
 
     @classmethod
-    def load(cls, path: str | Path) -> GPTConfig:
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"cannot read model config {path}: {e}") from None
+    def load(cls, path: str | Path):
+        return cls.from_dict(read_json_object(path, "model config"))
 
 
 PRESETS: dict[str, GPTConfig] = {
@@ -157,42 +154,7 @@ class FeedForward(nn.Module):
         return self.proj(self.gelu(self.fc(x)))
 
 
-class KVCache:
-    """Keys and values of the positions seen so far, for every layer, preallocated once.
-
-    During generation each new token then needs one position's worth of compute instead of the
-    whole prefix again. ``length`` counts the positions filled; the model advances it after each
-    forward pass. ``valid`` marks, per row, which cached positions hold real tokens rather than
-    left padding (batched prompts of different lengths).
-    """
-
-    def __init__(
-        self,
-        cfg: GPTConfig,
-        batch_size: int,
-        max_length: int | None = None,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ):
-        self.max_length = max_length or cfg.context_length
-        shape = (cfg.n_layers, batch_size, cfg.n_heads, self.max_length, cfg.head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.valid = torch.ones(batch_size, self.max_length, device=device, dtype=torch.bool)
-        self.padded = False  # any padding in `valid`? (spares a check at every step)
-        self.length = 0
-
-    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor):
-        """Store the new positions' keys and values; return all cached ones for this layer."""
-        start, end = self.length, self.length + keys.shape[2]
-        self.keys[layer, :, :, start:end] = keys
-        self.values[layer, :, :, start:end] = values
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
-
-
-def causal_mask(context_length: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """mask[i, j] is True where query i may NOT look at key j, because j is in i's future."""
-    return torch.ones(context_length, context_length, dtype=torch.bool, device=device).triu(1)
+# KVCache and causal_mask come from layers.py: every architecture uses them.
 
 
 class MultiHeadAttention(nn.Module):
@@ -366,40 +328,50 @@ class GPTModel(nn.Module):
     def device(self) -> torch.device:
         return self.wte.weight.device
 
+    # What the rest of the package asks of a model (models/registry.py lists it) ------------------
 
-# For the reader: what a configuration costs ------------------------------------------------------
+    # LoRA adapts these Linear layers by default (attribute names): attention's fused query/key/value
+    # projection and its output projection, the feed-forward expansion and projection.
+    lora_targets: tuple[str, ...] = ("qkv", "out_proj", "fc", "proj")
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """Remake the non-persistent buffers (the causal masks), e.g. after a meta-device load."""
+        for block in self.blocks:
+            block.att.mask = causal_mask(self.cfg.context_length, device=device)
+
+    def new_kv_cache(self, batch_size: int, max_length: int | None = None, device=None, dtype=torch.float32):
+        return KVCache(self.cfg, batch_size, max_length, device=device or self.device, dtype=dtype)
+
+    # For the reader: what a configuration costs (``buildllm.describe`` adds memory) ---------------
+
+    @staticmethod
+    def count_parameters(cfg: GPTConfig) -> dict[str, int]:
+        """Parameter counts by part, computed from the shapes (no model is built)."""
+        d, v, t, n = cfg.emb_dim, cfg.vocab_size, cfg.context_length, cfg.n_layers
+        attention = d * 3 * d + (3 * d if cfg.qkv_bias else 0) + d * d + d
+        feed_forward = d * 4 * d + 4 * d + 4 * d * d + d
+        block = attention + feed_forward + 2 * (2 * d)  # two LayerNorms (scale and shift)
+        embedding = v * d + t * d
+        head = 0 if cfg.tie_embeddings else v * d
+        total = embedding + n * block + 2 * d + head
+        return {"total": total, "embedding": embedding, "head": head, "non_embedding": total - embedding - head}
+
+    @staticmethod
+    def flops_per_token(cfg: GPTConfig) -> dict[str, int]:
+        """Training and forward FLOPs per token."""
+        params = GPTModel.count_parameters(cfg)
+        # Parameters that take part in a matmul for every token: everything but the embedding
+        # lookups, plus the output head (which is the token embedding again when tied).
+        matmul_params = params["non_embedding"] + cfg.vocab_size * cfg.emb_dim
+        # Forward 2 FLOPs per multiply-add, backward twice that (Kaplan et al. 2020); attention's
+        # scores and weighted sum add 2 * 2 * n_layers * context * emb per token forward.
+        attention_flops = 12 * cfg.n_layers * cfg.emb_dim * cfg.context_length
+        return {"train": 6 * matmul_params + attention_flops, "forward": 2 * matmul_params + attention_flops // 3}
 
 
-def count_parameters(cfg: GPTConfig) -> dict[str, int]:
-    """Parameter counts by part, computed from the shapes (no model is built)."""
-    d, v, t, n = cfg.emb_dim, cfg.vocab_size, cfg.context_length, cfg.n_layers
-    attention = d * 3 * d + (3 * d if cfg.qkv_bias else 0) + d * d + d
-    feed_forward = d * 4 * d + 4 * d + 4 * d * d + d
-    block = attention + feed_forward + 2 * (2 * d)  # two LayerNorms (scale and shift)
-    embedding = v * d + t * d
-    head = 0 if cfg.tie_embeddings else v * d
-    total = embedding + n * block + 2 * d + head
-    return {"total": total, "embedding": embedding, "head": head, "non_embedding": total - embedding - head}
+# Any architecture's counts, by its arch: GPT-2's own are GPTModel.count_parameters/flops_per_token.
+count_parameters = registry.count_parameters
+describe = registry.describe
 
 
-def describe(cfg: GPTConfig) -> dict[str, float]:
-    """Parameters, memory for training state, and FLOPs per token of a configuration."""
-    params = count_parameters(cfg)
-    n = params["total"]
-    # Parameters that take part in a matmul for every token: everything but the embedding lookups,
-    # plus the output head (which is the token embedding again when tied).
-    matmul_params = params["non_embedding"] + cfg.vocab_size * cfg.emb_dim
-    # Forward 2 FLOPs per multiply-add, backward twice that (Kaplan et al. 2020); attention's
-    # scores and weighted sum add 2 * 2 * n_layers * context * emb per token forward.
-    attention_flops = 12 * cfg.n_layers * cfg.emb_dim * cfg.context_length
-    return {
-        **{f"params_{k}": v for k, v in params.items()},
-        "weights_fp32_bytes": 4 * n,
-        "weights_bf16_bytes": 2 * n,
-        "grads_fp32_bytes": 4 * n,
-        "grads_bf16_bytes": 2 * n,
-        "adamw_state_fp32_bytes": 8 * n,  # first and second moments
-        "adamw_state_bf16_bytes": 4 * n,
-        "train_flops_per_token": 6 * matmul_params + attention_flops,
-        "forward_flops_per_token": 2 * matmul_params + attention_flops // 3,
-    }
+registry.register("gpt2", GPTModel, GPTConfig, PRESETS, hf_format=gpt2_hf)

@@ -58,7 +58,7 @@ from buildllm.data.sources import open_data
 from buildllm.errors import UserError
 from buildllm.evaluate import bits_per_character, perplexity
 from buildllm.files import atomic_write
-from buildllm.models.gpt2 import GPTConfig, GPTModel, describe
+from buildllm.models.gpt2 import GPTModel, describe
 from buildllm.training.config import TrainConfig, check_context, resolve
 from buildllm.training.optim import learning_rate, make_optimizer
 from buildllm.training.run_folder import (
@@ -102,8 +102,11 @@ def build_model(cfg: TrainConfig, vocab_size: int | None, device: torch.device):
         if tokenizer is None:
             raise UserError(f"{cfg.init_from} has no tokenizer saved with it: save its tokenizer.json")
     else:
+        from buildllm.models import registry
+
         overrides = {"vocab_size": vocab_size, **cfg.model}  # a model key may pad the vocabulary
-        model, tokenizer = GPTModel(GPTConfig.from_preset(cfg.preset, **overrides)).to(device), None
+        # The preset's arch picks the model class: any registered architecture trains the same way.
+        model, tokenizer = registry.build(registry.preset(cfg.preset, **overrides)).to(device), None
     if cfg.lora_rank is not None:
         from buildllm.finetune.lora import apply_lora
 

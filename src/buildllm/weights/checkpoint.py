@@ -1,7 +1,7 @@
 """A model on disk: a folder anyone can generate from, with nothing else needed.
 
     model.safetensors   the weights (the tied output head is stored once, as wte)
-    config.json         the GPTConfig
+    config.json         the model config (its "arch" names the architecture)
     tokenizer.json      the tokenizer that goes with the weights
 
 Weights load through safetensors, never pickle, and straight into a model built on the meta device,
@@ -15,48 +15,60 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from torch import nn
 
 from buildllm.errors import UserError
-from buildllm.files import atomic_write
+from buildllm.files import atomic_write, read_json_object, write_safetensors
 from buildllm.generation.quantization import refuse_quantized
-from buildllm.models.gpt2 import GPTConfig, GPTModel, MultiHeadAttention, causal_mask
+from buildllm.models import registry
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 
 
-def weights_of(model: GPTModel) -> dict[str, torch.Tensor]:
-    """The model's state dict, ready for safetensors: contiguous, the tied head left out."""
+def tied_parameters(model: nn.Module) -> dict[str, str]:
+    """``{alias: name}`` for parameters that are another one under a second name (a tied output
+    head is the token embedding): stored once, under ``name``, and tied again after loading."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict, ready for safetensors: contiguous, tied parameters stored once."""
     refuse_quantized(model, "save")
     state = model.state_dict()
-    if model.cfg.tie_embeddings:
-        state.pop("out_head.weight")
+    for alias in tied_parameters(model):
+        state.pop(alias)
     return {name: t.detach().contiguous() for name, t in state.items()}
 
 
-def save_model(directory: str | Path, model: GPTModel, tokenizer=None) -> Path:
+def save_model(directory: str | Path, model: nn.Module, tokenizer=None) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / WEIGHTS, lambda tmp: save_file(weights_of(model), tmp, metadata={"format": "pt"}))
-    atomic_write(directory / CONFIG, lambda tmp: model.cfg.save(tmp))
+    write_safetensors(directory / WEIGHTS, weights_of(model))
+    model.cfg.save(directory / CONFIG)  # atomic itself
     if tokenizer is not None:
         atomic_write(directory / TOKENIZER, lambda tmp: tokenizer.save(tmp))
     return directory
 
 
-def model_from_state_dict(
-    cfg: GPTConfig, state: dict[str, torch.Tensor], device: torch.device | str = "cpu", source: str = "weights"
-) -> GPTModel:
-    """Build a GPTModel on the meta device and move ``state``'s tensors straight into place.
+def model_from_state_dict(cfg, state: dict[str, torch.Tensor], device: torch.device | str = "cpu",
+                          source: str = "weights") -> nn.Module:
+    """Build ``cfg``'s model on the meta device and move ``state``'s tensors straight into place.
 
     Every name and shape must match: the first mismatch is an error naming the tensor, never a
     silent partial load.
     """
     with torch.device("meta"):
-        model = GPTModel(cfg)
-    expected = {name: t.shape for name, t in model.state_dict().items()}
-    if cfg.tie_embeddings:
-        expected.pop("out_head.weight")
+        model = registry.build(cfg)
+    tied = tied_parameters(model)
+    expected = {name: t.shape for name, t in model.state_dict().items() if name not in tied}
     for name, shape in expected.items():
         if name not in state:
             raise UserError(f"{source}: tensor {name!r} is missing")
@@ -69,16 +81,17 @@ def model_from_state_dict(
         raise UserError(f"{source}: unexpected tensor {unexpected[0]!r} (the config does not use it)")
 
     model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=False, assign=True)
-    if cfg.tie_embeddings:
-        model.out_head.weight = model.wte.weight
-    for module in model.modules():
-        if isinstance(module, MultiHeadAttention):
-            module.mask = causal_mask(cfg.context_length, device=device)
+    for alias, name in tied.items():  # assign=True put new tensors in place: tie them again
+        parent, _, leaf = alias.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, model.get_parameter(name))
+    model.init_buffers(device)  # the meta model's masks etc. hold no data: the arch remakes them
     return model.eval()
 
 
 def load_model(directory: str | Path, device: torch.device | str = "cpu", with_tokenizer: bool = True):
-    """Load a folder written by ``save_model``: returns ``(model, tokenizer)`` (tokenizer may be None)."""
+    """Load a folder written by ``save_model``: returns ``(model, tokenizer)`` (tokenizer may be None).
+
+    ``buildllm.load_model`` (weights/loader.py) loads this and every other kind of model folder."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise UserError(f"{directory} is a file; give the checkpoint folder (with {WEIGHTS} and {CONFIG})")
@@ -87,7 +100,8 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu", with_t
     for name in (WEIGHTS, CONFIG):
         if not (directory / name).is_file():
             raise UserError(f"{directory} is not a buildllm checkpoint: {name} is missing")
-    cfg = GPTConfig.load(directory / CONFIG)
+    # Any architecture: the file's "arch" key picks the config class (and so the model class).
+    cfg = registry.config_from_dict(read_json_object(directory / CONFIG, "model config"))
     try:
         state = load_file(directory / WEIGHTS, device=str(device))
     except (SafetensorError, OSError, json.JSONDecodeError) as e:

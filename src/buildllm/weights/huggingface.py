@@ -7,11 +7,10 @@ GPT-2 comes in three on-disk forms, and all three lead to the same place:
                                                      ├─► HF names ──► our names ──► GPTModel
     OpenAI's TensorFlow folder: hparams.json + model.ckpt.* ──► HF names ─┘
 
-Our model is GPT-2 itself, so the translation is only about names and one layout detail: OpenAI
-wrote its linear layers as "Conv1D" (``x @ W + b`` with ``W`` of shape ``(in, out)``), while
-``nn.Linear`` computes ``x @ W.T + b`` with ``W`` of shape ``(out, in)``. Those weights are
-transposed on the way in and back on the way out. ``c_attn`` already holds queries, keys and
-values side by side in that order, exactly like our fused ``att.qkv``, so nothing needs splitting.
+The translation is about names and which weights are stored transposed. Each architecture keeps
+its own map beside its model (``models/gpt2_hf.py`` for GPT-2), registered with it; this file reads
+and writes Hugging Face folders for any of them, picking the map by the config's ``arch`` (writing)
+or the folder's ``model_type`` (reading).
 
 Loading builds the model on the meta device (no memory) and moves each tensor straight into place
 (``checkpoint.model_from_state_dict``, the one loading path of the package), converting one tensor
@@ -25,17 +24,18 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
 
+from torch import nn
+
 from buildllm.errors import UserError
-from buildllm.files import atomic_write, read_json_object
+from buildllm.files import atomic_write, read_json_object, write_json, write_safetensors
 from buildllm.generation.quantization import refuse_quantized
-from buildllm.models.gpt2 import GPTConfig, GPTModel
+from buildllm.models import registry
 from buildllm.tokenizer import Tokenizer
-from buildllm.weights.checkpoint import model_from_state_dict
+from buildllm.weights.checkpoint import model_from_state_dict, tied_parameters, weights_of
 
 # The model ids OpenAI published, and where they live on the Hugging Face Hub.
 MODEL_IDS = {
@@ -55,177 +55,80 @@ HF_INDEX = "model.safetensors.index.json"  # sharded safetensors: which file hol
 TOKENIZER = "buildllm_tokenizer.json"  # ours, next to the HF files (HF's own tokenizer.json differs)
 
 
-# Inside each block h.N (HF) / blocks.N (ours).
-BLOCK_NAMES = {
-    "norm1.scale": "ln_1.weight",
-    "norm1.shift": "ln_1.bias",
-    "att.qkv.weight": "attn.c_attn.weight",
-    "att.qkv.bias": "attn.c_attn.bias",
-    "att.out_proj.weight": "attn.c_proj.weight",
-    "att.out_proj.bias": "attn.c_proj.bias",
-    "norm2.scale": "ln_2.weight",
-    "norm2.shift": "ln_2.bias",
-    "ff.fc.weight": "mlp.c_fc.weight",
-    "ff.fc.bias": "mlp.c_fc.bias",
-    "ff.proj.weight": "mlp.c_proj.weight",
-    "ff.proj.bias": "mlp.c_proj.bias",
-}
+# The name maps themselves belong to each architecture (models/gpt2_hf.py for GPT-2): the code
+# below reads and writes any architecture's Hugging Face folder through its map.
 
 
-TOP_NAMES = {
-    "wte.weight": "wte.weight",
-    "wpe.weight": "wpe.weight",
-    "final_norm.scale": "ln_f.weight",
-    "final_norm.shift": "ln_f.bias",
-    "out_head.weight": "lm_head.weight",
-}
+def hf_format_of(cfg):
+    """The Hugging Face weight map of ``cfg``'s architecture."""
+    fmt = registry.get(cfg.arch).hf_format
+    if fmt is None:
+        raise UserError(f"architecture {cfg.arch!r} has no Hugging Face format; save it with save_model instead")
+    return fmt
 
 
-# Buffers some HF files carry: the causal mask and the value masked scores get. Not weights.
-HF_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+def config_from_hf(hf: dict, source: str = HF_CONFIG, **overrides):
+    """Our config from a Hugging Face ``config.json``, by its ``model_type``."""
+    return registry.hf_format_for(hf.get("model_type", "gpt2")).config_from_hf(hf, source, **overrides)
 
 
-_HF_BLOCK = {hf: ours for ours, hf in BLOCK_NAMES.items()}
-
-
-_HF_TOP = {hf: ours for ours, hf in TOP_NAMES.items()}
-
-
-def to_hf_name(name: str) -> str:
-    """Our parameter name -> the HF GPT-2 name without the ``transformer.`` prefix."""
-    if m := re.fullmatch(r"blocks\.(\d+)\.(.+)", name):
-        return f"h.{m[1]}.{BLOCK_NAMES[m[2]]}"
-    return TOP_NAMES[name]
-
-
-def from_hf_name(name: str) -> str | None:
-    """HF GPT-2 name (``transformer.`` prefix optional) -> ours; None if GPT-2 has no such tensor."""
-    name = name.removeprefix("transformer.")
-    if m := re.fullmatch(r"h\.(\d+)\.(.+)", name):
-        return f"blocks.{m[1]}.{_HF_BLOCK[m[2]]}" if m[2] in _HF_BLOCK else None
-    return _HF_TOP.get(name)
-
-
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def is_conv1d(hf_name: str) -> bool:
-    return hf_name.endswith(CONV1D)
-
-
-def config_from_hf(hf: dict, source: str = HF_CONFIG, **overrides) -> GPTConfig:
-    """A GPTConfig from a Hugging Face GPT-2 ``config.json``; refuses variants our model lacks.
-
-    Missing keys take GPT2Config's defaults (the 124M model), as transformers does.
-    """
-    if hf.get("model_type", "gpt2") != "gpt2":
-        raise UserError(f"{source}: model_type {hf['model_type']!r} is not GPT-2; only GPT-2 weights load here")
-    n_embd = hf.get("n_embd", 768)
-    # Each entry: (key, GPT2Config's default, the values our model computes the same way).
-    supported = [
-        ("activation_function", "gelu_new", ("gelu_new", "gelu_pytorch_tanh")),  # tanh GELU
-        ("layer_norm_epsilon", 1e-5, (1e-5,)),
-        ("n_inner", None, (None, 4 * n_embd)),
-        ("scale_attn_weights", True, (True,)),
-        ("scale_attn_by_inverse_layer_idx", False, (False,)),
-    ]
-    for key, default, allowed in supported:
-        if hf.get(key, default) not in allowed:
-            raise UserError(f"{source}: {key}={hf[key]!r} is not supported (buildllm's GPT-2 uses {allowed[0]!r})")
-    settings = dict(
-        vocab_size=hf.get("vocab_size", 50257),
-        context_length=hf.get("n_positions", 1024),
-        emb_dim=n_embd,
-        n_heads=hf.get("n_head", 12),
-        n_layers=hf.get("n_layer", 12),
-        qkv_bias=True,  # GPT-2's c_attn always has a bias
-        tie_embeddings=hf.get("tie_word_embeddings", True),
-    )
-    try:
-        return GPTConfig(**{**settings, **overrides})
-    except TypeError as e:
-        raise UserError(f"bad config override: {e}") from None
-
-
-def config_to_hf(cfg: GPTConfig, eot_id: int | None = None) -> dict:
-    """The ``config.json`` transformers expects for a GPT2LMHeadModel of this shape."""
-    if eot_id is None and cfg.vocab_size > 50256:
-        eot_id = 50256  # GPT-2's <|endoftext|>
-    return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": cfg.vocab_size,
-        "n_positions": cfg.context_length,
-        "n_ctx": cfg.context_length,  # the older name of n_positions, still read by some tools
-        "n_embd": cfg.emb_dim,
-        "n_layer": cfg.n_layers,
-        "n_head": cfg.n_heads,
-        "n_inner": None,  # 4 * n_embd
-        "activation_function": "gelu_new",
-        "resid_pdrop": cfg.drop_rate,
-        "embd_pdrop": cfg.drop_rate,
-        "attn_pdrop": cfg.drop_rate,
-        "layer_norm_epsilon": 1e-5,
-        "initializer_range": 0.02,
-        "scale_attn_weights": True,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "bos_token_id": eot_id,
-        "eos_token_id": eot_id,
-        "use_cache": True,
-    }
+def config_to_hf(cfg, eot_id: int | None = None) -> dict:
+    """The ``config.json`` transformers expects for this config."""
+    return hf_format_of(cfg).config_to_hf(cfg, eot_id)
 
 
 def model_from_hf_state(
-    cfg: GPTConfig,
+    cfg,
     state: dict[str, torch.Tensor],
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = torch.float32,
     source: str = "weights",
-) -> GPTModel:
-    """Turn HF-named tensors into a GPTModel. ``state`` is emptied as it goes (memory)."""
-    # Keep only weights, under their names without the "transformer." prefix.
+) -> nn.Module:
+    """Turn HF-named tensors into ``cfg``'s model. ``state`` is emptied as it goes (memory)."""
+    fmt = hf_format_of(cfg)
+    with torch.device("meta"):  # shapes only, no memory
+        reference = registry.build(cfg)
+    tied = tied_parameters(reference)
+    # Keep only weights, under their canonical HF names (a file may omit a prefix).
     hf_state: dict[str, torch.Tensor] = {}
     for name in list(state):
-        short = name.removeprefix("transformer.")
-        if HF_BUFFER.fullmatch(short):
+        if fmt.is_buffer(name):
             state.pop(name)
             continue
-        if from_hf_name(short) is None:
-            raise UserError(f"{source}: unexpected tensor {name!r} (GPT-2 has no such weight)")
-        if short == "lm_head.weight" and cfg.tie_embeddings:
-            state.pop(name)  # the output head is the token embedding (weight tying)
+        ours = fmt.from_hf_name(name)
+        if ours is None:
+            raise UserError(f"{source}: unexpected tensor {name!r} ({cfg.arch} has no such weight)")
+        if ours in tied:
+            state.pop(name)  # e.g. the output head is the token embedding (weight tying)
             continue
-        hf_state[short] = state.pop(name)
+        hf_state[fmt.to_hf_name(ours)] = state.pop(name)
 
-    _check_names_and_shapes(cfg, hf_state, source)
+    _check_names_and_shapes(cfg, fmt, reference, tied, hf_state, source)
 
     ours: dict[str, torch.Tensor] = {}
     for name in list(hf_state):
         tensor = hf_state.pop(name)  # one tensor at a time, so only one copy of the model exists
-        if is_conv1d(name):
+        if fmt.is_transposed(name):
             tensor = tensor.t()
         if dtype is not None:
             tensor = tensor.to(dtype)
-        ours[from_hf_name(name)] = tensor.contiguous()
+        ours[fmt.from_hf_name(name)] = tensor.contiguous()
     return model_from_state_dict(cfg, ours, device=device, source=source)
 
 
-def _check_names_and_shapes(cfg: GPTConfig, hf_state: dict[str, torch.Tensor], source: str) -> None:
+def _check_names_and_shapes(cfg, fmt, reference: nn.Module, tied: dict, hf_state: dict, source: str) -> None:
     """Name the first missing or mis-shaped tensor in HF's terms, the names the user's file has."""
-    with torch.device("meta"):  # shapes only, no memory
-        reference = GPTModel(cfg).state_dict()
-    if cfg.tie_embeddings:
-        reference.pop("out_head.weight")
-    expected = {to_hf_name(name) for name in reference}
+    reference = {name: t for name, t in reference.state_dict().items() if name not in tied}
+    expected = {fmt.to_hf_name(name) for name in reference}
     for hf_name in hf_state:
-        if hf_name not in expected:  # a GPT-2 name, but not of this shape: e.g. a 13th layer
+        if hf_name not in expected:  # a known name, but not of this shape: e.g. a 13th layer
             raise UserError(
                 f"{source}: unexpected tensor {hf_name!r} (the config has {cfg.n_layers} layers, "
                 f"{'tied' if cfg.tie_embeddings else 'untied'} output head)"
             )
     for name, tensor in reference.items():
-        hf_name = to_hf_name(name)
-        shape = tuple(tensor.shape[::-1]) if is_conv1d(hf_name) else tuple(tensor.shape)
+        hf_name = fmt.to_hf_name(name)
+        shape = tuple(tensor.shape[::-1]) if fmt.is_transposed(hf_name) else tuple(tensor.shape)
         if hf_name not in hf_state:
             raise UserError(f"{source}: tensor {hf_name!r} is missing")
         if tuple(hf_state[hf_name].shape) != shape:
@@ -327,27 +230,19 @@ def download(model_id: str) -> Path:
     return folder
 
 
-def hf_state_of(model: GPTModel) -> dict[str, torch.Tensor]:
-    """The model's weights under HF GPT-2 names, Conv1D weights transposed back to (in, out)."""
+def hf_state_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights under its architecture's HF names, transposed where HF stores (in, out)."""
     refuse_quantized(model, "export")
+    fmt = hf_format_of(model.cfg)
     state = {}
-    for name, tensor in model.state_dict().items():
-        if name == "out_head.weight" and model.cfg.tie_embeddings:
-            continue  # transformers ties lm_head to wte itself
-        hf_name = to_hf_name(name)
-        tensor = tensor.detach()
-        if is_conv1d(hf_name):
-            tensor = tensor.t()
-        key = hf_name if hf_name == "lm_head.weight" else f"transformer.{hf_name}"
-        state[key] = tensor.contiguous().cpu()
-    if not model.cfg.qkv_bias:
-        # GPT-2 always has a c_attn bias: a zero bias computes the same thing.
-        for i, block in enumerate(model.blocks):
-            state[f"transformer.h.{i}.attn.c_attn.bias"] = block.att.qkv.weight.new_zeros(3 * model.cfg.emb_dim).cpu()
+    for name, tensor in weights_of(model).items():  # tied parameters once: transformers ties them itself
+        hf_name = fmt.to_hf_name(name)
+        state[hf_name] = tensor.t() if fmt.is_transposed(hf_name) else tensor
+    state.update(fmt.extra_hf_tensors(model))
     return state
 
 
-def save_pretrained(model: GPTModel, directory: str | os.PathLike, tokenizer=None) -> Path:
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer=None) -> Path:
     """Write ``model`` as a Hugging Face GPT-2 folder (config.json + model.safetensors).
 
     ``transformers.GPT2LMHeadModel.from_pretrained(directory)`` loads it with identical logits,
@@ -355,16 +250,13 @@ def save_pretrained(model: GPTModel, directory: str | os.PathLike, tokenizer=Non
     byte-level BPE one (GPT-2's, or one from ``train_bpe``) is also written in GPT-2's own files,
     vocab.json and merges.txt, which ``transformers.AutoTokenizer`` loads.
     """
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = config_to_hf(model.cfg, getattr(tokenizer, "eot_id", None))
-    config["torch_dtype"] = str(model.wte.weight.dtype).removeprefix("torch.")
+    config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     state = hf_state_of(model)
-    # metadata "format": "pt" tells transformers these are PyTorch tensors (it refuses files without it)
-    atomic_write(directory / HF_WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    atomic_write(directory / HF_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    write_safetensors(directory / HF_WEIGHTS, state)
+    write_json(directory / HF_CONFIG, config)
     if tokenizer is not None:
         from buildllm.tokenizer import GPT2_PATTERN, BPETokenizer
 
@@ -385,8 +277,7 @@ def save_hf_tokenizer(tokenizer: Tokenizer, directory: Path, context_length: int
                                                                              encoding="utf-8"))
     merges_text = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
     atomic_write(directory / "merges.txt", lambda tmp: Path(tmp).write_text(merges_text, encoding="utf-8"))
-    atomic_write(directory / "tokenizer_config.json",
-                 lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    write_json(directory / "tokenizer_config.json", config)
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> Path:

@@ -1,0 +1,55 @@
+"""Pieces every architecture shares: the KV cache and the causal mask.
+
+They live apart from any one model so that a new architecture (a model file of its own) reuses
+them without importing another architecture's file.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, for every layer, preallocated once.
+
+    During generation each new token then needs one position's worth of compute instead of the
+    whole prefix again. ``length`` counts the positions filled; the model advances it after each
+    forward pass. ``valid`` marks, per row, which cached positions hold real tokens rather than
+    left padding (batched prompts of different lengths).
+
+    ``n_kv_heads`` and ``head_dim`` are the shape of what one layer caches per position; they are
+    read off ``cfg`` (``cfg.n_kv_heads`` when the architecture has fewer key/value heads than query
+    heads, else ``cfg.n_heads``) unless given.
+    """
+
+    def __init__(
+        self,
+        cfg,
+        batch_size: int,
+        max_length: int | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        n_kv_heads: int | None = None,
+        head_dim: int | None = None,
+    ):
+        self.max_length = max_length or cfg.context_length
+        n_kv_heads = n_kv_heads or getattr(cfg, "n_kv_heads", None) or cfg.n_heads
+        head_dim = head_dim or cfg.head_dim
+        shape = (cfg.n_layers, batch_size, n_kv_heads, self.max_length, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.ones(batch_size, self.max_length, device=device, dtype=torch.bool)
+        self.padded = False  # any padding in `valid`? (spares a check at every step)
+        self.length = 0
+
+    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor):
+        """Store the new positions' keys and values; return all cached ones for this layer."""
+        start, end = self.length, self.length + keys.shape[2]
+        self.keys[layer, :, :, start:end] = keys
+        self.values[layer, :, :, start:end] = values
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+def causal_mask(context_length: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """mask[i, j] is True where query i may NOT look at key j, because j is in i's future."""
+    return torch.ones(context_length, context_length, dtype=torch.bool, device=device).triu(1)
