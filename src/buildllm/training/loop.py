@@ -129,6 +129,7 @@ class Run:
     wall_start: float = field(default_factory=time.perf_counter)
     eval_sets: dict | None = None  # the task's fixed evaluation batches, made once
     last_eval: dict | None = None
+    evaluated_at: int = -1  # the step of the last evaluation
     rate: float | None = None  # tokens per second, smoothed
     loop_seconds: float = 0.0  # in training steps, for the average throughput
     lr: float | None = None  # the last step's
@@ -380,7 +381,7 @@ def evaluate(run: Run, keep_best: bool = True) -> dict:
     run.raw_model.train()
     if run.fsdp:  # a forward pass without backward leaves the root's weights gathered
         run.raw_model.reshard()
-    run.last_eval = metrics
+    run.last_eval, run.evaluated_at = metrics, run.step
     run.log({"kind": "eval", "step": run.step, "tokens_seen": run.tokens_seen, **metrics, "lr": run.lr,
              "tokens_per_sec": round(run.rate, 1) if run.rate else None, "elapsed": round(run.time_spent(), 3)})
     shown = " | ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in metrics.items())
@@ -426,7 +427,8 @@ def save_checkpoint(run: Run) -> None:
                      run.cfg.keep_last)
     if not run.task.best_at_root:
         run.task.save(run.folder, to_save)  # the latest weights, ready to generate from
-    plot_losses(read_metrics(run.folder / METRICS), run.folder / PLOT)
+    if run.evaluated_at == run.step:  # a new point on the validation curve
+        plot_losses(read_metrics(run.folder / METRICS), run.folder / PLOT)
 
 
 def finish(run: Run) -> dict:
