@@ -49,6 +49,8 @@ from buildllm.finetune.common import (
     write_json,
 )
 from buildllm.finetune.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
     DEFAULT_TARGETS,
     apply_lora,
     merge_lora,
@@ -409,6 +411,7 @@ class ClassifyTask(Task):
     """Cross-entropy of the class read at each text's last token; the best accuracy is kept."""
 
     best_at_root = True  # the out folder is the classifier
+    files = (CLASSIFIER, METRICS, ADAPTER_WEIGHTS, ADAPTER_CONFIG)
 
     def __init__(self, batches, tokenizer, meta: dict, eval_iters: int | None):
         self.batches, self.tokenizer, self.meta, self.eval_iters = batches, tokenizer, meta, eval_iters

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from buildllm.data.sources import ExampleBatches
 from buildllm.errors import UserError
@@ -39,6 +38,8 @@ from buildllm.finetune.common import (
     write_json,
 )
 from buildllm.finetune.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
     DEFAULT_TARGETS,
     apply_lora,
 )
@@ -317,7 +318,7 @@ class InstructConfig(EngineConfig):
     lora_alpha: float | None = None  # LoRA scale numerator (default: 2 x rank)
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS  # Linear layers that get adapters
     eval_batches: int | None = None  # evaluate on at most this many batches per split (default: all)
-    log_every: int = 0  # unused since the engine's progress bar shows every step's loss; kept for callers
+    log_every: int = 0  # print the training loss every N steps (0: never)
     max_new_tokens: int = 256  # longest answer to a test instruction
     test_responses: bool = True  # answer the test split into test_responses.json
     epochs: int = 2  # passes over the training split
@@ -330,6 +331,7 @@ class InstructTask(Task):
 
     best_at_root = True  # the out folder is the instruction model
     evaluate_first = True  # the losses before training, to compare with
+    files = (PROMPT_TEMPLATE, METRICS, TEST_RESPONSES, ADAPTER_WEIGHTS, ADAPTER_CONFIG)
 
     def __init__(self, batches, tokenizer, template: PromptTemplate, eval_iters: int | None):
         self.batches, self.tokenizer, self.template, self.eval_iters = batches, tokenizer, template, eval_iters

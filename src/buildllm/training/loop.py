@@ -205,7 +205,7 @@ def setup(task: Task, cfg, model: nn.Module, rt: Runtime, resume_from: Path | No
         raise UserError("LoRA under FSDP is not supported: use parallel: ddp")
     max_steps = cfg.max_steps or math.ceil(cfg.epochs * task.batches.batches_per_epoch / cfg.grad_accum)
     if resume_from is None:  # everything checked: only now may an old run make way
-        start_run_folder(Path(cfg.out), dist)
+        start_run_folder(Path(cfg.out), dist, task.files)
     run = Run(task, cfg, rt, Path(cfg.out), model, say, max_steps, fsdp=fsdp)
     state = restore_weights(run, resume_from) if resume_from is not None else None
     if dist.main:
@@ -344,6 +344,8 @@ def step_once(run: Run) -> None:
     run.log({"kind": "step", "step": run.step, "tokens_seen": run.tokens_seen, "train_loss": train_loss,
              "val_loss": None, "lr": lr, "tokens_per_sec": round(step_rate, 1),
              "elapsed": round(run.time_spent(), 3)})
+    if getattr(cfg, "log_every", 0) and run.step % cfg.log_every == 0:  # (fine-tuning's option)
+        run.say(f"  step {run.step}: train loss {train_loss:.3f}")
     budget = cfg.max_minutes * 60 if cfg.max_minutes else None  # seconds, for the whole run
     if budget is not None:
         # The budget covers the whole run: time spent so far, plus what the final evaluation will

@@ -228,10 +228,10 @@ def check_run_folder(cfg) -> Path | None:
     return None
 
 
-def start_run_folder(run: Path, dist: Dist) -> None:
+def start_run_folder(run: Path, dist: Dist, task_files: tuple[str, ...] = ()) -> None:
     """A new run: remove what an earlier run wrote there (with --force), nothing else."""
     if dist.main:
-        for name in RUN_FILES:
+        for name in (*RUN_FILES, *task_files):
             p = run / name
             if p.is_dir():
                 shutil.rmtree(p)

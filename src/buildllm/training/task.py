@@ -40,6 +40,7 @@ class Task:
     final_tokens = 0  # tokens the ``final`` hook will score (counted into a time budget)
     flops_per_token: float | None = None  # for the progress bar's MFU, when known
     eval_iters: int | None = None  # batches per evaluation set (None: all of it)
+    files: tuple[str, ...] = ()  # what the task writes into the run folder, removed by --force
 
     def items(self, batch) -> int | torch.Tensor:
         raise NotImplementedError
