@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,7 @@ from buildllm.finetune.lora import (
     ADAPTER_WEIGHTS,
     DEFAULT_TARGETS,
     apply_lora,
+    lora_layers,
     merge_lora,
     save_adapters,
 )
@@ -395,8 +397,8 @@ class ClassifyConfig(EngineConfig):
     balance: bool = False  # undersample every class to the smallest one
     split: tuple[float, ...] = (0.7, 0.1, 0.2)  # train, validation, test fractions
     max_length: int | None = None  # tokens per text (default: the longest training text)
-    representation: str = "last_token"  # read the class at the last real token, or last_position (the book)
-    trainable: str = "last_blocks"  # what trains without LoRA: head, last_blocks (+ final norm + head), all
+    representation: Literal["last_token", "last_position"] = "last_token"  # read the class at the last real token, or last_position (the book)
+    trainable: Literal["head", "last_blocks", "all"] = "last_blocks"  # what trains without LoRA: head, last_blocks (+ final norm + head), all
     last_blocks: int = 1  # how many blocks train with trainable=last_blocks
     lora_rank: int | None = None  # train LoRA adapters of this rank instead of the weights
     lora_alpha: float | None = None  # LoRA scale numerator (default: 2 x rank)
@@ -436,7 +438,11 @@ class ClassifyTask(Task):
         return accuracy if math.isfinite(accuracy) else metrics["train_accuracy"]
 
     def save(self, folder: Path, model) -> None:
-        _save_classifier_model(folder, model, self.tokenizer, self.meta)
+        """The classifier folder; with LoRA also the adapters plus the trained head (a small file)."""
+        if lora_layers(model):
+            save_adapters(folder, model)
+            model = merge_lora(copy.deepcopy(model))
+        save_classifier(folder, model, self.tokenizer, self.meta)
 
 
 def finetune_classifier(
@@ -523,12 +529,3 @@ def _prepare(cfg: ClassifyConfig, base, tokenizer, device, log: Log):
         for p in model.out_head.parameters():  # ... but the new head is random: it trains fully
             p.requires_grad = True
     return model, tokenizer, label_set, sets, max_length
-
-
-def _save_classifier_model(out_dir: Path, model: GPTModel, tokenizer, meta: dict) -> None:
-    from buildllm.finetune.lora import lora_layers
-
-    if lora_layers(model):
-        save_adapters(out_dir, model)  # the adapters plus the trained head, a small file
-        model = merge_lora(copy.deepcopy(model))
-    save_classifier(out_dir, model, tokenizer, meta)
