@@ -101,8 +101,9 @@ class Printer:
         if self.bar is None:
             self.write(msg)
             return
-        with self.bar.external_write_mode():
-            self.write(msg)
+        self.bar.clear()  # take the bar off its line, write, and draw it again below
+        self.write(msg)
+        self.bar.refresh()
 
 
 @dataclass
