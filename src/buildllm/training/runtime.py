@@ -107,16 +107,6 @@ def broadcast_float(value: float, dist: Dist) -> float:
     return float(t.item())
 
 
-def mean_over_ranks(value: float, dist: Dist) -> float:
-    if not dist.enabled:
-        return value
-    import torch.distributed as td
-
-    t = torch.tensor([value], dtype=torch.float64)
-    td.all_reduce(t)
-    return float(t.item()) / dist.world_size
-
-
 def barrier(dist: Dist) -> None:
     if dist.enabled:
         import torch.distributed as td
