@@ -1,4 +1,4 @@
-"""Batch sources for the training engine: where each step's (input, target) batch comes from.
+"""Batch sources for the training engine (pretraining windows, fine-tuning examples): where each step's (input, target) batch comes from.
 
 A source yields micro-batches (``next_batch``), fixed evaluation batches (``eval_batches``) and
 its position (``state_dict``), so a resumed run continues with exactly the batch it would have
@@ -116,6 +116,54 @@ class SlidingWindows:
                  else torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed)))
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)][:n]
         return [_stack([dataset[int(i)] for i in rows]) for rows in batches]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "epoch_generator": self.epoch_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["epoch_generator"])
+        self._start_epoch()
+        self.epoch, self.index = state["epoch"], state["index"]
+
+
+class ExampleBatches:
+    """Fine-tuning: a list of examples, shuffled anew each epoch and batched by ``collate``.
+
+    Like ``SlidingWindows`` (the position is the epoch, the batch within it, and the generator
+    state the epoch's shuffle came from), but over whole examples of different lengths. Under
+    torchrun the *global* batch is collated first and each process keeps its rows: every process
+    pads to the same width, so N processes compute exactly what one would.
+    ``eval_sets`` names the fixed evaluation sets (e.g. train and val), batched in order.
+    """
+
+    def __init__(self, train: list, collate, batch_size: int, seed: int, dist: Dist,
+                 eval_sets: dict[str, list] | None = None):
+        self.examples, self.collate, self.batch_size, self.dist = train, collate, batch_size, dist
+        self.eval_sets = eval_sets or {}
+        # The book's DataLoader(drop_last=True): no noisy small last batch, unless that is all there is.
+        self.batches_per_epoch = max(1, len(train) // batch_size)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch, self.index = 0, 0
+        self._start_epoch()
+
+    def _start_epoch(self) -> None:
+        self.epoch_state = self.generator.get_state()
+        self.order = torch.randperm(len(self.examples), generator=self.generator)
+
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        if self.index == self.batches_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+            self._start_epoch()
+        rows = self.order[self.index * self.batch_size : (self.index + 1) * self.batch_size]
+        self.index += 1
+        batch = self.collate([self.examples[int(i)] for i in rows])
+        return tuple(my_rows(t, self.dist) for t in batch)
+
+    def eval_batches(self, split: str, n: int | None = None) -> list[tuple[torch.Tensor, ...]]:
+        """The first ``n`` batches (all when None) of an evaluation set, in order."""
+        examples = self.eval_sets.get(split, [])
+        batches = [examples[i : i + self.batch_size] for i in range(0, len(examples), self.batch_size)]
+        return [self.collate(b) for b in batches[:n]]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index, "epoch_generator": self.epoch_state}

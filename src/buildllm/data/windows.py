@@ -90,7 +90,6 @@ def get_batch(
     batch_size: int,
     context_length: int,
     generator: torch.Generator,
-    device: str | torch.device = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``batch_size`` random windows of a token array: inputs and next-token targets, int64.
 
@@ -106,8 +105,4 @@ def get_batch(
     rows = tokens[starts[:, None] + np.arange(context_length + 1)].astype(np.int64)
     x = torch.from_numpy(np.ascontiguousarray(rows[:, :-1]))
     y = torch.from_numpy(np.ascontiguousarray(rows[:, 1:]))
-    device = torch.device(device)
-    if device.type == "cuda":  # pinned memory lets the copy overlap with compute
-        return (x.pin_memory().to(device, non_blocking=True),
-                y.pin_memory().to(device, non_blocking=True))
-    return x.to(device), y.to(device)
+    return x, y

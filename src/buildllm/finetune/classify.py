@@ -21,39 +21,49 @@ import copy
 import csv
 import io
 import json
+import math
 import random
-import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from buildllm.data.sources import ExampleBatches
 from buildllm.errors import UserError
 from buildllm.files import atomic_write
 from buildllm.finetune.common import (
     CLASSIFIER,
     METRICS,
     Log,
+    finetune_config,
     log_trainable,
-    make_optimizer,
     pick_model,
+    run_finetune,
     split_items,
     write_json,
 )
 from buildllm.finetune.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
     DEFAULT_TARGETS,
     apply_lora,
+    lora_layers,
     merge_lora,
     save_adapters,
 )
 from buildllm.models.gpt2 import GPTModel
-from buildllm.training.runtime import pick_device
+from buildllm.training.config import EngineConfig
+from buildllm.training.loop import start_runtime
+from buildllm.training.run_folder import check_run_folder
+from buildllm.training.runtime import barrier
+from buildllm.training.task import Task
 from buildllm.weights.checkpoint import (
     CONFIG,
     TOKENIZER,
@@ -373,128 +383,149 @@ class ClassifierResult:
     trainable_parameters: int = 0
 
 
+@dataclass
+class ClassifyConfig(EngineConfig):
+    """Every knob of a classification fine-tune: the engine's (``EngineConfig``) and these."""
+
+    base: str | None = None  # the model to start from: a checkpoint folder, a GPT-2 folder or model id
+    data: str | None = None  # CSV/TSV file of texts and labels
+    text_column: str | int = "text"  # column holding the text (a 0-based number without a header)
+    label_column: str | int = "label"  # column holding the label
+    labels: list[str] | None = None  # the label set, in output order (default: the sorted labels found)
+    header: bool = True  # the file's first row names its columns
+    delimiter: str | None = None  # field separator (default: from the extension, .csv or .tsv, else sniffed)
+    balance: bool = False  # undersample every class to the smallest one
+    split: tuple[float, ...] = (0.7, 0.1, 0.2)  # train, validation, test fractions
+    max_length: int | None = None  # tokens per text (default: the longest training text)
+    representation: Literal["last_token", "last_position"] = "last_token"  # read the class at the last real token, or last_position (the book)
+    trainable: Literal["head", "last_blocks", "all"] = "last_blocks"  # what trains without LoRA: head, last_blocks (+ final norm + head), all
+    last_blocks: int = 1  # how many blocks train with trainable=last_blocks
+    lora_rank: int | None = None  # train LoRA adapters of this rank instead of the weights
+    lora_alpha: float | None = None  # LoRA scale numerator (default: 2 x rank)
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS  # Linear layers that get adapters
+    eval_batches: int | None = None  # evaluate on at most this many batches per split (default: all)
+    epochs: int = 5  # passes over the training split
+
+    what = "classification"
+
+
+class ClassifyTask(Task):
+    """Cross-entropy of the class read at each text's last token; the best accuracy is kept."""
+
+    best_at_root = True  # the out folder is the classifier
+    files = (CLASSIFIER, METRICS, ADAPTER_WEIGHTS, ADAPTER_CONFIG)
+
+    def __init__(self, batches, tokenizer, meta: dict, eval_iters: int | None):
+        self.batches, self.tokenizer, self.meta, self.eval_iters = batches, tokenizer, meta, eval_iters
+        self.representation = meta["representation"]
+
+    def items(self, batch) -> int:
+        return len(batch[2])  # examples
+
+    def loss(self, model, batch) -> torch.Tensor:
+        input_ids, lengths, labels = batch
+        logits = classifier_logits(model, input_ids, lengths, self.representation)
+        return F.cross_entropy(logits.float(), labels, reduction="sum")
+
+    def evaluate(self, model, batches) -> dict[str, float]:
+        device = next(model.parameters()).device
+        loss, accuracy = evaluate_classifier(model, batches, device, self.representation)
+        return {"loss": loss, "accuracy": accuracy}
+
+    def score(self, metrics: dict[str, float]) -> float:
+        """Validation accuracy (training accuracy without a validation set)."""
+        accuracy = metrics["val_accuracy"]
+        return accuracy if math.isfinite(accuracy) else metrics["train_accuracy"]
+
+    def save(self, folder: Path, model) -> None:
+        """The classifier folder; with LoRA also the adapters plus the trained head (a small file)."""
+        if lora_layers(model):
+            save_adapters(folder, model)
+            model = merge_lora(copy.deepcopy(model))
+        save_classifier(folder, model, self.tokenizer, self.meta)
+
+
 def finetune_classifier(
-    base: str | Path | GPTModel,
-    data: str | Path,
-    out_dir: str | Path,
+    base: str | Path | GPTModel | None = None,
+    data: str | Path | None = None,
+    out_dir: str | Path | None = None,
     *,
+    config: ClassifyConfig | None = None,
     tokenizer=None,
-    text_column: str | int = "text",
-    label_column: str | int = "label",
-    labels: Sequence[str] | None = None,
-    header: bool = True,
-    delimiter: str | None = None,
-    balance: bool = False,
-    split: Sequence[float] = (0.7, 0.1, 0.2),
-    max_length: int | None = None,
-    representation: str = "last_token",
-    trainable: str = "last_blocks",
-    last_blocks: int = 1,
-    lora_rank: int | None = None,
-    lora_alpha: float | None = None,
-    lora_targets: Sequence[str] = DEFAULT_TARGETS,
-    epochs: int = 5,
-    batch_size: int = 8,
-    lr: float = 5e-5,
-    weight_decay: float = 0.1,
-    eval_batches: int | None = None,
-    seed: int = 123,
-    device: str | torch.device = "auto",
     log: Log = print,
+    **options,
 ) -> ClassifierResult:
     """Fine-tune ``base`` (a checkpoint folder, a GPT-2 folder or model id, or a GPTModel with
-    ``tokenizer``, which is then changed in place) as a text classifier on ``data`` and save the best epoch (by validation accuracy) to ``out_dir``.
+    ``tokenizer``, which is then changed in place) as a text classifier on ``data`` and save the
+    best epoch (by validation accuracy) to ``out_dir``.
 
-    ``max_length``: tokens per text (default: the longest training text, at most the context).
-    With ``lora_rank``, the blocks train through LoRA adapters and the new head trains fully.
+    ``options`` are ``ClassifyConfig`` keys (``epochs``, ``lr``, ``max_length``, ``resume``, ...),
+    applied over ``config``. With ``lora_rank``, the blocks train through LoRA adapters and the
+    new head trains fully. Under torchrun the processes share each batch (DDP).
     """
-    if representation not in REPRESENTATIONS:
-        raise UserError(f"representation must be one of {', '.join(REPRESENTATIONS)}, not {representation!r}")
-    if epochs < 1 or batch_size < 1:
-        raise UserError("epochs and batch_size must be at least 1")
-    out_dir = Path(out_dir)
-    device = pick_device(str(device))
-    rows, label_set = read_labeled_texts(data, text_column, label_column, labels, delimiter, header)
-    if balance:
-        rows = balance_classes(rows, seed)
+    cfg = finetune_config(ClassifyConfig, base, data, out_dir, config, options)
+    if cfg.representation not in REPRESENTATIONS:
+        raise UserError(f"representation must be one of {', '.join(REPRESENTATIONS)}, not {cfg.representation!r}")
+    rt = start_runtime(cfg)
+    log = log if rt.dist.main else None
+    resume_from = check_run_folder(cfg)
+    model, tokenizer, label_set, (train_set, val_set, test_set), max_length = _prepare(
+        cfg, base if isinstance(base, GPTModel) else cfg.base, tokenizer, rt.device, log)
+    trainable_count, _ = log_trainable(model, log)
+
+    pad_to = max_length if cfg.representation == "last_position" else None
+    collate = partial(collate_classification, pad_id=tokenizer.eot_id, pad_to=pad_to)
+    batches = ExampleBatches(train_set, collate, cfg.batch_size, cfg.seed, rt.dist,
+                             {"train": train_set, "val": val_set})
+    meta = {"task": "classification", "num_classes": len(label_set), "labels": label_set,
+            "max_length": max_length, "representation": cfg.representation}
+    task = ClassifyTask(batches, tokenizer, meta, cfg.eval_batches)
+    done, history, steps_per_epoch = run_finetune(task, cfg, model, rt, resume_from, log)
+
+    out_dir = Path(cfg.out)
+    result = ClassifierResult(out_dir, label_set, history, best_epoch=math.ceil(done.best_step / steps_per_epoch),
+                              trainable_parameters=trainable_count)
+    if rt.dist.main:
+        # Test with the checkpoint as saved: this also proves the folder loads.
+        best_model = load_classifier(out_dir, rt.device).model
+        test_eval = DataLoader(test_set, cfg.batch_size, collate_fn=collate)
+        result.test_loss, result.test_accuracy = evaluate_classifier(best_model, test_eval, rt.device,
+                                                                     cfg.representation)
+        if log and test_set:
+            log(f"test accuracy {100 * result.test_accuracy:.2f}% ({len(test_set)} examples, epoch "
+                f"{result.best_epoch} checkpoint) -> {out_dir}")
+        write_json(out_dir / METRICS, {"best_epoch": result.best_epoch, "test_loss": result.test_loss,
+                                       "test_accuracy": result.test_accuracy, "history": result.history,
+                                       "split_sizes": [len(train_set), len(val_set), len(test_set)]})
+    barrier(rt.dist)
+    return result
+
+
+def _prepare(cfg: ClassifyConfig, base, tokenizer, device, log: Log):
+    """The data read, split and encoded, and the model with its new head (seeded)."""
+    rows, label_set = read_labeled_texts(cfg.data, cfg.text_column, cfg.label_column, cfg.labels,
+                                         cfg.delimiter, cfg.header)
+    if cfg.balance:
+        rows = balance_classes(rows, cfg.seed)
     counts = Counter(r.label for r in rows)
     if log:
         log(f"{len(rows)} examples, {len(label_set)} classes: "
             + ", ".join(f"{label} {counts.get(label, 0)}" for label in label_set))
-    train_rows, val_rows, test_rows = split_items(rows, split, seed)
+    parts = split_items(rows, cfg.split, cfg.seed)
 
     model, tokenizer = pick_model(base, tokenizer, device)
-    context = model.cfg.context_length
+    context, max_length = model.cfg.context_length, cfg.max_length
     if max_length is None:
         # The book's rule: as long as the longest training text, capped by the context window.
-        max_length = min(context, max(len(ids) for ids in tokenizer.encode_batch([r.text for r in train_rows])))
+        max_length = min(context, max(len(ids) for ids in tokenizer.encode_batch([r.text for r in parts[0]])))
     elif not 1 <= max_length <= context:
         raise UserError(f"max_length must be between 1 and the context length {context}, got {max_length}")
-    train_set, val_set, test_set = (
-        encode_labeled(part, tokenizer, label_set, max_length) for part in (train_rows, val_rows, test_rows)
-    )
+    sets = tuple(encode_labeled(part, tokenizer, label_set, max_length) for part in parts)
 
-    torch.manual_seed(seed)  # the new head's initialisation and the LoRA matrices
-    make_classifier(model, len(label_set), trainable, last_blocks)
-    if lora_rank is not None:
-        apply_lora(model, lora_rank, lora_alpha or 2 * lora_rank, lora_targets)  # freezes everything ...
+    torch.manual_seed(cfg.seed)  # the new head's initialisation and the LoRA matrices
+    make_classifier(model, len(label_set), cfg.trainable, cfg.last_blocks)
+    if cfg.lora_rank is not None:
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha or 2 * cfg.lora_rank, cfg.lora_targets)  # freezes all ...
         for p in model.out_head.parameters():  # ... but the new head is random: it trains fully
             p.requires_grad = True
-    trainable_count, _ = log_trainable(model, log)
-
-    pad_to = max_length if representation == "last_position" else None
-    collate = partial(collate_classification, pad_id=tokenizer.eot_id, pad_to=pad_to)
-    generator = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(train_set, batch_size, shuffle=True, collate_fn=collate, generator=generator,
-                              drop_last=len(train_set) > batch_size)  # no noisy tiny last batch (book)
-    eval_loader = partial(DataLoader, batch_size=batch_size, collate_fn=collate)
-    train_eval, val_eval, test_eval = eval_loader(train_set), eval_loader(val_set), eval_loader(test_set)
-    optimizer = make_optimizer(model, lr, weight_decay)
-
-    meta = {"task": "classification", "num_classes": len(label_set), "labels": label_set,
-            "max_length": max_length, "representation": representation}
-    result = ClassifierResult(out_dir, label_set, trainable_parameters=trainable_count)
-    best = -1.0
-    for epoch in range(1, epochs + 1):
-        start = time.perf_counter()
-        model.train()
-        for batch in train_loader:
-            optimizer.zero_grad(set_to_none=True)
-            loss, _ = calc_loss_batch(model, batch, device, representation)
-            loss.backward()
-            optimizer.step()
-        train_loss, train_acc = evaluate_classifier(model, train_eval, device, representation, eval_batches)
-        val_loss, val_acc = evaluate_classifier(model, val_eval, device, representation, eval_batches)
-        result.history.append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
-                               "val_loss": val_loss, "val_accuracy": val_acc,
-                               "seconds": time.perf_counter() - start})
-        # Keep the epoch with the best validation accuracy (training accuracy without a validation set).
-        score = val_acc if val_set else train_acc
-        improved = score > best
-        if improved:
-            best, result.best_epoch = score, epoch
-            _save_classifier_model(out_dir, model, tokenizer, meta)
-        if log:
-            log(f"epoch {epoch}: train loss {train_loss:.3f} acc {100 * train_acc:.2f}% | "
-                f"val loss {val_loss:.3f} acc {100 * val_acc:.2f}% | "
-                f"{time.perf_counter() - start:.1f}s{' (saved)' if improved else ''}")
-
-    # Test with the checkpoint as saved: this also proves the folder loads.
-    best_model = load_classifier(out_dir, device).model
-    result.test_loss, result.test_accuracy = evaluate_classifier(best_model, test_eval, device, representation)
-    if log and test_set:
-        log(f"test accuracy {100 * result.test_accuracy:.2f}% ({len(test_set)} examples, epoch {result.best_epoch} "
-            f"checkpoint) -> {out_dir}")
-    write_json(out_dir / METRICS, {"best_epoch": result.best_epoch, "test_loss": result.test_loss,
-                                     "test_accuracy": result.test_accuracy, "history": result.history,
-                                     "split_sizes": [len(train_set), len(val_set), len(test_set)]})
-    return result
-
-
-def _save_classifier_model(out_dir: Path, model: GPTModel, tokenizer, meta: dict) -> None:
-    from buildllm.finetune.lora import lora_layers
-
-    if lora_layers(model):
-        save_adapters(out_dir, model)  # the adapters plus the trained head, a small file
-        model = merge_lora(copy.deepcopy(model))
-    save_classifier(out_dir, model, tokenizer, meta)
+    return model, tokenizer, label_set, sets, max_length

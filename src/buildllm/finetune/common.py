@@ -1,4 +1,8 @@
-"""What both fine-tuning tasks share: the base model, the data split, the optimizer, saving.
+"""What both fine-tuning tasks share: the base model, the data split, saving, and the run.
+
+Both tasks train through the engine (``training/loop.py``): each builds its ``Task`` and its
+config (``ClassifyConfig``, ``InstructConfig``, both ``EngineConfig`` plus the task's own keys),
+and ``run_finetune`` fits it and reads the per-epoch history back from metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from buildllm.finetune.lora import (
     save_adapters,
 )
 from buildllm.models.gpt2 import GPTModel
-from buildllm.training.optim import param_groups
 
 CLASSIFIER = "classifier.json"  # what makes a checkpoint folder a classifier: labels, max_length
 
@@ -71,12 +74,6 @@ def split_items(items: Sequence, fractions: Sequence[float], seed: int) -> tuple
     return train, val, test
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; weight decay on matrices only (pretraining's groups)."""
-
-    return torch.optim.AdamW([g for g in param_groups(model, weight_decay) if g["params"]], lr=lr)
-
-
 def log_trainable(model: nn.Module, log: Log) -> tuple[int, int]:
     trainable, total = count_parameters(model)
     if log:
@@ -105,3 +102,65 @@ def pick_model(base, tokenizer, device):
             raise UserError("pass the tokenizer that goes with the model")
         return base.to(device), tokenizer
     return load_base_model(base, device)
+
+
+def finetune_config(cls, base, data, out_dir, config, options: dict):
+    """The config a ``finetune_*`` call asks for: ``config`` (or the defaults), then the keyword
+    options, then the positional ``base``, ``data`` and ``out_dir``; checked."""
+    from buildllm.training.config import check_engine
+
+    given = dict(options)
+    if base is not None and not isinstance(base, GPTModel):
+        given["base"] = str(base)
+    if data is not None:
+        given["data"] = str(data)
+    if out_dir is not None:
+        given["out"] = str(out_dir)
+    if "device" in given:
+        given["device"] = str(given["device"])  # a torch.device is welcome too
+    cfg = (config if config is not None else cls()).replace(**given)
+    check_engine(cfg)
+    for name in ("data", "out"):
+        if getattr(cfg, name) is None:
+            raise UserError(f"fine-tuning needs {name}: give it (--{name})")
+    return cfg
+
+
+def run_finetune(task, cfg, model: nn.Module, rt, resume_from, log: Log):
+    """Fit ``task`` for ``cfg.epochs`` epochs, evaluating (and checkpointing) after each one.
+
+    Returns the engine's result, the history per epoch, and the optimizer steps per epoch.
+    """
+    from buildllm.training.loop import Printer, fit
+
+    steps_per_epoch = math.ceil(task.batches.batches_per_epoch / cfg.grad_accum)
+    filled = {"max_steps": cfg.max_steps or cfg.epochs * steps_per_epoch,
+              "eval_interval": cfg.eval_interval or steps_per_epoch}
+    cfg = cfg.replace(**filled, save_interval=cfg.save_interval or filled["eval_interval"])
+    done = fit(task, cfg, model, rt, resume_from, Printer(log is not None and rt.dist.main, log))
+    return done, epoch_history(Path(cfg.out), steps_per_epoch), steps_per_epoch
+
+
+def epoch_history(run: Path, steps_per_epoch: int) -> list[dict]:
+    """One record per evaluation after training began: its epoch, metrics and seconds since the last."""
+    from buildllm.training.run_folder import METRICS, read_metrics
+
+    history, last_elapsed = [], 0.0
+    for r in read_metrics(run / METRICS):
+        if r.get("kind") != "eval":
+            continue
+        if r["step"] > 0:
+            epoch = r["step"] / steps_per_epoch
+            metrics = {k: v for k, v in r.items()
+                       if k not in ("kind", "step", "tokens_seen", "lr", "tokens_per_sec", "elapsed")}
+            history.append({"epoch": int(epoch) if epoch.is_integer() else round(epoch, 3), **metrics,
+                            "seconds": r["elapsed"] - last_elapsed})
+        last_elapsed = r["elapsed"]
+    return history
+
+
+def initial_metrics(run: Path) -> dict:
+    """The evaluation before the first step (``Task.evaluate_first``), or {}."""
+    from buildllm.training.run_folder import METRICS, read_metrics
+
+    return next((r for r in read_metrics(run / METRICS) if r.get("kind") == "eval" and r["step"] == 0), {})

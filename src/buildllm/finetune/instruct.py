@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -18,8 +17,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
+from buildllm.data.sources import ExampleBatches
 from buildllm.errors import UserError
 from buildllm.files import read_json_object
 from buildllm.finetune.classify import open_text
@@ -29,19 +28,27 @@ from buildllm.finetune.common import (
     PROMPT_TEMPLATE,
     TEST_RESPONSES,
     Log,
+    finetune_config,
+    initial_metrics,
     log_trainable,
-    make_optimizer,
     pick_model,
+    run_finetune,
     save_lm,
     split_items,
     write_json,
 )
 from buildllm.finetune.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
     DEFAULT_TARGETS,
     apply_lora,
 )
 from buildllm.models.gpt2 import GPTModel
-from buildllm.training.runtime import pick_device
+from buildllm.training.config import EngineConfig
+from buildllm.training.loop import start_runtime
+from buildllm.training.run_folder import check_run_folder
+from buildllm.training.runtime import barrier
+from buildllm.training.task import Task
 
 
 @dataclass(frozen=True)
@@ -297,54 +304,124 @@ def generate_responses(
     return answers
 
 
+@dataclass
+class InstructConfig(EngineConfig):
+    """Every knob of an instruction fine-tune: the engine's (``EngineConfig``) and these."""
+
+    base: str | None = None  # the model to start from: a checkpoint folder, a GPT-2 folder or model id
+    data: str | None = None  # Alpaca-style records: a JSON array or JSON lines
+    template: str = "alpaca"  # prompt format: alpaca, phi3, or a JSON file with instruction, input, response
+    split: tuple[float, ...] = (0.85, 0.05, 0.10)  # train, validation, test fractions (the book's)
+    mask_prompt: bool = False  # leave the prompt's tokens out of the loss
+    allowed_max_length: int | None = None  # tokens per training example (default: the context length)
+    lora_rank: int | None = None  # train LoRA adapters of this rank instead of the weights
+    lora_alpha: float | None = None  # LoRA scale numerator (default: 2 x rank)
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS  # Linear layers that get adapters
+    eval_batches: int | None = None  # evaluate on at most this many batches per split (default: all)
+    log_every: int = 0  # print the training loss every N steps (0: never)
+    max_new_tokens: int = 256  # longest answer to a test instruction
+    test_responses: bool = True  # answer the test split into test_responses.json
+    epochs: int = 2  # passes over the training split
+
+    what = "instruction"
+
+
+class InstructTask(Task):
+    """Next-token prediction on formatted instructions; padding (and the prompt, if masked) unscored."""
+
+    best_at_root = True  # the out folder is the instruction model
+    evaluate_first = True  # the losses before training, to compare with
+    files = (PROMPT_TEMPLATE, METRICS, TEST_RESPONSES, ADAPTER_WEIGHTS, ADAPTER_CONFIG)
+
+    def __init__(self, batches, tokenizer, template: PromptTemplate, eval_iters: int | None):
+        self.batches, self.tokenizer, self.template, self.eval_iters = batches, tokenizer, template, eval_iters
+
+    def items(self, batch) -> torch.Tensor:
+        return (batch[1] != IGNORE_INDEX).sum()  # the scored tokens
+
+    def loss(self, model, batch) -> torch.Tensor:
+        inputs, targets = batch
+        logits = model(inputs)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum")
+
+    def evaluate(self, model, batches) -> dict[str, float]:
+        return {"loss": calc_loss_loader(model, batches, next(model.parameters()).device)}
+
+    def save(self, folder: Path, model) -> None:
+        save_lm(folder, model, self.tokenizer)
+        write_json(folder / PROMPT_TEMPLATE, self.template.to_dict())
+
+
 def finetune_instruct(
-    base: str | Path | GPTModel,
-    data: str | Path,
-    out_dir: str | Path,
+    base: str | Path | GPTModel | None = None,
+    data: str | Path | None = None,
+    out_dir: str | Path | None = None,
     *,
+    config: InstructConfig | None = None,
     tokenizer=None,
-    template: str | Path | PromptTemplate = "alpaca",
-    split: Sequence[float] = (0.85, 0.05, 0.10),
-    mask_prompt: bool = False,
-    allowed_max_length: int | None = None,
-    lora_rank: int | None = None,
-    lora_alpha: float | None = None,
-    lora_targets: Sequence[str] = DEFAULT_TARGETS,
-    epochs: int = 2,
-    batch_size: int = 8,
-    lr: float = 5e-5,
-    weight_decay: float = 0.1,
-    eval_batches: int | None = None,
-    log_every: int = 0,
-    max_new_tokens: int = 256,
-    test_responses: bool = True,
-    seed: int = 123,
-    device: str | torch.device = "auto",
     log: Log = print,
+    **options,
 ) -> InstructResult:
     """Instruction-tune ``base`` on Alpaca-style ``data`` and save the best epoch (by validation loss)
     to ``out_dir`` with its prompt template; then answer the test split into test_responses.json.
 
-    ``split``: train, validation, test fractions (the book's 85% / 5% / 10%).
-    ``allowed_max_length``: tokens per training example (default: the context length).
+    ``options`` are ``InstructConfig`` keys (``epochs``, ``lr``, ``mask_prompt``, ``resume``, ...),
+    applied over ``config``; ``template`` may also be a ``PromptTemplate``.
+    Under torchrun the processes share each batch (DDP).
     """
-    if epochs < 1 or batch_size < 1:
-        raise UserError("epochs and batch_size must be at least 1")
-    out_dir = Path(out_dir)
-    device = pick_device(str(device))
-    template = get_prompt_template(template)
-    examples = read_instruction_data(data)
-    train_ex, val_ex, test_ex = split_items(examples, split, seed)
+    spec = options.pop("template", None)  # a name, a JSON file, or a PromptTemplate
+    if spec is not None:
+        options["template"] = spec.name if isinstance(spec, PromptTemplate) else str(spec)
+    cfg = finetune_config(InstructConfig, base, data, out_dir, config, options)
+    template = spec if isinstance(spec, PromptTemplate) else get_prompt_template(cfg.template)
+    rt = start_runtime(cfg)
+    log = log if rt.dist.main else None
+    resume_from = check_run_folder(cfg)
+    examples = read_instruction_data(cfg.data)
+    train_ex, val_ex, test_ex = split_items(examples, cfg.split, cfg.seed)
     if log:
         log(f"{len(examples)} examples: {len(train_ex)} train, {len(val_ex)} validation, {len(test_ex)} test")
-
-    model, tokenizer = pick_model(base, tokenizer, device)
+    model, tokenizer = pick_model(base if isinstance(base, GPTModel) else cfg.base, tokenizer, rt.device)
     context = model.cfg.context_length
-    allowed_max_length = allowed_max_length or context
+    allowed_max_length = cfg.allowed_max_length or context
     if not 2 <= allowed_max_length <= context:
         raise UserError(f"allowed_max_length must be between 2 and the context length {context}, got {allowed_max_length}")
+    train_set, val_set = _encode(cfg, tokenizer, template, train_ex, val_ex, allowed_max_length, log)
+
+    torch.manual_seed(cfg.seed)
+    if cfg.lora_rank is not None:
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha or 2 * cfg.lora_rank, cfg.lora_targets)
+    else:
+        for p in model.parameters():
+            p.requires_grad = True
+    trainable_count, _ = log_trainable(model, log)
+    collate = partial(collate_instruction, pad_id=tokenizer.eot_id, allowed_max_length=allowed_max_length,
+                      mask_prompt=cfg.mask_prompt)
+    batches = ExampleBatches(train_set, collate, cfg.batch_size, cfg.seed, rt.dist,
+                             {"train": train_set, "val": val_set})
+    task = InstructTask(batches, tokenizer, template, cfg.eval_batches)
+    done, history, steps_per_epoch = run_finetune(task, cfg, model, rt, resume_from, log)
+
+    out_dir = Path(cfg.out)
+    first = initial_metrics(out_dir)
+    result = InstructResult(out_dir, history, first.get("train_loss", math.nan), first.get("val_loss", math.nan),
+                            math.ceil(done.best_step / steps_per_epoch), trainable_parameters=trainable_count)
+    if rt.dist.main:
+        write_json(out_dir / METRICS, {"best_epoch": result.best_epoch, "initial_train_loss": result.initial_train_loss,
+                                       "initial_val_loss": result.initial_val_loss, "history": result.history,
+                                       "split_sizes": [len(train_ex), len(val_ex), len(test_ex)]})
+        if cfg.test_responses and test_ex:
+            result.responses_path = _answer_test_split(out_dir, rt.device, tokenizer, template, test_ex,
+                                                       cfg.max_new_tokens, log)
+    barrier(rt.dist)
+    return result
+
+
+def _encode(cfg: InstructConfig, tokenizer, template, train_ex, val_ex, allowed_max_length: int, log: Log):
+    """Token ids of the training and validation examples, less those that leave nothing to learn."""
     train_set, val_set = (encode_instructions(part, tokenizer, template) for part in (train_ex, val_ex))
-    if mask_prompt:
+    if cfg.mask_prompt:
         # An example whose prompt fills the whole window has no target left to learn from.
         dropped = sum(p - 1 >= allowed_max_length for _, p in train_set)
         train_set = [(ids, p) for ids, p in train_set if p - 1 < allowed_max_length]
@@ -353,67 +430,18 @@ def finetune_instruct(
             log(f"dropped {dropped} training example(s) whose prompt is longer than {allowed_max_length} tokens")
         if not train_set:
             raise UserError(f"every prompt is longer than allowed_max_length {allowed_max_length}")
+    return train_set, val_set
 
-    torch.manual_seed(seed)
-    if lora_rank is not None:
-        apply_lora(model, lora_rank, lora_alpha or 2 * lora_rank, lora_targets)
-    else:
-        for p in model.parameters():
-            p.requires_grad = True
-    trainable_count, _ = log_trainable(model, log)
 
-    collate = partial(collate_instruction, pad_id=tokenizer.eot_id, allowed_max_length=allowed_max_length,
-                      mask_prompt=mask_prompt)
-    generator = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(train_set, batch_size, shuffle=True, collate_fn=collate, generator=generator,
-                              drop_last=len(train_set) > batch_size)
-    train_eval = DataLoader(train_set, batch_size, collate_fn=collate)
-    val_eval = DataLoader(val_set, batch_size, collate_fn=collate)
-    optimizer = make_optimizer(model, lr, weight_decay)
+def _answer_test_split(out_dir: Path, device, tokenizer, template, test_ex, max_new_tokens: int, log: Log) -> Path:
+    """The saved (best) model's greedy answers to the test instructions, next to it."""
+    from buildllm.weights.checkpoint import load_model
 
-    result = InstructResult(out_dir, trainable_parameters=trainable_count)
-    result.initial_train_loss = calc_loss_loader(model, train_eval, device, eval_batches)
-    result.initial_val_loss = calc_loss_loader(model, val_eval, device, eval_batches)
+    best_model, _ = load_model(out_dir, device=device)
+    answers = generate_responses(best_model, tokenizer, template, test_ex, max_new_tokens)
+    records = [{"instruction": e.instruction, "input": e.input, "output": e.output, "model_response": a}
+               for e, a in zip(test_ex, answers)]
+    write_json(out_dir / TEST_RESPONSES, records)
     if log:
-        log(f"before training: train loss {result.initial_train_loss:.3f}, val loss {result.initial_val_loss:.3f}")
-    best, step = math.inf, 0
-    for epoch in range(1, epochs + 1):
-        start = time.perf_counter()
-        model.train()
-        for inputs, targets in train_loader:
-            optimizer.zero_grad(set_to_none=True)
-            loss = calc_loss_lm_batch(model, inputs, targets, device)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            if log and log_every and step % log_every == 0:
-                log(f"  step {step}: train loss {loss.item():.3f}")
-        train_loss = calc_loss_loader(model, train_eval, device, eval_batches)
-        val_loss = calc_loss_loader(model, val_eval, device, eval_batches)
-        result.history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-                               "seconds": time.perf_counter() - start})
-        score = val_loss if val_set else train_loss
-        improved = score < best
-        if improved:
-            best, result.best_epoch = score, epoch
-            save_lm(out_dir, model, tokenizer)
-            write_json(out_dir / PROMPT_TEMPLATE, template.to_dict())
-        if log:
-            log(f"epoch {epoch}: train loss {train_loss:.3f} | val loss {val_loss:.3f} | "
-                f"{time.perf_counter() - start:.1f}s{' (saved)' if improved else ''}")
-    write_json(out_dir / METRICS, {"best_epoch": result.best_epoch, "initial_train_loss": result.initial_train_loss,
-                                     "initial_val_loss": result.initial_val_loss, "history": result.history,
-                                     "split_sizes": [len(train_ex), len(val_ex), len(test_ex)]})
-
-    if test_responses and test_ex:
-        from buildllm.weights.checkpoint import load_model
-
-        best_model, _ = load_model(out_dir, device=device)
-        answers = generate_responses(best_model, tokenizer, template, test_ex, max_new_tokens)
-        records = [{"instruction": e.instruction, "input": e.input, "output": e.output, "model_response": a}
-                   for e, a in zip(test_ex, answers)]
-        result.responses_path = out_dir / TEST_RESPONSES
-        write_json(result.responses_path, records)
-        if log:
-            log(f"answers to {len(records)} test instructions -> {result.responses_path}")
-    return result
+        log(f"answers to {len(records)} test instructions -> {out_dir / TEST_RESPONSES}")
+    return out_dir / TEST_RESPONSES

@@ -18,8 +18,82 @@ from buildllm.errors import UserError
 from buildllm.models.gpt2 import GPTConfig
 
 
+class ConfigFile:
+    """What every config dataclass can do: list its keys, come from a dict or a YAML/JSON file, go back.
+
+    A field's help text is the ``# comment`` after it: command-line options are made from these.
+    """
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        unknown = sorted(set(d) - set(cls.keys()))
+        if unknown:
+            raise UserError(f"unknown {cls.what} config key(s) {', '.join(unknown)}; valid keys: "
+                            f"{', '.join(cls.keys())}")
+        d = dict(d)
+        for f in fields(cls):  # JSON and YAML know lists only: a tuple field gets its tuple back
+            value = d.get(f.name)
+            if isinstance(f.default, tuple) and value is not None and not isinstance(value, tuple):
+                d[f.name] = tuple([value] if isinstance(value, str) else value)
+        return cls(**d)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike):
+        """Read a YAML (.yaml, .yml) or JSON file of config keys."""
+        return cls.from_dict(read_config_file(path))
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes):
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+    what = "training"  # for messages: "unknown training config key(s) ..."
+
+
 @dataclass
-class TrainConfig:
+class EngineConfig(ConfigFile):
+    """The knobs of the training engine itself, shared by the fine-tuning tasks' configs.
+
+    Every name here means the same in ``TrainConfig`` (pretraining), so the engine reads either.
+    The defaults are the book's fine-tuning settings (chapters 6 and 7): constant learning rate,
+    no warmup, no clipping, plain AdamW betas, fp32.
+    """
+
+    out: str | None = None  # folder for the run: checkpoints, metrics.jsonl, loss.png, the best model
+    epochs: int = 1  # passes over the training examples
+    max_steps: int | None = None  # optimizer steps (default: epochs x steps per epoch)
+    max_minutes: float | None = None  # wall-time budget of the whole run
+    batch_size: int = 8  # examples per micro-batch, over all processes together
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 5e-5  # peak learning rate (AdamW)
+    lr_schedule: Literal["cosine", "constant"] = "constant"  # after warmup
+    warmup_steps: int = 0  # steps of linear warmup from 0 to lr
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.1  # AdamW weight decay, on matrices only
+    no_decay: tuple[str, ...] = ()  # and never on these parameters (name or module prefix)
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.999  # AdamW second-moment decay
+    grad_clip: float = 0.0  # max global gradient norm; 0 turns clipping off
+    eval_interval: int | None = None  # steps between evaluations and checkpoints (default: one epoch)
+    save_interval: int | None = None  # steps between checkpoints (default: eval_interval)
+    keep_last: int = 2  # checkpoints kept
+    progress: bool = True  # progress bar
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "fp32"  # autocast precision (auto: bf16 where fast)
+    compile: bool = False  # torch.compile the model
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun
+    seed: int = 123  # seed for the split, the shuffling and new weights
+    resume: bool | Literal["auto"] = False  # True: continue the run in out; "auto": if there is one
+    force: bool = False  # start over, replacing the run in out
+
+
+@dataclass
+class TrainConfig(ConfigFile):
     """Every knob of a training run. ``None`` means "the default of the data mode" (see DEFAULTS)."""
 
     # What to learn from, and where the run goes.
@@ -74,34 +148,6 @@ class TrainConfig:
     resume: bool | Literal["auto"] = False  # True: continue it; "auto": continue it if there is one
     force: bool = False  # start over, replacing it
 
-    @classmethod
-    def keys(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        unknown = sorted(set(d) - set(cls.keys()))
-        if unknown:
-            raise UserError(f"unknown training config key(s) {', '.join(unknown)}; valid keys: "
-                            f"{', '.join(cls.keys())}")
-        d = dict(d)
-        if "no_decay" in d and d["no_decay"] is not None:
-            d["no_decay"] = tuple([d["no_decay"]] if isinstance(d["no_decay"], str) else d["no_decay"])
-        return cls(**d)
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike) -> TrainConfig:
-        """Read a YAML (.yaml, .yml) or JSON file of config keys."""
-        return cls.from_dict(read_config_file(path))
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["no_decay"] = list(self.no_decay)
-        return d
-
-    def replace(self, **changes) -> TrainConfig:
-        return TrainConfig.from_dict({**self.to_dict(), **changes})
-
 
 RUN_CONFIG = "train_config.json"  # the resolved config, saved in the run folder
 
@@ -132,7 +178,9 @@ BOOK_MODEL = {"context_length": 256, "drop_rate": 0.1, "qkv_bias": False}  # the
 # not what was computed so far.
 RESUMABLE_KEYS = {"max_steps", "epochs", "max_minutes", "eval_interval", "eval_iters", "save_interval",
                   "keep_last", "final_eval", "sample_prompt", "sample_tokens", "sample_temperature",
-                  "sample_top_k", "progress", "device", "compile", "out", "resume", "force"}
+                  "sample_top_k", "progress", "device", "compile", "out", "resume", "force",
+                  # fine-tuning: what is evaluated and reported, not what trains
+                  "eval_batches", "log_every", "max_new_tokens", "test_responses"}
 
 
 def data_mode(data: str | None) -> str:
@@ -251,6 +299,25 @@ def read_config_file(path: str | os.PathLike) -> dict:
     return d
 
 
+def check_engine(cfg: EngineConfig) -> None:
+    """The engine's own knobs, for configs that ``resolve`` does not check (the fine-tuning ones)."""
+    for name in ("epochs", "max_steps", "batch_size", "grad_accum", "eval_interval", "save_interval", "keep_last"):
+        v = getattr(cfg, name)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            raise UserError(f"{name} must be a positive integer, got {v!r}")
+    for name in ("lr", "max_minutes"):
+        v = getattr(cfg, name)
+        if v is not None and (not isinstance(v, (int, float)) or v <= 0):
+            raise UserError(f"{name} must be a positive number, got {v!r}")
+    if not isinstance(cfg.warmup_steps, int) or cfg.warmup_steps < 0:
+        raise UserError(f"warmup_steps must be an integer >= 0, got {cfg.warmup_steps!r}")
+    choices = {"dtype": ("auto", "bf16", "fp16", "fp32"), "parallel": ("ddp", "fsdp"),
+               "lr_schedule": ("cosine", "constant"), "resume": (True, False, "auto")}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise UserError(f"{name} must be one of {', '.join(map(str, allowed))}, got {getattr(cfg, name)!r}")
+
+
 def parse_assignments(items: list[str]) -> dict:
     """``["lr=3e-4", "model.n_layers=6"]`` -> ``{"lr": 0.0003, "model": {"n_layers": 6}}`` (YAML values).
 
@@ -310,10 +377,10 @@ def cli_config(path: str | None, options: dict, assignments: list[str] = (), cls
     return config_from_dict(cls, {**{f.name: getattr(base, f.name) for f in fields(cls)}, **overrides})
 
 
-def saved_config(out: str | os.PathLike) -> TrainConfig | None:
-    """The resolved config of the run in ``out``, or None if there is none."""
+def saved_config(out: str | os.PathLike, cls: type = TrainConfig):
+    """The resolved config (a ``cls``) of the run in ``out``, or None if there is none."""
     path = Path(out) / RUN_CONFIG
-    return TrainConfig.from_file(path) if path.is_file() else None
+    return cls.from_file(path) if path.is_file() else None
 
 
 def check_context(context_length: int, model_context: int) -> None:

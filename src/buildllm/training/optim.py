@@ -27,7 +27,7 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay: tuple[str, ...
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    groups = param_groups(model, cfg.weight_decay, cfg.no_decay)
+    groups = [g for g in param_groups(model, cfg.weight_decay, cfg.no_decay) if g["params"]]
     betas = (cfg.beta1, cfg.beta2)
     # The fused kernel updates all parameters in one pass (CPU, CUDA, MPS); foreach otherwise.
     try:

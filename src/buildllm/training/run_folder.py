@@ -11,22 +11,21 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from buildllm.errors import UserError
 from buildllm.files import atomic_write, current_umask
 from buildllm.training.config import (
     RESUMABLE_KEYS,
     RUN_CONFIG,
-    TrainConfig,
     saved_config,
 )
 from buildllm.training.runtime import Dist, barrier
-from buildllm.weights.checkpoint import CONFIG, TOKENIZER, WEIGHTS, save_model
+from buildllm.weights.checkpoint import CONFIG, TOKENIZER, WEIGHTS
 
 METRICS, PLOT, STATE, MANIFEST = "metrics.jsonl", "loss.png", "state.pt", "manifest.json"
 
@@ -34,9 +33,10 @@ METRICS, PLOT, STATE, MANIFEST = "metrics.jsonl", "loss.png", "state.pt", "manif
 CHECKPOINTS, BEST = "checkpoints", "best"
 
 
-STATE_KEYS = ("step", "tokens_seen", "best_val_loss", "scheduler", "optimizer", "scaler", "data", "rng")
+STATE_KEYS = ("step", "tokens_seen", "best_score", "best_step", "scheduler", "optimizer", "scaler", "data", "rng")
 
 
+# What a run writes into its folder (fine-tuning adds its own files: the task's model folder).
 RUN_FILES = (RUN_CONFIG, METRICS, PLOT, WEIGHTS, CONFIG, TOKENIZER, CHECKPOINTS, BEST)
 
 
@@ -67,8 +67,11 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def write_checkpoint(run: Path, step: int, model: nn.Module, tokenizer, state: dict, keep_last: int) -> Path:
+def write_checkpoint(run: Path, step: int, save_model: Callable[[Path], None], state: dict, keep_last: int) -> Path:
     """Write checkpoints/step-N atomically: into a temporary folder, every file fsynced, then renamed.
+
+    ``save_model(folder)`` writes the model's files (the task decides which); the training state
+    goes next to them in state.pt.
 
     A crash at any moment leaves either the complete new checkpoint or none, and the older ones
     are deleted only after the new one is in place.
@@ -79,7 +82,7 @@ def write_checkpoint(run: Path, step: int, model: nn.Module, tokenizer, state: d
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; a checkpoint is not
     try:
-        save_model(tmp, model, tokenizer)
+        save_model(tmp)
         atomic_write(tmp / STATE, lambda p: torch.save(state, p))
         files = sorted(p.name for p in tmp.iterdir())
         manifest = {"step": step, "files": {name: _sha256(tmp / name) for name in files}}
@@ -192,8 +195,11 @@ def plot_losses(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def check_run_folder(cfg: TrainConfig) -> Path | None:
-    """Check the out folder against resume/force (touching nothing); the checkpoint to resume, if any."""
+def check_run_folder(cfg) -> Path | None:
+    """Check the out folder against resume/force (touching nothing); the checkpoint to resume, if any.
+
+    ``cfg`` is any config with ``out``, ``resume`` and ``force`` (a TrainConfig, a fine-tuning config).
+    """
     run = Path(cfg.out)
     if run.exists() and not run.is_dir():
         raise UserError(f"out {run} exists and is not a folder: choose another --out")
@@ -201,8 +207,8 @@ def check_run_folder(cfg: TrainConfig) -> Path | None:
     if has_run and cfg.resume:
         found = checkpoint_dirs(run)
         if found:
-            saved = saved_config(run)
-            diff = [k for k in TrainConfig.keys()
+            saved = saved_config(run, type(cfg))
+            diff = [k for k in type(cfg).keys()
                     if k not in RESUMABLE_KEYS and getattr(saved, k) != getattr(cfg, k)]
             if diff:
                 shown = ", ".join(f"{k}: {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in diff)
@@ -222,10 +228,10 @@ def check_run_folder(cfg: TrainConfig) -> Path | None:
     return None
 
 
-def start_run_folder(run: Path, dist: Dist) -> None:
+def start_run_folder(run: Path, dist: Dist, task_files: tuple[str, ...] = ()) -> None:
     """A new run: remove what an earlier run wrote there (with --force), nothing else."""
     if dist.main:
-        for name in RUN_FILES:
+        for name in (*RUN_FILES, *task_files):
             p = run / name
             if p.is_dir():
                 shutil.rmtree(p)

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from buildllm.errors import UserError
 
@@ -106,16 +107,6 @@ def broadcast_float(value: float, dist: Dist) -> float:
     return float(t.item())
 
 
-def mean_over_ranks(value: float, dist: Dist) -> float:
-    if not dist.enabled:
-        return value
-    import torch.distributed as td
-
-    t = torch.tensor([value], dtype=torch.float64)
-    td.all_reduce(t)
-    return float(t.item()) / dist.world_size
-
-
 def barrier(dist: Dist) -> None:
     if dist.enabled:
         import torch.distributed as td
@@ -187,3 +178,59 @@ def gather_objects(obj, dist: Dist) -> list:
     out = [None] * dist.world_size
     td.all_gather_object(out, obj)
     return out
+
+
+def sum_over_ranks(value: float, dist: Dist) -> float:
+    if not dist.enabled:
+        return value
+    import torch.distributed as td
+
+    t = torch.tensor([value], dtype=torch.float64)
+    td.all_reduce(t)
+    return float(t.item())
+
+
+# FSDP holds a shard of each tensor on each process: these gather or scatter the whole. ----------
+
+
+def full_model(raw_model: nn.Module, fsdp: bool, dist: Dist) -> nn.Module:
+    """The model with all its weights on rank 0 (FSDP holds a shard on each process)."""
+    if not fsdp:
+        return raw_model
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
+
+    from buildllm.weights.checkpoint import model_from_state_dict
+
+    state = get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not dist.main:
+        return raw_model
+    if raw_model.cfg.tie_embeddings:
+        state.pop("out_head.weight", None)
+    return model_from_state_dict(raw_model.cfg, state)
+
+
+def optimizer_state(raw_model: nn.Module, optimizer, fsdp: bool, dist: Dist) -> dict | None:
+    if not fsdp:
+        return optimizer.state_dict() if dist.main else None
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+    )
+
+    return get_optimizer_state_dict(raw_model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(raw_model: nn.Module, optimizer, state: dict, fsdp: bool) -> None:
+    if not fsdp:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
+
+    set_optimizer_state_dict(raw_model, optimizer, state, options=StateDictOptions(full_state_dict=True))
