@@ -8,8 +8,10 @@ so that a noisy, shared machine slows both alike; the figures are medians over t
 and the ratio buildllm/HF is the median of the per-repeat ratios.
 
 MFU (model FLOPs utilisation) divides the model's FLOPs per second (``describe()``: 6N plus
-attention for a training step, 2N plus attention for a forward pass) by a matmul peak measured at
-the start of the run, in bf16 and in fp32, on this very machine.
+attention for a training step, 2N plus attention for a forward pass) by the library's matmul peak
+(``training.runtime.peak_flops``, the one the progress bar's MFU uses) measured at the start of the
+run, in bf16 and in fp32, on this very machine. Training rows time the library's own step
+(``training.loop.train_step`` with ``training.optim.make_optimizer``) for both contenders.
 
 Peak memory comes from a fresh subprocess per contender and row (CPU: the growth of the peak
 resident set, ``ru_maxrss``, over what the imports took; CUDA: ``torch.cuda.max_memory_allocated``).
@@ -34,13 +36,19 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from buildllm.errors import UserError
 from buildllm.generation.quantization import quantize
 from buildllm.models.gpt2 import GPTConfig, GPTModel, describe
+from buildllm.training.config import TrainConfig
+from buildllm.training.loop import Printer, Run, Runtime, train_step
+from buildllm.training.optim import make_optimizer
+from buildllm.training.runtime import Dist, autocast, peak_flops, pick_device
+from buildllm.training.task import LMTask
 
 # Which rows exist. A row id is "<kind>-<variant>"; --rows takes ids or their prefixes.
 ROWS = (
@@ -96,15 +104,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def pick_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda asked for, but CUDA is not available")
-    return device
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -114,24 +113,6 @@ def model_config(preset: str, seq: int, quick: bool) -> GPTConfig:
     """The preset with GPT-2's vocabulary, no dropout, and a window that holds ``seq`` tokens."""
     cfg = GPTConfig.from_preset(preset, vocab_size=50257, drop_rate=0.0)
     return replace(cfg, context_length=max(cfg.context_length, seq, PROMPT_TOKENS + 128 if not quick else 0))
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, seconds: float = 2.0,
-                clock=time.perf_counter) -> float:
-    """FLOP/s of the best of several timed n x n matmul loops (the best: the machine is shared)."""
-    g = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    a @ b
-    sync(device)
-    best, end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t = clock()
-        for _ in range(3):
-            a @ b
-        sync(device)
-        best = max(best, 3 * 2 * n**3 / max(clock() - t, 1e-9))
-    return best
 
 
 # The two contenders, with the same weights --------------------------------------------------------
@@ -224,33 +205,27 @@ def race(contenders: dict[str, callable], repeats: int, warmup: int, device: tor
     return Race(seconds, first)
 
 
-def autocast(device: torch.device, dtype: torch.dtype):
-    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+class FixedBatch(LMTask):
+    """Pretraining's task on one fixed random batch: the library's loss, nothing else to load."""
 
-
-def make_optimizer(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    # The fused AdamW kernel (one pass over all parameters) exists for CPU and CUDA.
-    return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=device.type in ("cpu", "cuda"))
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.batches = SimpleNamespace(next_batch=lambda: (x, y))
 
 
 def train_step_fn(model: nn.Module, batch: int, seq: int, vocab: int, dtype: torch.dtype,
                   device: torch.device, opt: torch.optim.Optimizer | None = None):
-    """One training step (forward, loss, backward, AdamW) on a fixed random batch."""
-    opt = opt or make_optimizer(model, device)
+    """One training step of the library's engine (``training.loop.train_step``: forward, summed
+    loss, backward, clipping, AdamW from ``training.optim``) on a fixed random batch."""
     g = torch.Generator().manual_seed(1)
     x = torch.randint(vocab, (batch, seq), generator=g).to(device)
     y = torch.randint(vocab, (batch, seq), generator=g).to(device)
+    cfg = TrainConfig(lr=1e-4, weight_decay=0.1, no_decay=())  # pretraining's clipping and betas
     model.train()
-
-    def step() -> None:
-        with autocast(device, dtype):
-            logits = model(x)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
+    run = Run(task=FixedBatch(x, y), cfg=cfg, rt=Runtime(Dist(), device, dtype), folder=Path("."),
+              raw_model=model, say=Printer(False), max_steps=0, model=model,
+              optimizer=opt or make_optimizer(model, cfg, device),
+              scaler=torch.amp.GradScaler(device.type, enabled=False))
+    return lambda: train_step(run)
 
 
 def forward_fn(model: nn.Module, batch: int, seq: int, vocab: int, dtype: torch.dtype, device: torch.device):
@@ -597,7 +572,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return 0
-    device = pick_device(args.device)
+    try:
+        device = pick_device(args.device)
+    except UserError as e:
+        sys.exit(f"error: {e}")
     if device.type == "cuda":
         # The GPU setting of the issue: a bigger batch, the full GPT-2 window, TF32 for fp32 matmuls.
         args.batch, args.seq = args.batch or 16, args.seq or 1024
@@ -609,11 +587,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {info['cpu']}, {info['cores']} cores, {info['threads']} torch threads, torch {info['torch']}, "
           f"transformers {info['transformers']}" + (f", {info['gpu']}" if "gpu" in info else ""), flush=True)
 
-    n = 512 if args.quick else (8192 if device.type == "cuda" else 2048)
-    seconds = 0.2 if args.quick else 2.0
-    peaks = {dt: matmul_peak(device, getattr(torch, name), n, seconds, _clock(args))
-             for dt, name in (("bf16", "bfloat16"), ("fp32", "float32"))}
-    print(f"# matmul peak ({n}x{n}): bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s, fp32 {peaks['fp32'] / 1e9:,.0f} GFLOP/s",
+    peaks = {dt: peak_flops(device, getattr(torch, name)) for dt, name in (("bf16", "bfloat16"), ("fp32", "float32"))}
+    print(f"# matmul peak (training.runtime.peak_flops): bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s, fp32 {peaks['fp32'] / 1e9:,.0f} GFLOP/s",
           flush=True)
 
     main_cfg = model_config(args.preset, args.seq, args.quick)
