@@ -5,7 +5,7 @@ import torch
 @pytest.fixture(autouse=True)
 def one_thread():
     """Run every test on one thread: the suite's models are tiny, and a thread pool only adds
-    synchronisation (10-100x slower when the two cores are busy with anything else)."""
+    synchronisation, and much of it when the cores are busy with anything else."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

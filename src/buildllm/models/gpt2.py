@@ -96,7 +96,7 @@ PRESETS: dict[str, GPTConfig] = {
     "micro": GPTConfig(context_length=256, emb_dim=128, n_heads=4, n_layers=4),
     "mini": GPTConfig(context_length=256, emb_dim=384, n_heads=6, n_layers=6, drop_rate=0.1),
     # The default `buildllm train` model: the best held-out Shakespeare loss that 8.5 minutes of a
-    # 2-core CPU buy. Measured: a smaller model that sees more tokens beats a bigger one here.
+    # 2-core CPU buy: a smaller model that sees more tokens beats a bigger one (benchmarks/README.md).
     "shakespeare-cpu": GPTConfig(vocab_size=4096, context_length=256, emb_dim=128, n_heads=4, n_layers=4),
 }
 
@@ -108,8 +108,8 @@ class LayerNorm(nn.Module):
     """Normalise each token's features to zero mean and unit variance, then scale and shift.
 
     ``written_out`` is the formula; ``forward`` hands the same computation to PyTorch's fused
-    kernel, which makes one pass over memory (forward and backward) instead of one per operation:
-    4% faster GPT-2 training on CPU (benchmarks/README.md). The tests check the two agree.
+    kernel, which makes one pass over memory (forward and backward) instead of one per operation
+    (its speed-up is in benchmarks/README.md). The tests check the two agree.
     """
 
     def __init__(self, emb_dim: int, eps: float = 1e-5):
@@ -130,8 +130,8 @@ class LayerNorm(nn.Module):
 class GELU(nn.Module):
     """GELU with GPT-2's tanh approximation.
 
-    ``written_out`` is the formula; ``forward`` is PyTorch's one-kernel version of it (5% faster
-    GPT-2 training on CPU than the eight separate operations, benchmarks/README.md).
+    ``written_out`` is the formula; ``forward`` is PyTorch's one-kernel version of it, one pass over
+    memory instead of eight operations (its speed-up is in benchmarks/README.md).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

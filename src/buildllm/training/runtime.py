@@ -146,7 +146,7 @@ def keep_freed_memory() -> None:
 
     By default glibc serves each allocation above 32 MiB with a fresh ``mmap`` and returns it with
     ``munmap`` when freed, so a tensor like the fp32 logits (batch x context x vocab) is
-    page-faulted in anew at every step. On the 2-core CPU of the default run that cost a third of
+    page-faulted in anew at every step. On a small CPU that page-faulting is a large share of
     the step time. Raising both thresholds makes steady-state steps reuse the same memory.
     Linux with glibc only; elsewhere (or with another C library) this does nothing.
     """

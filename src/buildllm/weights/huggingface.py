@@ -179,7 +179,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     The format is simple: 8 bytes giving the header's length, a JSON header (name -> dtype,
     shape, byte range), then the raw little-endian bytes. ``safetensors.torch.load_file`` memory
     maps the file instead; the pages it touches then count as resident on top of the transposed
-    copies we make, about 1.6x the weights at peak for GPT-2. Plain reads into each tensor's own
+    copies we make, well above one copy of the weights at peak. Plain reads into each tensor's own
     buffer keep the peak near one copy of the weights (the page cache is the kernel's, not ours).
     """
     state = {}
