@@ -48,12 +48,11 @@ def test_every_command_has_help(command, capsys):
         assert "--model" in out
     for old in ("--checkpoint", "--pretrained", "--init-from"):
         assert old not in out  # old names still work but are not advertised
-    assert ("--config FILE" in out) == (command == ["train"])  # info's old --config is hidden too
+    # the commands built on a config dataclass read a config file; info's old --config is hidden
+    assert ("--config FILE" in out) == (command in (["train"], ["finetune", "classify"], ["finetune", "instruct"]))
 
 
-@pytest.mark.parametrize("argv", [["finetune", "classify", "--data", "d", "--out", "o"],
-                                  ["finetune", "instruct", "--data", "d", "--out", "o"],
-                                  ["classify", "text"], ["generate"], ["chat"], ["eval"]], ids=" ".join)
+@pytest.mark.parametrize("argv", [["classify", "text"], ["generate"], ["chat"], ["eval"]], ids=" ".join)
 def test_device_defaults_to_auto_everywhere(argv):
     args = cli.build_parser().parse_args(argv)
     if hasattr(args, "options"):
@@ -63,6 +62,15 @@ def test_device_defaults_to_auto_everywhere(argv):
 
 def test_train_device_default_is_the_configs():
     assert not hasattr(cli.build_parser().parse_args(["train"]), "device") and TrainConfig().device == "auto"
+
+
+@pytest.mark.parametrize("task", ["classify", "instruct"])
+def test_finetune_device_default_is_the_configs(task):
+    from buildllm.finetune.classify import ClassifyConfig
+    from buildllm.finetune.instruct import InstructConfig
+
+    args = cli.build_parser().parse_args(["finetune", task, "--data", "d", "--out", "o"])
+    assert not hasattr(args, "device") and ClassifyConfig().device == InstructConfig().device == "auto"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -107,7 +115,8 @@ def test_two_different_models_are_an_error(capsys):
     (["eval"], "--pretrained", "model"), (["convert", "out"], "--checkpoint", "model"),
     (["classify", "text"], "--checkpoint", "model"), (["info"], "--config", "model"),
     (["train"], "--init-from", "init_from"), (["train"], "--model", "init_from"),
-    (["finetune", "classify", "--data", "d", "--out", "o"], "--checkpoint", "model"),
+    (["finetune", "classify", "--data", "d", "--out", "o"], "--checkpoint", "base"),
+    (["finetune", "instruct"], "--checkpoint", "base"), (["finetune", "instruct"], "--model", "base"),
 ])
 def test_old_model_flags_are_aliases_of_model(command, old, dest):
     args = cli.build_parser().parse_args([*command, old, "runs/x"])
@@ -127,6 +136,43 @@ def test_train_options_cover_every_config_field_with_help_and_no_default():
         shown = [a for a in options.get(name, []) if a.help != argparse.SUPPRESS]
         assert name == "model" or (shown and all(a.help for a in shown)), f"--{name} has no help"
     assert [a.option_strings for a in options["init_from"]] == [["--model"], ["--init-from"]]
+
+
+@pytest.mark.parametrize("task", ["classify", "instruct"])
+def test_finetune_options_cover_every_config_field_with_help_and_no_default(task):
+    from buildllm.finetune.classify import ClassifyConfig
+    from buildllm.finetune.instruct import InstructConfig
+
+    cls = {"classify": ClassifyConfig, "instruct": InstructConfig}[task]
+    options = options_of(subparser("finetune", task))
+    fields = cls.keys()
+    assert set(options) - set(fields) == {"config", "set"}
+    assert set(fields) - set(options) == set()  # every field, resume and force included
+    for name in fields:
+        for action in options[name]:
+            assert action.default is argparse.SUPPRESS, name  # the one default is the dataclass's
+        shown = [a for a in options[name] if a.help != argparse.SUPPRESS]
+        assert shown and all(a.help for a in shown), f"--{name} has no help"
+    assert [a.option_strings for a in options["base"]] == [["--model"], ["--checkpoint"]]
+    for name in ("dtype", "grad_accum", "device", "resume", "force"):
+        assert name in options
+
+
+def test_finetune_lists_take_commas_or_spaces_and_names_take_dashes():
+    parser = cli.build_parser()
+    args = parser.parse_args(["finetune", "classify", "--split", "0.8,0.1,0.1", "--lora-targets", "qkv", "fc",
+                              "--labels", "ham,spam", "--trainable", "last-blocks", "--representation",
+                              "last-position", "--no-header", "--text-column", "1", "--label-column", "0"])
+    assert (args.split, args.lora_targets, args.labels) == ((0.8, 0.1, 0.1), ("qkv", "fc"), ("ham", "spam"))
+    assert (args.trainable, args.representation, args.header) == ("last_blocks", "last_position", False)
+    assert (args.text_column, args.label_column) == (1, 0)
+    assert cli.main(["finetune", "classify", "--split", "0.8,x"]) == 2
+
+
+def test_finetune_without_a_model_is_one_error_line(capsys):
+    assert cli.main(["finetune", "instruct", "--data", "d", "--out", "o"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: give a model: --model") and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("cls_name", ["InfoOptions", "PrepareOptions", "TokenizeOptions", "ModelOptions",

@@ -405,3 +405,41 @@ def test_chat_wraps_lines_in_the_instruction_template(tmp_path, instruction_data
     monkeypatch.setattr("sys.stdin", io.StringIO(question + "\n"))
     assert main(["chat", "--checkpoint", str(out), "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out == templated + "\n"
+
+
+def test_cli_finetune_reads_config_and_set_and_resumes_with_more_epochs(tmp_path, classification_data, capsys):
+    """--config, then --set, then the options; a finished fine-tune continues with --resume --epochs."""
+    from buildllm.finetune.classify import ClassifyConfig
+    from buildllm.training.config import saved_config
+
+    data, tok = classification_data
+    save_model(tmp_path / "base", tiny_gpt(tok.vocab_size), tok)
+    out = tmp_path / "clf"
+    config = tmp_path / "classify.yaml"
+    config.write_text(f"base: {tmp_path / 'base'}\ndata: {data}\nout: {out}\ntrainable: all\nepochs: 4\n"
+                      "lr: 0.5\nbatch_size: 4\nseed: 7\n")
+    first = ["finetune", "classify", "--config", str(config), "--set", "epochs=3", "--set", "lr=0.001",
+             "--epochs", "1", "--trainable", "head", "--device", "cpu", "--no-progress"]
+    assert main(first) == 0
+    saved = saved_config(out, ClassifyConfig)
+    assert (saved.epochs, saved.lr, saved.trainable, saved.batch_size, saved.seed) == (1, 0.001, "head", 4, 7)
+    assert [h["epoch"] for h in json.loads((out / "metrics.json").read_text())["history"]] == [1]
+    capsys.readouterr()
+
+    assert main(first) == 2  # the out folder holds a run now: say what to do
+    assert "already holds a training run: pass --resume" in one_error_line(capsys)
+    assert main([*first, "--resume", "--epochs", "2"]) == 0
+    assert [h["epoch"] for h in json.loads((out / "metrics.json").read_text())["history"]] == [1, 2]
+    with pytest.raises(SystemExit):
+        main([*first, "--resume", "--force"])  # they exclude each other: argparse's usage error, exit 2
+
+
+def test_cli_finetune_instruct_takes_the_engine_options(tmp_path, instruction_data, capsys):
+    data, tok = instruction_data
+    save_model(tmp_path / "base", tiny_gpt(tok.vocab_size, context_length=64), tok)
+    out = tmp_path / "inst"
+    assert main(["finetune", "instruct", "--checkpoint", str(tmp_path / "base"), "--data", str(data), "--out",
+                 str(out), "--epochs", "1", "--grad-accum", "2", "--dtype", "fp32", "--device", "auto",
+                 "--no-test-responses", "--no-progress", "--split", "0.8", "0.1", "0.1"]) == 0
+    assert "saved" in capsys.readouterr().out
+    assert (out / "prompt_template.json").is_file() and not (out / "test_responses.json").exists()

@@ -1,119 +1,127 @@
 """`buildllm finetune classify|instruct`: fine-tune a model for a task.
 
-Their options are still declared by hand (with their defaults here, a second time beside the
-functions' keyword defaults). When the fine-tune functions take config dataclasses, each
-``add_parser`` below becomes ``options(p, ClassifyConfig, aliases={"model": ["--checkpoint"]})``
-(see ``cli.options``) and each ``run_*`` builds its config with
-``cli_config(args.config, given(args, ClassifyConfig), args.set, cls=ClassifyConfig)``.
+Like ``train``, every option is generated from the task's config dataclass (``ClassifyConfig``,
+``InstructConfig``: ``EngineConfig`` plus the task's keys), so each default is written once, in
+the class. ``--config FILE`` reads a YAML or JSON file of those keys, ``--set KEY=VALUE`` sets any
+of them, and the options typed win over both. A few options are declared here by hand: lists that
+also take commas (``--split 0.7,0.1,0.2``), names that take ``-`` or ``_`` (``last-blocks``),
+columns that are names or numbers, and ``--resume``/``--force`` (which exclude each other).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from buildllm.cli_options import need_model
+from buildllm.cli_options import MODEL_HELP, add_options, given
 from buildllm.errors import UserError
 
 
-def _fractions(text: str, what: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(","))
-    except ValueError:
-        raise UserError(f"{what} must be comma-separated fractions like 0.7,0.1,0.2, got {text!r}") from None
+class Listed(argparse.Action):
+    """One or more values, each of which may hold several separated by commas: ``0.7,0.1,0.2``."""
+
+    def __init__(self, *args, kind=str, **kw):
+        super().__init__(*args, nargs="+", **kw)
+        self.kind = kind
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = [x.strip() for value in values for x in value.split(",") if x.strip()]
+        try:
+            setattr(namespace, self.dest, tuple(self.kind(x) for x in items))
+        except ValueError:
+            raise UserError(f"{option_string} takes comma-separated {self.kind.__name__} values, "
+                            f"got {' '.join(values)!r}") from None
 
 
-def _add_finetune_common(p, epochs: int, split: str) -> None:
-    p.add_argument("--model", metavar="PATH_OR_ID",
-                   help="the model to start from: a buildllm checkpoint folder or a Hugging Face GPT-2 folder")
-    p.add_argument("--checkpoint", dest="model", help=argparse.SUPPRESS)
-    p.add_argument("--data", required=True, help="the training data file")
-    p.add_argument("--out", required=True, help="folder for the fine-tuned checkpoint")
-    p.add_argument("--split", default=split, help=f"train,val,test fractions (default: {split})")
-    p.add_argument("--epochs", type=int, default=epochs, help=f"passes over the training split (default: {epochs})")
-    p.add_argument("--batch-size", type=int, default=8, help="examples per step (default: 8)")
-    p.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (default: 5e-5)")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: 0.1)")
-    p.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank instead of the weights")
-    p.add_argument("--lora-alpha", type=float, help="LoRA scale numerator: updates are scaled by alpha/rank "
-                   "(default: 2 x rank; the book's rank 16 with its alpha 16 is --lora-alpha 256 here)")
-    p.add_argument("--lora-targets", default="qkv,out_proj,fc,proj",
-                   help="Linear layers that get adapters (default: qkv,out_proj,fc,proj)")
-    p.add_argument("--eval-batches", type=int, help="evaluate on at most this many batches per split and epoch")
-    p.add_argument("--seed", type=int, default=123, help="seed for the split, the shuffling and new weights")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+def _underscored(text: str) -> str:
+    return text.replace("-", "_")  # last-blocks and last_blocks both name "last_blocks"
+
+
+def _column(text: str) -> str | int:
+    return int(text) if text.isdigit() else text  # a number is a column index (files without a header)
+
+
+def _add_common(p, cls, hand: dict) -> None:
+    """``--config``, ``--set``, ``--resume``/``--force``, the list options, and the generated rest."""
+    p.add_argument("--config", metavar="FILE", help=f"a YAML or JSON file of {cls.__name__} keys")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config key, e.g. --set lr=1e-4 --set 'split=[0.8, 0.1, 0.1]'")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_const", const=True, default=argparse.SUPPRESS,
+                       help="continue the fine-tune in --out (e.g. with more --epochs)")
+    again.add_argument("--force", action="store_const", const=True, default=argparse.SUPPRESS,
+                       help="start over, replacing what is in --out")
+    listed = {"split": ("train,val,test fractions", float, "X"),
+              "lora_targets": ("Linear layers that get adapters", str, "NAME"),
+              "no_decay": ("no weight decay on these parameters (name or module prefix)", str, "NAME")}
+    for name, (text, kind, metavar) in listed.items():
+        default = getattr(cls(), name)
+        shown = f" (default: {','.join(map(str, default))})" if default else ""
+        p.add_argument("--" + name.replace("_", "-"), dest=name, action=Listed, kind=kind, metavar=metavar,
+                       default=argparse.SUPPRESS, help=text + shown)
+    for flag, spec in hand.items():
+        p.add_argument(flag, default=argparse.SUPPRESS, **spec)
+    skip = {"resume", "force", *listed, *(spec["dest"] for spec in hand.values())}
+    add_options(p, cls, skip=skip, flags={"base": "--model", "allowed_max_length": "--max-length"},
+                aliases={"base": ["--checkpoint"], "allowed_max_length": ["--allowed-max-length"]},
+                once={"base"}, metavars={"base": "PATH_OR_ID", "data": "PATH", "out": "DIR"})
 
 
 def add_finetune(sub) -> None:
+    from buildllm.finetune.classify import REPRESENTATIONS, TRAINABLE, ClassifyConfig
+    from buildllm.finetune.instruct import InstructConfig
+
     p = sub.add_parser("finetune", help="fine-tune a model: text classification or instruction following")
     tasks = p.add_subparsers(dest="task", required=True, metavar="TASK")
 
     c = tasks.add_parser("classify", help="train a text classifier on a CSV/TSV of texts and labels",
                          description="Replace the output head by one output per class and fine-tune on a "
-                         "CSV or TSV file; the epoch with the best validation accuracy is kept.")
-    _add_finetune_common(c, epochs=5, split="0.7,0.1,0.2")
-    c.add_argument("--text-column", default="text", help="column holding the text (default: text)")
-    c.add_argument("--label-column", default="label", help="column holding the label (default: label)")
-    c.add_argument("--no-header", action="store_true",
-                   help="the file has no header row: columns are 0-based numbers (e.g. --label-column 0 --text-column 1)")
-    c.add_argument("--delimiter", help="field separator (default: from the extension, .csv or .tsv, else sniffed)")
-    c.add_argument("--labels", help="comma-separated label set, in output order (default: the sorted labels found)")
-    c.add_argument("--balance", action="store_true", help="undersample every class to the smallest one")
-    c.add_argument("--max-length", type=int, help="tokens per text (default: the longest training text)")
-    c.add_argument("--trainable", choices=["head", "last-blocks", "all"], default="last-blocks",
-                   help="what trains without LoRA: the head, the last blocks + final norm + head, or all "
-                   "(default: last-blocks)")
-    c.add_argument("--last-blocks", type=int, default=1, help="how many blocks train with --trainable last-blocks")
-    c.add_argument("--representation", choices=["last-token", "last-position"], default="last-token",
-                   help="read the class from the last real token (default) or the last padded position (the book)")
+                         "CSV or TSV file; the epoch with the best validation accuracy is kept. Every option is "
+                         "a ClassifyConfig key; options override --set, which overrides --config.")
+    _add_common(c, ClassifyConfig, {
+        "--text-column": {"dest": "text_column", "type": _column, "metavar": "NAME",
+                          "help": "column holding the text, a 0-based number with --no-header (default: text)"},
+        "--label-column": {"dest": "label_column", "type": _column, "metavar": "NAME",
+                           "help": "column holding the label (default: label)"},
+        "--labels": {"dest": "labels", "action": Listed, "metavar": "LABEL",
+                     "help": "the label set, in output order (default: the sorted labels found)"},
+        "--representation": {"dest": "representation", "type": _underscored, "choices": REPRESENTATIONS,
+                             "help": "read the class at the last real token, or last_position (the book) "
+                             "(default: last_token)"},
+        "--trainable": {"dest": "trainable", "type": _underscored, "choices": TRAINABLE,
+                        "help": "what trains without LoRA: head, last_blocks (+ final norm + head), all "
+                        "(default: last_blocks)"},
+    })
     c.set_defaults(run=run_finetune_classify)
 
     i = tasks.add_parser("instruct", help="instruction-tune on Alpaca-style JSON/JSONL records",
                          description="Fine-tune on instruction/input/output records formatted with a prompt "
-                         "template; then answer the test split into test_responses.json.")
-    _add_finetune_common(i, epochs=2, split="0.85,0.05,0.1")
-    i.add_argument("--template", default="alpaca",
-                   help="prompt format: alpaca, phi3, or a JSON file with instruction, input, response (default: alpaca)")
-    i.add_argument("--mask-prompt", action="store_true", help="leave the prompt's tokens out of the loss")
-    i.add_argument("--max-length", type=int, help="tokens per example (default: the context length)")
-    i.add_argument("--log-every", type=int, default=0, help="print the training loss every N steps")
-    i.add_argument("--max-new-tokens", type=int, default=256, help="longest answer for the test split (default: 256)")
-    i.add_argument("--no-test-responses", action="store_true", help="skip answering the test split")
+                         "template; then answer the test split into test_responses.json. Every option is an "
+                         "InstructConfig key; options override --set, which overrides --config.")
+    _add_common(i, InstructConfig, {})
     i.set_defaults(run=run_finetune_instruct)
 
 
-def _finetune_common_kwargs(args) -> dict:
-    return {
-        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
-        "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha,
-        "lora_targets": tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
-        "eval_batches": args.eval_batches, "seed": args.seed, "device": args.device,
-    }
+def _config(args, cls):
+    from buildllm.training.config import cli_config
+
+    cfg = cli_config(args.config, given(args, cls), args.set, cls=cls)
+    if not cfg.base:
+        raise UserError(MODEL_HELP)
+    return cfg
 
 
 def run_finetune_classify(args) -> int:
-    from buildllm.finetune.classify import finetune_classifier
+    from buildllm.finetune.classify import ClassifyConfig, finetune_classifier
 
-    result = finetune_classifier(
-        need_model(args), args.data, args.out,
-        text_column=args.text_column, label_column=args.label_column, header=not args.no_header,
-        delimiter=args.delimiter, labels=args.labels.split(",") if args.labels else None, balance=args.balance,
-        split=_fractions(args.split, "--split"), max_length=args.max_length,
-        representation=args.representation.replace("-", "_"), trainable=args.trainable.replace("-", "_"),
-        last_blocks=args.last_blocks, **_finetune_common_kwargs(args),
-    )
+    result = finetune_classifier(config=_config(args, ClassifyConfig))
     print(f"saved {result.checkpoint} (epoch {result.best_epoch}); try: buildllm classify --model "
           f"{result.checkpoint} \"some text\"")
     return 0
 
 
 def run_finetune_instruct(args) -> int:
-    from buildllm.finetune.instruct import finetune_instruct
+    from buildllm.finetune.instruct import InstructConfig, finetune_instruct
 
-    result = finetune_instruct(
-        need_model(args), args.data, args.out, template=args.template, split=_fractions(args.split, "--split"),
-        mask_prompt=args.mask_prompt, allowed_max_length=args.max_length, log_every=args.log_every,
-        max_new_tokens=args.max_new_tokens, test_responses=not args.no_test_responses,
-        **_finetune_common_kwargs(args),
-    )
+    result = finetune_instruct(config=_config(args, InstructConfig))
     print(f"saved {result.checkpoint} (epoch {result.best_epoch})")
     return 0

@@ -18,11 +18,7 @@ reproduces the book exactly (every text padded to the same ``max_length``).
 from __future__ import annotations
 
 import copy
-import csv
-import io
-import json
 import math
-import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from buildllm.data.sources import ExampleBatches
 from buildllm.errors import UserError
-from buildllm.files import atomic_write
+from buildllm.files import write_json, write_safetensors
 from buildllm.finetune.common import (
     CLASSIFIER,
     METRICS,
@@ -47,7 +43,13 @@ from buildllm.finetune.common import (
     pick_model,
     run_finetune,
     split_items,
-    write_json,
+)
+from buildllm.finetune.labeled_data import (  # noqa: F401  (re-exported: the classification API)
+    LabeledText,
+    balance_classes,
+    encode_labeled,
+    open_text,
+    read_labeled_texts,
 )
 from buildllm.finetune.lora import (
     ADAPTER_CONFIG,
@@ -64,143 +66,7 @@ from buildllm.training.loop import start_runtime
 from buildllm.training.run_folder import check_run_folder
 from buildllm.training.runtime import barrier
 from buildllm.training.task import Task
-from buildllm.weights.checkpoint import (
-    CONFIG,
-    TOKENIZER,
-    WEIGHTS,
-    model_from_state_dict,
-)
-
-
-@dataclass(frozen=True)
-class LabeledText:
-    text: str
-    label: str
-    line: int  # where it came from, for error messages
-
-
-def open_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")  # -sig: drop a BOM that spreadsheets add
-    except FileNotFoundError:
-        raise UserError(f"data file {path} does not exist") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
-
-
-def _delimiter(path: Path, text: str) -> str:
-    """Tab for .tsv, comma for .csv, otherwise sniffed from the first lines."""
-    suffix = path.suffix.lower()
-    if suffix in (".tsv", ".tab"):
-        return "\t"
-    if suffix == ".csv":
-        return ","
-    try:
-        return csv.Sniffer().sniff(text[:8192], delimiters=",\t;|").delimiter
-    except csv.Error:
-        raise UserError(f"cannot tell the delimiter of {path}: name it .csv or .tsv, or pass a delimiter") from None
-
-
-def read_labeled_texts(
-    path: str | Path,
-    text_column: str | int = "text",
-    label_column: str | int = "label",
-    labels: Sequence[str] | None = None,
-    delimiter: str | None = None,
-    header: bool = True,
-) -> tuple[list[LabeledText], list[str]]:
-    """Rows of a CSV/TSV file and the label set (``labels`` if given, else the sorted labels found).
-
-    Without a header row, columns are 0-based indices (the SMS spam file is ``label<TAB>text``).
-    Every malformed row is a ``UserError`` naming the file and line.
-    """
-    path = Path(path)
-    content = open_text(path)
-    delimiter = delimiter or _delimiter(path, content)
-    reader = csv.reader(io.StringIO(content, newline=""), delimiter=delimiter)
-    text_col, label_col = text_column, label_column
-    n_fields = None
-    if header:
-        try:
-            names = next(reader)
-        except StopIteration:
-            raise UserError(f"{path} is empty") from None
-        except csv.Error as e:
-            raise UserError(f"{path}:1: {e}") from None
-        names = [n.strip() for n in names]
-        for what, col in (("text", text_column), ("label", label_column)):
-            if str(col) not in names:
-                raise UserError(
-                    f"{path}:1: no {what} column {str(col)!r} (columns: {', '.join(names)}); choose it with --{what}-column"
-                )
-        text_col, label_col = names.index(str(text_column)), names.index(str(label_column))
-        n_fields = len(names)
-    else:
-        try:
-            text_col, label_col = int(text_column), int(label_column)
-        except ValueError:
-            raise UserError("without a header row, --text-column and --label-column are 0-based column numbers") from None
-    label_set = list(labels) if labels is not None else None
-    if label_set is not None and len(set(label_set)) != len(label_set):
-        raise UserError(f"the label list {label_set} has duplicates")
-
-    rows: list[LabeledText] = []
-    line = 1
-    try:
-        for fields in reader:
-            line = reader.line_num
-            if not fields or all(not f.strip() for f in fields):
-                continue  # blank line
-            if n_fields is not None and len(fields) != n_fields:
-                raise UserError(
-                    f"{path}:{line}: {len(fields)} fields, the header has {n_fields} "
-                    "(quote text that contains the delimiter)"
-                )
-            if max(text_col, label_col) >= len(fields):
-                raise UserError(f"{path}:{line}: missing column {max(text_col, label_col)} (the row has {len(fields)})")
-            text, label = fields[text_col], fields[label_col].strip()
-            if not text.strip():
-                raise UserError(f"{path}:{line}: the text is empty")
-            if not label:
-                raise UserError(f"{path}:{line}: the label is empty")
-            if label_set is not None and label not in label_set:
-                raise UserError(f"{path}:{line}: label {label!r} is not one of {', '.join(label_set)}")
-            rows.append(LabeledText(text, label, line))
-    except csv.Error as e:
-        raise UserError(f"{path}:{reader.line_num}: {e}") from None
-    if not rows:
-        raise UserError(f"{path} has no data rows")
-    found = sorted({r.label for r in rows})
-    label_set = label_set if label_set is not None else found
-    if len(label_set) < 2:
-        raise UserError(f"{path}: a classifier needs at least 2 classes, found only {found}")
-    return rows, label_set
-
-
-def balance_classes(rows: Sequence[LabeledText], seed: int = 123) -> list[LabeledText]:
-    """Undersample every class to the size of the smallest one (the book's ``create_balanced_dataset``)."""
-    by_label: dict[str, list[LabeledText]] = {}
-    for r in rows:
-        by_label.setdefault(r.label, []).append(r)
-    smallest = min(len(v) for v in by_label.values())
-    rng = random.Random(seed)
-    keep = {id(r) for group in by_label.values() for r in rng.sample(group, smallest)}
-    return [r for r in rows if id(r) in keep]  # original order; the split shuffles later
-
-
-def encode_labeled(
-    rows: Sequence[LabeledText], tokenizer, labels: Sequence[str], max_length: int
-) -> list[tuple[list[int], int]]:
-    """``(token ids, class index)`` per row, truncated to the first ``max_length`` tokens."""
-    index = {label: i for i, label in enumerate(labels)}
-    items = []
-    for r, ids in zip(rows, tokenizer.encode_batch([r.text for r in rows])):
-        if not ids:
-            raise UserError(f"line {r.line}: the text encodes to no tokens")
-        items.append((ids[:max_length], index[r.label]))
-    return items
+from buildllm.weights.checkpoint import CONFIG, TOKENIZER, WEIGHTS
 
 
 def collate_classification(
@@ -290,13 +156,12 @@ def save_classifier(directory: str | Path, model: GPTModel, tokenizer, meta: dic
     config.json is the base model's GPTConfig; classifier.json says the head has
     ``num_classes`` outputs (and a bias) instead of the vocabulary, so loaders build it accordingly.
     """
-    from safetensors.torch import save_file
+    from buildllm.files import atomic_write
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(directory / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    atomic_write(directory / CONFIG, lambda tmp: model.cfg.save(tmp))
+    write_safetensors(directory / WEIGHTS, model.state_dict())
+    model.cfg.save(directory / CONFIG)  # atomic: GPTConfig.save writes through files.write_json
     atomic_write(directory / TOKENIZER, lambda tmp: tokenizer.save(tmp))
     write_json(directory / CLASSIFIER, meta)
     return directory
@@ -337,39 +202,20 @@ class Classifier:
 
 def load_classifier(directory: str | Path, device: torch.device | str = "cpu") -> Classifier:
     """Load a folder written by ``save_classifier`` (the output of ``finetune_classifier``)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from buildllm.models.gpt2 import GPTConfig
-    from buildllm.tokenizer import get_tokenizer
+    from buildllm.weights.loader import load_model
 
     directory = Path(directory)
     if not (directory / CLASSIFIER).is_file():
         raise UserError(f"{directory} is not a classifier checkpoint ({CLASSIFIER} is missing); "
                         "make one with `buildllm finetune classify`")
+    loaded = load_model(directory, device=device)  # checks the head against the labels
+    meta = loaded.classifier
     try:
-        meta = json.loads((directory / CLASSIFIER).read_text())
         labels, max_length = [str(x) for x in meta["labels"]], int(meta["max_length"])
-        representation = meta.get("representation", "last_token")
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"cannot read {directory / CLASSIFIER}: {e!r}") from None
-    cfg = GPTConfig.load(directory / CONFIG)
-    try:
-        state = load_file(directory / WEIGHTS, device=str(device))
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{directory / WEIGHTS} is corrupt or missing ({e}); fine-tune again") from None
-    head = {k.removeprefix("out_head."): state.pop(k) for k in list(state) if k.startswith("out_head.")}
-    if set(head) != {"weight", "bias"} or tuple(head["weight"].shape) != (len(labels), cfg.emb_dim):
-        raise UserError(f"{directory / WEIGHTS}: the classification head does not match {len(labels)} labels")
-    # The body loads like any model whose head is tied (no head tensor expected); then the real head.
-    from dataclasses import replace
-
-    model = model_from_state_dict(replace(cfg, tie_embeddings=True), state, device=device, source=str(directory / WEIGHTS))
-    model.cfg = cfg
-    model.out_head = nn.Linear(cfg.emb_dim, len(labels), device=device)
-    model.out_head.load_state_dict(head)
-    tokenizer = get_tokenizer(directory / TOKENIZER)
-    return Classifier(model.eval(), tokenizer, labels, max_length, representation)
+    model, tokenizer = loaded
+    return Classifier(model, tokenizer, labels, max_length, meta.get("representation", "last_token"))
 
 
 @dataclass

@@ -8,7 +8,6 @@ and ``run_finetune`` fits it and reads the per-epoch history back from metrics.j
 from __future__ import annotations
 
 import copy
-import json
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -18,7 +17,6 @@ import torch
 from torch import nn
 
 from buildllm.errors import UserError
-from buildllm.files import atomic_write
 from buildllm.finetune.lora import (
     count_parameters,
     merge_lora,
@@ -46,12 +44,12 @@ Log = Callable[[str], None] | None
 
 def load_base_model(spec: str | Path, device: torch.device | str = "cpu"):
     """``(model, tokenizer)`` to fine-tune: a buildllm checkpoint folder, a Hugging Face or OpenAI GPT-2
-    folder, or a GPT-2 model id (all through ``pretrained.load_pretrained``)."""
-    from buildllm.weights.loader import load_pretrained
+    folder, or a GPT-2 model id (all through the one loader, ``weights.loader.load_model``)."""
+    from buildllm.weights.loader import load_model
 
     if (Path(spec) / CLASSIFIER).is_file():
         raise UserError(f"{spec} is a classifier; fine-tune from a language model checkpoint")
-    model, tokenizer = load_pretrained(spec, device=device)
+    model, tokenizer = load_model(spec, device=device)
     if tokenizer is None:
         raise UserError(f"{spec} has no tokenizer saved with it and its vocabulary is not GPT-2's; "
                         "save the tokenizer with the model")
@@ -79,10 +77,6 @@ def log_trainable(model: nn.Module, log: Log) -> tuple[int, int]:
     if log:
         log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     return trainable, total
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"))
 
 
 def save_lm(directory: Path, model: GPTModel, tokenizer) -> None:

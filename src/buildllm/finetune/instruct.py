@@ -20,8 +20,7 @@ import torch.nn.functional as F
 
 from buildllm.data.sources import ExampleBatches
 from buildllm.errors import UserError
-from buildllm.files import read_json_object
-from buildllm.finetune.classify import open_text
+from buildllm.files import read_json_object, write_json
 from buildllm.finetune.common import (
     IGNORE_INDEX,
     METRICS,
@@ -35,8 +34,8 @@ from buildllm.finetune.common import (
     run_finetune,
     save_lm,
     split_items,
-    write_json,
 )
+from buildllm.finetune.labeled_data import open_text
 from buildllm.finetune.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
