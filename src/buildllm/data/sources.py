@@ -60,12 +60,43 @@ class RandomWindows:
         self.generator.set_state(state["generator"])
 
 
-class SlidingWindows:
-    """Book mode: the text's sliding windows, shuffled anew each epoch (the book's DataLoader).
+class EpochOrder:
+    """The order of ``n`` items, shuffled anew each epoch, and which batch of it comes next.
 
     The position is (epoch, batch within it) plus the generator state the epoch's shuffle was
     drawn from, so a resumed run redraws the same order and carries on from the same batch.
     """
+
+    def __init__(self, n: int, batch_size: int, batches_per_epoch: int, seed: int):
+        self.n, self.batch_size, self.batches_per_epoch = n, batch_size, batches_per_epoch
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch, self.index = 0, 0
+        self._start_epoch()
+
+    def _start_epoch(self) -> None:
+        self.epoch_state = self.generator.get_state()
+        self.order = torch.randperm(self.n, generator=self.generator)
+
+    def next_rows(self) -> torch.Tensor:
+        """The item indices of the next batch (a new epoch starts when this one is used up)."""
+        if self.index == self.batches_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+            self._start_epoch()
+        rows = self.order[self.index * self.batch_size : (self.index + 1) * self.batch_size]
+        self.index += 1
+        return rows
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "epoch_generator": self.epoch_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["epoch_generator"])
+        self._start_epoch()
+        self.epoch, self.index = state["epoch"], state["index"]
+
+
+class SlidingWindows:
+    """Book mode: the text's sliding windows, shuffled anew each epoch (the book's DataLoader)."""
 
     def __init__(self, text: str, tokenizer, cfg: TrainConfig, dist: Dist):
         from buildllm.data.windows import SlidingWindowDataset
@@ -91,23 +122,11 @@ class SlidingWindows:
                             "--batch-size or --context-length")
         self.val_tokens = np.asarray(val_ids, dtype=np.int64)
         self.val_characters = len(val_text)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
         self.seed = cfg.seed
-        self.epoch, self.index = 0, 0
-        self._start_epoch()
-
-    def _start_epoch(self) -> None:
-        self.epoch_state = self.generator.get_state()
-        self.order = torch.randperm(len(self.train), generator=self.generator)
+        self.position = EpochOrder(len(self.train), cfg.batch_size, self.batches_per_epoch, cfg.seed)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.index == self.batches_per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
-            self._start_epoch()
-        rows = self.order[self.index * self.batch_size : (self.index + 1) * self.batch_size]
-        self.index += 1
-        x, y = _stack([self.train[int(i)] for i in my_rows(rows, self.dist)])
-        return x, y
+        return _stack([self.train[int(i)] for i in my_rows(self.position.next_rows(), self.dist)])
 
     def eval_batches(self, split: str, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The first ``n`` batches of validation (in order) or of training (in a fixed shuffle)."""
@@ -118,19 +137,17 @@ class SlidingWindows:
         return [_stack([dataset[int(i)] for i in rows]) for rows in batches]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "epoch_generator": self.epoch_state}
+        return self.position.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["epoch_generator"])
-        self._start_epoch()
-        self.epoch, self.index = state["epoch"], state["index"]
+        self.position.load_state_dict(state)
 
 
 class ExampleBatches:
     """Fine-tuning: a list of examples, shuffled anew each epoch and batched by ``collate``.
 
-    Like ``SlidingWindows`` (the position is the epoch, the batch within it, and the generator
-    state the epoch's shuffle came from), but over whole examples of different lengths. Under
+    Like ``SlidingWindows`` (an ``EpochOrder`` is the position), but over whole examples of
+    different lengths. Under
     torchrun the *global* batch is collated first and each process keeps its rows: every process
     pads to the same width, so N processes compute exactly what one would.
     ``eval_sets`` names the fixed evaluation sets (e.g. train and val), batched in order.
@@ -142,21 +159,10 @@ class ExampleBatches:
         self.eval_sets = eval_sets or {}
         # The book's DataLoader(drop_last=True): no noisy small last batch, unless that is all there is.
         self.batches_per_epoch = max(1, len(train) // batch_size)
-        self.generator = torch.Generator().manual_seed(seed)
-        self.epoch, self.index = 0, 0
-        self._start_epoch()
-
-    def _start_epoch(self) -> None:
-        self.epoch_state = self.generator.get_state()
-        self.order = torch.randperm(len(self.examples), generator=self.generator)
+        self.position = EpochOrder(len(train), batch_size, self.batches_per_epoch, seed)
 
     def next_batch(self) -> tuple[torch.Tensor, ...]:
-        if self.index == self.batches_per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
-            self._start_epoch()
-        rows = self.order[self.index * self.batch_size : (self.index + 1) * self.batch_size]
-        self.index += 1
-        batch = self.collate([self.examples[int(i)] for i in rows])
+        batch = self.collate([self.examples[int(i)] for i in self.position.next_rows()])
         return tuple(my_rows(t, self.dist) for t in batch)
 
     def eval_batches(self, split: str, n: int | None = None) -> list[tuple[torch.Tensor, ...]]:
@@ -166,12 +172,10 @@ class ExampleBatches:
         return [self.collate(b) for b in batches[:n]]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "epoch_generator": self.epoch_state}
+        return self.position.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["epoch_generator"])
-        self._start_epoch()
-        self.epoch, self.index = state["epoch"], state["index"]
+        self.position.load_state_dict(state)
 
 
 def _stack(pairs) -> tuple[torch.Tensor, torch.Tensor]:
