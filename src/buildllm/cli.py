@@ -188,20 +188,9 @@ def _model_options(p, cls, model_help: str | None = None) -> None:
             extra_help={"model": model_help} if model_help else None)
 
 
-def _is_buildllm_folder(path: str) -> bool:
-    """Whether ``path`` is a folder written by buildllm (its config.json has buildllm's keys)."""
-    import json
-    from pathlib import Path
-
-    config = Path(path) / "config.json"
-    try:
-        return config.is_file() and "emb_dim" in json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError):
-        return False
-
-
 def _load_for_inference(args):
-    """``(model, tokenizer)`` for the inference commands, in eval mode on ``args.device``."""
+    """The one loader's ``(model, tokenizer)`` (with what else the folder held, e.g. its prompt
+    template) for the inference commands, in eval mode on ``args.device``."""
     import torch
 
     from buildllm.training.runtime import pick_device
@@ -217,11 +206,13 @@ def _load_for_inference(args):
     # The one loader decides what the folder is and whether its vocabulary fits the tokenizer;
     # weights come as fp32 unless --dtype says otherwise (fp32 is what the int8/int4 kernels take).
     dtype = {"auto": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    model, tokenizer = load_model(args.model, device=device, dtype=dtype, quantize=args.quantize)
+    loaded = load_model(args.model, device=device, dtype=dtype, quantize=args.quantize)
+    model, tokenizer = loaded
     if tokenizer is None:
         raise UserError(f"{args.model} has no tokenizer saved with it and its vocabulary ({model.cfg.vocab_size}) "
                         "is smaller than GPT-2's: save the tokenizer with the model")
-    return model.eval(), tokenizer
+    model.eval()
+    return loaded
 
 
 def _sampler(args, model):
@@ -303,12 +294,15 @@ def add_chat(sub) -> None:
 
 
 def run_chat(args) -> int:
-    from buildllm.finetune.instruct import load_prompt_template
+    from buildllm.finetune.instruct import PromptTemplate
     from buildllm.generation.sampling import check_sampling
 
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
-    model, tokenizer = _load_for_inference(args)
-    template = load_prompt_template(args.model) if _is_buildllm_folder(args.model) else None
+    loaded = _load_for_inference(args)
+    model, tokenizer = loaded
+    template = None  # a base model: chat continues the text as it is typed
+    if loaded.prompt_template is not None:  # an instruction model: its template wraps each line
+        template = PromptTemplate.from_dict(loaded.prompt_template, f"{args.model}/prompt_template.json")
     sampler = _sampler(args, model)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -384,14 +378,6 @@ def run_eval(args) -> int:
 
 # TrainConfig fields that have no trailing comment yet. Their help belongs there, as a comment;
 # once it is, delete the entry here (test_cli checks every field has help from one or the other).
-TRAIN_HELP = {
-    "warmup_steps": "linear warmup steps", "beta1": "AdamW's first-moment decay",
-    "beta2": "AdamW's second-moment decay", "sample_tokens": "length of the sample printed at each evaluation",
-    "sample_temperature": "temperature of that sample", "sample_top_k": "top-k of that sample",
-    "dtype": "autocast precision", "seed": "seed of the weights, the batches and dropout",
-}
-
-
 def add_train(sub) -> None:
     from buildllm.training.config import TrainConfig
 
@@ -414,7 +400,7 @@ def add_train(sub) -> None:
                        default=argparse.SUPPRESS, help="continue the run in --out if there is one, else start it")
     again.add_argument("--force", action="store_const", const=True, default=argparse.SUPPRESS,
                        help="start over, replacing the run in --out")
-    add_options(p, TrainConfig, skip={"resume", "force"}, extra_help=TRAIN_HELP,
+    add_options(p, TrainConfig, skip={"resume", "force"},
                 flags={"init_from": "--model"}, aliases={"init_from": ["--init-from"]}, once={"init_from"},
                 metavars={"init_from": "PATH_OR_ID", "data": "PATH", "out": "DIR", "no_decay": "NAME"})
     p.set_defaults(run=run_train)

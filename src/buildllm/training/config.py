@@ -120,12 +120,12 @@ class TrainConfig(ConfigFile):
     # Optimizer and schedule.
     lr: float | None = None  # peak learning rate
     lr_schedule: Literal["cosine", "constant"] | None = None  # after warmup
-    warmup_steps: int | None = None
+    warmup_steps: int | None = None  # linear warmup steps
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     weight_decay: float = 0.1  # on matrices only: never on biases or norms
     no_decay: tuple[str, ...] = ("wpe",)  # and never on these parameters (name or module prefix)
-    beta1: float = 0.9
-    beta2: float = 0.95
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.95  # AdamW's second-moment decay
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
     # Evaluation, samples and checkpoints.
     eval_interval: int | None = None  # steps between evaluations (and checkpoints)
@@ -134,16 +134,16 @@ class TrainConfig(ConfigFile):
     keep_last: int = 2  # checkpoints kept besides best/
     final_eval: bool = True  # loss and bits per character on the whole validation text at the end
     sample_prompt: str | None = None  # start context of the sample printed at each evaluation
-    sample_tokens: int = 50
-    sample_temperature: float = 0.8
-    sample_top_k: int | None = 40
+    sample_tokens: int = 50  # length of the sample printed at each evaluation
+    sample_temperature: float = 0.8  # temperature of that sample
+    sample_top_k: int | None = 40  # top-k of that sample
     progress: bool = True  # progress bar and printed evaluations
     # Hardware and reproducibility.
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # autocast precision
     compile: bool = False  # torch.compile the model
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun
-    seed: int = 123
+    seed: int = 123  # seed of the weights, the batches and dropout
     # What to do with an out folder that already holds a run.
     resume: bool | Literal["auto"] = False  # True: continue it; "auto": continue it if there is one
     force: bool = False  # start over, replacing it
@@ -238,36 +238,13 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
 
 
 def check(cfg: TrainConfig) -> None:
-    def positive(name: str, integer: bool = True, allow_none: bool = True) -> None:
-        v = getattr(cfg, name)
-        if v is None and allow_none:
-            return
-        ok = isinstance(v, int) and not isinstance(v, bool) if integer else isinstance(v, (int, float))
-        if not ok or v <= 0:
-            raise UserError(f"{name} must be a positive {'integer' if integer else 'number'}, got {v!r}")
-
-    for name in ("batch_size", "grad_accum", "context_length", "stride", "max_steps", "epochs",
-                 "eval_interval", "eval_iters", "save_interval", "keep_last", "lora_rank"):
-        positive(name)
-    for name in ("lr", "max_minutes", "lora_alpha"):
-        positive(name, integer=False)
-    for name in ("warmup_steps", "sample_tokens"):
-        v = getattr(cfg, name)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
-            raise UserError(f"{name} must be an integer >= 0, got {v!r}")
-    for name, lo, hi in (("min_lr_ratio", 0, 1), ("val_fraction", 0, 1), ("beta1", 0, 1), ("beta2", 0, 1)):
-        v = getattr(cfg, name)
-        if not isinstance(v, (int, float)) or not lo <= v <= hi:
-            raise UserError(f"{name} must be between {lo} and {hi}, got {v!r}")
-    for name in ("weight_decay", "grad_clip", "sample_temperature"):
-        v = getattr(cfg, name)
-        if not isinstance(v, (int, float)) or v < 0:
-            raise UserError(f"{name} must be a number >= 0, got {v!r}")
-    choices = {"dtype": ("auto", "bf16", "fp16", "fp32"), "parallel": ("ddp", "fsdp"),
-               "lr_schedule": ("cosine", "constant"), "resume": (True, False, "auto")}
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise UserError(f"{name} must be one of {', '.join(map(str, allowed))}, got {getattr(cfg, name)!r}")
+    """A resolved pretraining config: the engine's knobs, then pretraining's own."""
+    check_engine(cfg)
+    _positive(cfg, ("context_length", "stride", "eval_iters", "lora_rank"))
+    _positive(cfg, ("lora_alpha",), integer=False)
+    _count(cfg, ("sample_tokens",))
+    _between(cfg, ("val_fraction",), 0, 1)
+    _non_negative(cfg, ("sample_temperature",))
     if not isinstance(cfg.model, dict):
         raise UserError(f"model must be a mapping of GPTConfig overrides, got {cfg.model!r}")
     if cfg.lora_rank is not None and cfg.init_from is None:
@@ -300,22 +277,50 @@ def read_config_file(path: str | os.PathLike) -> dict:
 
 
 def check_engine(cfg: EngineConfig) -> None:
-    """The engine's own knobs, for configs that ``resolve`` does not check (the fine-tuning ones)."""
-    for name in ("epochs", "max_steps", "batch_size", "grad_accum", "eval_interval", "save_interval", "keep_last"):
-        v = getattr(cfg, name)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
-            raise UserError(f"{name} must be a positive integer, got {v!r}")
-    for name in ("lr", "max_minutes"):
-        v = getattr(cfg, name)
-        if v is not None and (not isinstance(v, (int, float)) or v <= 0):
-            raise UserError(f"{name} must be a positive number, got {v!r}")
-    if not isinstance(cfg.warmup_steps, int) or cfg.warmup_steps < 0:
-        raise UserError(f"warmup_steps must be an integer >= 0, got {cfg.warmup_steps!r}")
+    """The engine's own knobs (``EngineConfig``'s fields, which ``TrainConfig`` shares)."""
+    _positive(cfg, ("epochs", "max_steps", "batch_size", "grad_accum", "eval_interval", "save_interval", "keep_last"))
+    _positive(cfg, ("lr", "max_minutes"), integer=False)
+    _count(cfg, ("warmup_steps",), allow_none=False)  # resolve() has filled it in by now
+    _between(cfg, ("min_lr_ratio", "beta1", "beta2"), 0, 1)
+    _non_negative(cfg, ("weight_decay", "grad_clip"))
     choices = {"dtype": ("auto", "bf16", "fp16", "fp32"), "parallel": ("ddp", "fsdp"),
                "lr_schedule": ("cosine", "constant"), "resume": (True, False, "auto")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise UserError(f"{name} must be one of {', '.join(map(str, allowed))}, got {getattr(cfg, name)!r}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _positive(cfg, names: tuple[str, ...], integer: bool = True) -> None:
+    """Each of ``names`` is None (its default) or a positive integer (or number)."""
+    for name in names:
+        v = getattr(cfg, name)
+        if v is not None and (not (_is_int(v) if integer else isinstance(v, (int, float))) or v <= 0):
+            raise UserError(f"{name} must be a positive {'integer' if integer else 'number'}, got {v!r}")
+
+
+def _count(cfg, names: tuple[str, ...], allow_none: bool = True) -> None:
+    for name in names:
+        v = getattr(cfg, name)
+        if (v is not None or not allow_none) and (not _is_int(v) or v < 0):
+            raise UserError(f"{name} must be an integer >= 0, got {v!r}")
+
+
+def _between(cfg, names: tuple[str, ...], lo: float, hi: float) -> None:
+    for name in names:
+        v = getattr(cfg, name)
+        if not isinstance(v, (int, float)) or not lo <= v <= hi:
+            raise UserError(f"{name} must be between {lo} and {hi}, got {v!r}")
+
+
+def _non_negative(cfg, names: tuple[str, ...]) -> None:
+    for name in names:
+        v = getattr(cfg, name)
+        if not isinstance(v, (int, float)) or v < 0:
+            raise UserError(f"{name} must be a number >= 0, got {v!r}")
 
 
 def parse_assignments(items: list[str]) -> dict:
