@@ -407,7 +407,7 @@ def test_cli_chat_continues_each_line_until_quit(word_checkpoint, capsys, monkey
 
 
 def test_cli_chat_uses_an_instruction_models_prompt_template(word_checkpoint, capsys, monkeypatch):
-    from buildllm.finetune.common import PROMPT_TEMPLATE
+    from buildllm.weights.loader import PROMPT_TEMPLATE
     from buildllm.finetune.instruct import get_prompt_template
 
     path, model, tok = word_checkpoint

@@ -17,7 +17,6 @@ reproduces the book exactly (every text padded to the same ``max_length``).
 
 from __future__ import annotations
 
-import copy
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -35,7 +34,6 @@ from buildllm.data.sources import ExampleBatches
 from buildllm.errors import UserError
 from buildllm.files import write_json, write_safetensors
 from buildllm.finetune.common import (
-    CLASSIFIER,
     METRICS,
     Log,
     finetune_config,
@@ -43,6 +41,7 @@ from buildllm.finetune.common import (
     pick_model,
     run_finetune,
     split_items,
+    without_adapters,
 )
 from buildllm.finetune.labeled_data import (  # noqa: F401  (re-exported: the classification API)
     LabeledText,
@@ -56,9 +55,6 @@ from buildllm.finetune.lora import (
     ADAPTER_WEIGHTS,
     DEFAULT_TARGETS,
     apply_lora,
-    lora_layers,
-    merge_lora,
-    save_adapters,
 )
 from buildllm.models.gpt2 import GPTModel
 from buildllm.training.config import EngineConfig
@@ -67,6 +63,7 @@ from buildllm.training.run_folder import check_run_folder
 from buildllm.training.runtime import barrier
 from buildllm.training.task import Task
 from buildllm.weights.checkpoint import CONFIG, TOKENIZER, WEIGHTS
+from buildllm.weights.loader import CLASSIFIER
 
 
 def collate_classification(
@@ -285,10 +282,7 @@ class ClassifyTask(Task):
 
     def save(self, folder: Path, model) -> None:
         """The classifier folder; with LoRA also the adapters plus the trained head (a small file)."""
-        if lora_layers(model):
-            save_adapters(folder, model)
-            model = merge_lora(copy.deepcopy(model))
-        save_classifier(folder, model, self.tokenizer, self.meta)
+        save_classifier(folder, without_adapters(folder, model), self.tokenizer, self.meta)
 
 
 def finetune_classifier(

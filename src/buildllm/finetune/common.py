@@ -23,16 +23,9 @@ from buildllm.finetune.lora import (
     save_adapters,
 )
 from buildllm.models.gpt2 import GPTModel
-
-CLASSIFIER = "classifier.json"  # what makes a checkpoint folder a classifier: labels, max_length
-
-
-PROMPT_TEMPLATE = "prompt_template.json"  # what makes it an instruction model: its prompt format
-
+from buildllm.weights.loader import CLASSIFIER
 
 METRICS = "metrics.json"
-
-
 TEST_RESPONSES = "test_responses.json"
 
 
@@ -79,15 +72,22 @@ def log_trainable(model: nn.Module, log: Log) -> tuple[int, int]:
     return trainable, total
 
 
+def without_adapters(directory: Path, model: nn.Module) -> nn.Module:
+    """The model to save as a plain one: with LoRA, the adapters go into ``directory`` alone (a small
+    file) and a merged copy is returned; without, the model itself."""
+    from buildllm.finetune.lora import lora_layers
+
+    if not lora_layers(model):
+        return model
+    save_adapters(directory, model)
+    return merge_lora(copy.deepcopy(model))
+
+
 def save_lm(directory: Path, model: GPTModel, tokenizer) -> None:
     """Save a language model; with LoRA, a merged copy (plain GPTModel) plus the adapters alone."""
-    from buildllm.finetune.lora import lora_layers
     from buildllm.weights.checkpoint import save_model
 
-    if lora_layers(model):
-        save_adapters(directory, model)
-        model = merge_lora(copy.deepcopy(model))
-    save_model(directory, model, tokenizer)
+    save_model(directory, without_adapters(directory, model), tokenizer)
 
 
 def pick_model(base, tokenizer, device):

@@ -24,7 +24,6 @@ from buildllm.files import read_json_object, write_json
 from buildllm.finetune.common import (
     IGNORE_INDEX,
     METRICS,
-    PROMPT_TEMPLATE,
     TEST_RESPONSES,
     Log,
     finetune_config,
@@ -48,6 +47,7 @@ from buildllm.training.loop import start_runtime
 from buildllm.training.run_folder import check_run_folder
 from buildllm.training.runtime import barrier
 from buildllm.training.task import Task
+from buildllm.weights.loader import PROMPT_TEMPLATE
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ so loading needs about one copy of the weights in memory.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -88,6 +87,23 @@ def model_from_state_dict(cfg, state: dict[str, torch.Tensor], device: torch.dev
     return model.eval()
 
 
+def read_weights(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; one error line if the file is damaged."""
+    try:
+        return load_file(path, device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is corrupt or truncated ({e}); restore it or retrain") from None
+
+
+def read_model(directory: Path, cfg, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """The model in a buildllm folder's model.safetensors, built for ``cfg`` (config.json's, or it
+    with settings that keep the shapes), its weights converted to ``dtype`` unless None."""
+    state = read_weights(directory / WEIGHTS, device)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    return model_from_state_dict(cfg, state, device=device, source=str(directory / WEIGHTS))
+
+
 def load_model(directory: str | Path, device: torch.device | str = "cpu", with_tokenizer: bool = True):
     """Load a folder written by ``save_model``: returns ``(model, tokenizer)`` (tokenizer may be None).
 
@@ -102,11 +118,7 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu", with_t
             raise UserError(f"{directory} is not a buildllm checkpoint: {name} is missing")
     # Any architecture: the file's "arch" key picks the config class (and so the model class).
     cfg = registry.config_from_dict(read_json_object(directory / CONFIG, "model config"))
-    try:
-        state = load_file(directory / WEIGHTS, device=str(device))
-    except (SafetensorError, OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{directory / WEIGHTS} is corrupt or truncated ({e}); restore it or retrain") from None
-    model = model_from_state_dict(cfg, state, device=device, source=str(directory / WEIGHTS))
+    model = read_model(directory, cfg, device)
     tokenizer = None
     if with_tokenizer and (directory / TOKENIZER).is_file():
         from buildllm.tokenizer import get_tokenizer

@@ -27,7 +27,6 @@ import os
 from pathlib import Path
 
 import torch
-
 from torch import nn
 
 from buildllm.errors import UserError
@@ -35,7 +34,11 @@ from buildllm.files import atomic_write, read_json_object, write_json, write_saf
 from buildllm.generation.quantization import refuse_quantized
 from buildllm.models import registry
 from buildllm.tokenizer import Tokenizer
-from buildllm.weights.checkpoint import model_from_state_dict, tied_parameters, weights_of
+from buildllm.weights.checkpoint import (
+    model_from_state_dict,
+    tied_parameters,
+    weights_of,
+)
 
 # The model ids OpenAI published, and where they live on the Hugging Face Hub.
 MODEL_IDS = {

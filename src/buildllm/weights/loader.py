@@ -23,15 +23,21 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from buildllm.errors import UserError
 from buildllm.files import read_json_object
+from buildllm.finetune.lora import ADAPTER_CONFIG, load_adapters
 from buildllm.models import registry
 from buildllm.tokenizer import Tokenizer
-from buildllm.weights.checkpoint import CONFIG, TOKENIZER, WEIGHTS, model_from_state_dict
+from buildllm.weights.checkpoint import (
+    CONFIG,
+    TOKENIZER,
+    WEIGHTS,
+    model_from_state_dict,
+    read_model,
+    read_weights,
+)
 from buildllm.weights.huggingface import (
     MODEL_IDS,
     config_from_hf,
@@ -42,9 +48,9 @@ from buildllm.weights.huggingface import (
 from buildllm.weights.huggingface import TOKENIZER as HF_TOKENIZER
 from buildllm.weights.openai import read_tf_checkpoint
 
-# Files that mark what a buildllm folder holds beside the model (written by finetune).
-CLASSIFIER, PROMPT_TEMPLATE = "classifier.json", "prompt_template.json"
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter.safetensors"  # as finetune/lora.py
+# Files that mark what a buildllm folder holds beside the model (the adapters' are lora.py's).
+CLASSIFIER = "classifier.json"  # a classifier: labels, max_length; the head has one output per label
+PROMPT_TEMPLATE = "prompt_template.json"  # an instruction model: its prompt format
 
 
 class LoadedModel(tuple):
@@ -134,21 +140,10 @@ def _config(config: dict, overrides: dict):
         raise UserError(f"bad config override: {e}") from None
 
 
-def _read_weights(path: Path, device) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(path, device=str(device))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path} is corrupt or truncated ({e}); restore it or train again") from None
-
-
 def _model_from_folder(directory: Path, config: dict, device, dtype, overrides) -> nn.Module:
     if not (directory / WEIGHTS).is_file():
         raise UserError(f"{directory} is not a buildllm model folder: {WEIGHTS} is missing")
-    cfg = _config(config, overrides)
-    state = _read_weights(directory / WEIGHTS, device)
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    return model_from_state_dict(cfg, state, device=device, source=str(directory / WEIGHTS))
+    return read_model(directory, _config(config, overrides), device, dtype)
 
 
 def _load_classifier(directory: Path, device, dtype, overrides):
@@ -158,7 +153,7 @@ def _load_classifier(directory: Path, device, dtype, overrides):
     if not isinstance(labels, list) or not labels:
         raise UserError(f"{directory / CLASSIFIER} names no labels; fine-tune the classifier again")
     cfg = _config(read_json_object(directory / CONFIG, "model config"), overrides)
-    state = _read_weights(directory / WEIGHTS, device)
+    state = read_weights(directory / WEIGHTS, device)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     head = {k.removeprefix("out_head."): state.pop(k) for k in list(state) if k.startswith("out_head.")}
@@ -178,7 +173,6 @@ def _load_classifier(directory: Path, device, dtype, overrides):
 
 def _load_adapters(directory: Path, base, device, dtype, overrides):
     """A LoRA adapters folder on top of its base model (merged by ``merge_lora`` if you want)."""
-    from buildllm.finetune.lora import load_adapters
 
     if base is None:
         raise UserError(f"{directory} holds LoRA adapters only: pass base=the model they were trained on "
