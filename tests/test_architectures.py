@@ -10,6 +10,7 @@ position embedding (causal attention alone orders the tokens), RMSNorm instead o
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,15 +134,11 @@ registry.register("toy", ToyModel, ToyConfig, TOY_PRESETS)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(play_corpus):
     """Train the toy 6 steps straight, and 3 steps then 3 more on resume, through buildllm.train."""
-    from buildllm import shakespeare_plays, train_bpe
-
-    root = tmp_path_factory.mktemp("toy")
-    text = shakespeare_plays()["macbeth"][:12000]
-    (root / "play.txt").write_text(text)
-    train_bpe(text, 300).save(root / "tok.json")
-    common = dict(data=str(root / "play.txt"), tokenizer=str(root / "tok.json"), preset="toy-nano",
+    files = play_corpus("macbeth", 12000)
+    root = Path(files["book"]).parent
+    common = dict(data=files["book"], tokenizer=files["tokenizer"], preset="toy-nano",
                   model={"drop_rate": 0.0}, batch_size=8, context_length=32, eval_interval=3, eval_iters=1,
                   lr=3e-3, lr_schedule="constant", progress=False, sample_tokens=0, dtype="fp32", device="cpu")
     straight = train(TrainConfig(out=str(root / "a"), max_steps=6, **common))

@@ -3,14 +3,12 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from buildllm.data.prepare import prepare_corpus
-from buildllm.data.shakespeare import shakespeare_plays
-from buildllm.tokenizer import train_bpe
 from buildllm.training.config import TrainConfig
 from buildllm.training.engine import train
 
@@ -22,13 +20,9 @@ TINY = ["--preset", "nano", "--batch-size", "4", "--grad-accum", "2", "--context
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
+def single(play_corpus):
     """The prepared corpus, and what one process makes of it."""
-    root = tmp_path_factory.mktemp("ddp")
-    text = shakespeare_plays()["tempest"][:20000]
-    (root / "tempest.txt").write_text(text)
-    train_bpe(text, 300).save(root / "tokenizer.json")
-    prepare_corpus(root / "tempest.txt", root / "prepared", tokenizer=str(root / "tokenizer.json"), progress=False)
+    root = Path(play_corpus("tempest", 20000, prepared=True)["prepared"]).parent
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -15,7 +15,6 @@ import torch
 from safetensors.torch import load_file
 
 from buildllm.cli import main as cli_main
-from buildllm.data.prepare import prepare_corpus
 from buildllm.data.shakespeare import shakespeare_plays
 from buildllm.errors import UserError
 from buildllm.models.gpt2 import GPTConfig, GPTModel
@@ -30,16 +29,9 @@ TINY_MODEL = {"emb_dim": 32, "n_heads": 2, "n_layers": 2, "context_length": 32}
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(play_corpus):
     """A short play (book mode), its BPE tokenizer, and the same text prepared (scale mode)."""
-    root = tmp_path_factory.mktemp("train")
-    book = root / "macbeth.txt"
-    book.write_text(TEXT)
-    tok = root / "tokenizer.json"
-    train_bpe(TEXT, 300).save(tok)
-    prepared = root / "prepared"
-    prepare_corpus(book, prepared, tokenizer=str(tok), progress=False)
-    return {"book": str(book), "tokenizer": str(tok), "prepared": str(prepared)}
+    return play_corpus("macbeth", len(TEXT), prepared=True)
 
 
 def tiny(files, out, **changes) -> TrainConfig:
@@ -335,7 +327,7 @@ def test_cli_errors_are_one_line_and_exit_2(files, tmp_path, capsys):
 
 def test_buildllm_train_is_the_function_in_any_import_order():
     import buildllm
-    import buildllm.training.engine as module
     import buildllm.training.config as config_module
+    import buildllm.training.engine as module
 
     assert buildllm.train is module.train and buildllm.TrainConfig is config_module.TrainConfig
