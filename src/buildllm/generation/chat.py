@@ -1,0 +1,92 @@
+"""From a conversation to the text a model continues, and the tokens at which its answer ends.
+
+A conversation is a list of messages, ``{"role": "system" | "user" | "assistant", "content": str}``,
+as in OpenAI's API. Three kinds of model lay it out three ways:
+
+    a tokenizer with a chat template    its own template (Llama 3, Qwen3, ...), rendered by the tokenizer
+    an instruction model                its prompt template (Alpaca, Phi-3, ...), one turn after another
+    a base model                        a plain transcript ("User: ...\\nAssistant:") that it continues
+
+``chat_prompt`` and ``stop_ids`` are the one place that decides; ``buildllm chat`` and ``buildllm
+serve`` both use them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from buildllm.errors import UserError
+
+ROLES = ("system", "user", "assistant")
+# A base model has learned no turns; it continues a transcript, and this is where its turn ends.
+TRANSCRIPT_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
+TRANSCRIPT_STOP = "\nUser:"
+
+
+def check_messages(messages: Sequence[dict]) -> list[dict]:
+    """The messages as plain dicts, or a UserError naming the first one that is not a message."""
+    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+        raise UserError("messages must be a non-empty list of {'role': ..., 'content': ...}")
+    checked = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise UserError(f"messages[{i}] must have a role ({', '.join(ROLES)}) and a string content")
+        checked.append({"role": m["role"], "content": m["content"]})
+    return checked
+
+
+def chat_prompt(messages: Sequence[dict], tokenizer, prompt_template=None, add_generation_prompt: bool = True) -> str:
+    """The text the model continues with the assistant's next message.
+
+    ``tokenizer``: when it has a chat template (``tokenizer.chat_template`` is not None), that
+    template lays out the conversation. ``prompt_template``: an instruction model's
+    ``PromptTemplate`` (or its JSON object); otherwise the plain transcript of a base model.
+    """
+    messages = check_messages(messages)
+    if getattr(tokenizer, "chat_template", None) is not None:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    if prompt_template is not None:
+        return _instruction_prompt(messages, prompt_template, add_generation_prompt)
+    return _transcript(messages, add_generation_prompt)
+
+
+def _instruction_prompt(messages: list[dict], template, add_generation_prompt: bool) -> str:
+    """Each user turn in the template's instruction, each answer after its response marker; a
+    system message is the input of the first instruction (the templates' "context" slot)."""
+    from buildllm.finetune.instruct import PromptTemplate
+
+    if isinstance(template, dict):
+        template = PromptTemplate.from_dict(template)
+    system = "\n".join(m["content"] for m in messages if m["role"] == "system")
+    text, waiting = "", False
+    for m in messages:
+        if m["role"] == "user":
+            text += ("\n\n" if text else "") + template.format(m["content"], system)
+            system, waiting = "", True
+        elif m["role"] == "assistant":
+            text += m["content"]
+            waiting = False
+    if not waiting:
+        raise UserError("an instruction model answers a user message: end the messages with one")
+    return text
+
+
+def _transcript(messages: list[dict], add_generation_prompt: bool) -> str:
+    lines = [f"{TRANSCRIPT_NAMES[m['role']]}: {m['content']}" for m in messages]
+    if add_generation_prompt:
+        lines.append(f"{TRANSCRIPT_NAMES['assistant']}:")
+    return "\n".join(lines)
+
+
+def stop_strings(tokenizer, prompt_template=None) -> list[str]:
+    """Text that ends an answer besides the stop tokens: a base model's next "User:" turn."""
+    if getattr(tokenizer, "chat_template", None) is not None or prompt_template is not None:
+        return []
+    return [TRANSCRIPT_STOP]
+
+
+def stop_ids(tokenizer) -> tuple[int, ...]:
+    """The token ids that end an answer: the tokenizer's end-of-turn tokens (several for Llama 3)
+    when it names them, else its end-of-text token."""
+    ids = getattr(tokenizer, "stop_ids", None)
+    return tuple(ids) if ids else (tokenizer.eot_id,)
