@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from buildllm.data.sources import ExampleBatches
 from buildllm.errors import UserError
@@ -41,7 +42,6 @@ from buildllm.finetune.lora import (
     DEFAULT_TARGETS,
     apply_lora,
 )
-from buildllm.models.gpt2 import GPTModel
 from buildllm.training.config import EngineConfig
 from buildllm.training.loop import start_runtime
 from buildllm.training.run_folder import check_run_folder
@@ -278,7 +278,7 @@ class InstructResult:
 
 @torch.no_grad()
 def generate_responses(
-    model: GPTModel,
+    model: nn.Module,
     tokenizer,
     template: PromptTemplate,
     examples: Sequence[InstructionExample],
@@ -353,7 +353,7 @@ class InstructTask(Task):
 
 
 def finetune_instruct(
-    base: str | Path | GPTModel | None = None,
+    base: str | Path | nn.Module | None = None,
     data: str | Path | None = None,
     out_dir: str | Path | None = None,
     *,
@@ -381,7 +381,7 @@ def finetune_instruct(
     train_ex, val_ex, test_ex = split_items(examples, cfg.split, cfg.seed)
     if log:
         log(f"{len(examples)} examples: {len(train_ex)} train, {len(val_ex)} validation, {len(test_ex)} test")
-    model, tokenizer = pick_model(base if isinstance(base, GPTModel) else cfg.base, tokenizer, rt.device)
+    model, tokenizer = pick_model(base if isinstance(base, nn.Module) else cfg.base, tokenizer, rt.device)
     context = model.cfg.context_length
     allowed_max_length = cfg.allowed_max_length or context
     if not 2 <= allowed_max_length <= context:
