@@ -117,7 +117,8 @@ def test_dpo_learns_to_prefer_the_answers_that_follow_the_rule(tmp_path, parity)
     result = finetune_dpo(tiny_gpt(tok.vocab_size), path, tmp_path / "dpo", tokenizer=tok, epochs=2, lr=3e-3,
                           batch_size=16, val_fraction=0.2, **ENGINE)
     first, last = result.initial, result.history[-1]
-    assert first["val_accuracy"] == 0.5 and first["val_margin"] == 0.0 and first["val_loss"] == pytest.approx(math.log(2))
+    assert (first["val_accuracy"], first["val_margin"]) == (0.5, 0.0)
+    assert first["val_loss"] == pytest.approx(math.log(2))
     assert last["val_accuracy"] >= 0.9 and last["val_margin"] > 0.1
     assert last["val_chosen_logp"] > first["val_chosen_logp"] - 1.0
     assert last["val_rejected_logp"] < first["val_rejected_logp"] - 1.0
@@ -160,13 +161,19 @@ def test_lora_reference_holds_no_second_copy_of_the_weights():
 # Bad input ---------------------------------------------------------------------------------------
 
 
+Q = "odd or even : two"
+
+
 @pytest.mark.parametrize("record, message", [
-    ({"prompt": "odd or even : two", "rejected": "odd ."}, "record 1: the record has no 'chosen' answer"),
-    ({"prompt": "odd or even : two", "chosen": "even ."}, "record 1: the record has no 'rejected' answer"),
-    ({"prompt": "odd or even : two", "chosen": "even .", "rejected": "even ."}, "record 1: chosen and rejected are the same"),
-    ({"prompt": "odd or even : two", "chosen": "even .", "rejected": "even  . "}, "record 1: chosen and rejected are the same tokens"),
-    ({"prompt": "odd or even : two", "chosen": "   ", "rejected": "odd ."}, "record 1: the chosen answer '   ' encodes to no tokens"),
-    ({"prompt": "odd " * 40, "chosen": "even .", "rejected": "odd ."}, "record 1: the prompt takes 40 tokens and leaves no room"),
+    ({"prompt": Q, "rejected": "odd ."}, "record 1: the record has no 'chosen' answer"),
+    ({"prompt": Q, "chosen": "even ."}, "record 1: the record has no 'rejected' answer"),
+    ({"prompt": Q, "chosen": "even .", "rejected": "even ."}, "record 1: chosen and rejected are the same answer"),
+    ({"prompt": Q, "chosen": "even .", "rejected": "even  . "}, "record 1: chosen and rejected are the same tokens"),
+    ({"prompt": "odd " * 31, "chosen": "even . even .", "rejected": "even . odd ."},
+     "record 1: chosen and rejected are the same in the 2 tokens the window leaves after the prompt"),
+    ({"prompt": Q, "chosen": "   ", "rejected": "odd ."}, "record 1: the chosen answer '   ' encodes to no tokens"),
+    ({"prompt": "odd " * 40, "chosen": "even .", "rejected": "odd ."},
+     "record 1: the prompt takes 40 tokens and leaves no room for the answer in the 32-token window"),
     ({"chosen": "even .", "rejected": "odd ."}, "record 1: give the record a 'prompt' or an 'instruction'"),
     ({"prompt": "two", "chosen": 2, "rejected": "odd ."}, "record 1: 'chosen' must be a string"),
 ])

@@ -142,13 +142,13 @@ class DPOConfig(EngineConfig):
     The defaults are the book's DPO chapter: one epoch, lr 5e-6, weight decay 0.01, beta 0.1, batch 8.
     """
 
-    base: str | None = None  # the model to start from (and the reference): a checkpoint folder, a GPT-2 folder or model id
-    data: str | None = None  # preference records (prompt or instruction/input, chosen, rejected): a JSON array or JSON lines
-    beta: float = 0.1  # how far the policy may move from the reference model (DPO's beta): smaller lets it move further
-    template: str | None = None  # prompt format of instruction records: alpaca, phi3 or a JSON file (default: the model's own, else alpaca)
-    val_fraction: float = 0.1  # share of the pairs held out to measure preference accuracy and keep the best model
-    allowed_max_length: int | None = None  # tokens per prompt + answer (default: the context length); longer answers are cut
-    lora_rank: int | None = None  # train LoRA adapters of this rank instead of the weights (the reference is then the same network with its adapters off)
+    base: str | None = None  # the model to start from, and the reference: a checkpoint folder, GPT-2 folder or id
+    data: str | None = None  # records of prompt (or instruction, input), chosen, rejected: JSON array or lines
+    beta: float = 0.1  # DPO's beta: how far the model may move from the reference (smaller: further)
+    template: str | None = None  # instruction records' prompt format: alpaca, phi3, a JSON file (default: the model's, else alpaca)
+    val_fraction: float = 0.1  # share of the pairs held out to measure accuracy and keep the best model
+    allowed_max_length: int | None = None  # tokens per prompt + answer (default: the context length); answers are cut to fit
+    lora_rank: int | None = None  # train LoRA adapters of this rank instead of the weights (reference: adapters off)
     lora_alpha: float | None = None  # LoRA scale numerator (default: 2 x rank)
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS  # Linear layers that get adapters
     eval_batches: int | None = None  # evaluate on at most this many batches per split (default: all)
@@ -283,7 +283,7 @@ def finetune_dpo(
     batches = ExampleBatches(train_set, collate, cfg.batch_size, cfg.seed, rt.dist,
                              {"train": train_set, "val": val_set})
     # The tuned model keeps the template its prompts were laid out with, so chat lays them out alike.
-    used = own is not None or spec is not None or cfg.template is not None or any(p.prompt is None for p in pairs)
+    used = own is not None or cfg.template is not None or any(p.prompt is None for p in pairs)
     task = DPOTask(batches, reference, cfg.beta, tokenizer, template if used else None, cfg.eval_batches)
     done, history, steps_per_epoch = run_finetune(task, cfg, model, rt, resume_from, log)
 

@@ -104,7 +104,7 @@ def encode_preferences(pairs: Sequence[PreferencePair], tokenizer, template: Pro
         room = max_length + 1 - len(prompt)  # answer tokens (end-of-text included) the window scores
         if room < 1:
             raise UserError(f"{pair.where}: the prompt takes {len(prompt)} tokens and leaves no room for the "
-                            f"answer in {max_length} ({max_length} is the context or --max-length): shorten "
+                            f"answer in the {max_length}-token window (the context, or --max-length): shorten "
                             "the prompt")
         a, b = ((ids + [eot])[:room] for ids in answers)
         if a == b:
