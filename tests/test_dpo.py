@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from buildllm.cli import main
 from buildllm.errors import UserError
-from buildllm.finetune.dpo import Reference, finetune_dpo
+from buildllm.finetune.dpo import DPOTask, Reference, finetune_dpo
 from buildllm.finetune.instruct import TEMPLATES
 from buildllm.finetune.lora import apply_lora
 from buildllm.finetune.preference_data import (
@@ -78,8 +78,6 @@ def answer_logprob_by_hand(model, prompt: list[int], answer: list[int]) -> float
 def test_loss_on_a_fixed_batch_equals_a_hand_computation(parity):
     """sum over pairs of -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), each log pi summed
     over the answer's tokens (end-of-text included) with the prompt and the padding left out."""
-    from buildllm.finetune.dpo import DPOTask
-
     path, tok = parity
     pairs = read_preference_data(path)[:5]
     encoded = encode_preferences(pairs, tok, TEMPLATES["alpaca"], max_length=32)
