@@ -170,24 +170,26 @@ def _json_array(path: Path, content: str):
             fail(pos, "expected ',' or ']' between records")
 
 
+def read_json_records(path: str | Path):
+    """Yield ``(line, record)`` for each record of a JSON array or of JSON lines (one per line)."""
+    path = Path(path)
+    content = open_text(path)
+    if content.lstrip().startswith("["):
+        yield from _json_array(path, content)
+        return
+    for number, text in enumerate(content.splitlines(), start=1):
+        if text.strip():
+            try:
+                yield number, json.loads(text)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{number}: invalid JSON: {e.msg} (column {e.colno})") from None
+
+
 def read_instruction_data(path: str | Path) -> list[InstructionExample]:
     """Alpaca-style records from a JSON array or JSON lines (``instruction``, ``input``?, ``output``)."""
     path = Path(path)
-    content = open_text(path)
-    stripped = content.lstrip()
-    if stripped.startswith("["):
-        records = _json_array(path, content)
-    else:
-        def jsonl():
-            for number, text in enumerate(content.splitlines(), start=1):
-                if text.strip():
-                    try:
-                        yield number, json.loads(text)
-                    except json.JSONDecodeError as e:
-                        raise UserError(f"{path}:{number}: invalid JSON: {e.msg} (column {e.colno})") from None
-        records = jsonl()
     examples = []
-    for line, record in records:
+    for line, record in read_json_records(path):
         if not isinstance(record, dict):
             raise UserError(f"{path}:{line}: a record must be a JSON object with instruction and output")
         for key in ("instruction", "output"):
