@@ -70,7 +70,6 @@ from buildllm.finetune.preference_data import (
     encode_preferences,
     read_preference_data,
 )
-from buildllm.models.gpt2 import GPTModel
 from buildllm.training.config import EngineConfig
 from buildllm.training.loop import start_runtime
 from buildllm.training.run_folder import check_run_folder
@@ -230,7 +229,7 @@ class DPOResult:
 
 
 def finetune_dpo(
-    base: str | Path | GPTModel | None = None,
+    base: str | Path | nn.Module | None = None,
     data: str | Path | None = None,
     out_dir: str | Path | None = None,
     *,
@@ -242,7 +241,7 @@ def finetune_dpo(
     """Preference-tune ``base`` with DPO on the pairs in ``data`` and save the model with the best
     held-out reward margin to ``out_dir`` (with the prompt template, when one was used).
 
-    ``base`` is a checkpoint folder, a GPT-2 folder or model id, or a GPTModel with ``tokenizer``
+    ``base`` is a checkpoint folder, a GPT-2 folder or model id, or a model object with ``tokenizer``
     (then trained in place). ``options`` are ``DPOConfig`` keys (``beta``, ``epochs``, ``lr``,
     ``lora_rank``, ``resume``, ...), applied over ``config``; ``template`` may also be a
     ``PromptTemplate``. Under torchrun the processes share each batch (DDP).
@@ -259,7 +258,7 @@ def finetune_dpo(
     log = log if rt.dist.main else None
     resume_from = check_run_folder(cfg)
     pairs = read_preference_data(cfg.data)
-    model, tokenizer = pick_model(base if isinstance(base, GPTModel) else cfg.base, tokenizer, rt.device)
+    model, tokenizer = pick_model(base if isinstance(base, nn.Module) else cfg.base, tokenizer, rt.device)
     own = load_prompt_template(cfg.base) if cfg.base and Path(cfg.base).is_dir() else None
     template = spec if isinstance(spec, PromptTemplate) else get_prompt_template(cfg.template or own or "alpaca")
     context = model.cfg.context_length
