@@ -41,12 +41,12 @@ def run(engine, schedule, steps=200):
 
 
 SETTINGS = [
-    dict(max_tokens=10, seed=1),  # greedy
-    dict(max_tokens=14, temperature=1.0, seed=2),
-    dict(max_tokens=6, temperature=0.8, top_k=5, seed=3),
-    dict(max_tokens=12, temperature=1.2, top_p=0.9, seed=4),
-    dict(max_tokens=9, temperature=1.0, seed=5, stop_ids=(7, 11)),
-    dict(max_tokens=16, seed=6),
+    {"max_tokens": 10, "seed": 1},  # greedy
+    {"max_tokens": 14, "temperature": 1.0, "seed": 2},
+    {"max_tokens": 6, "temperature": 0.8, "top_k": 5, "seed": 3},
+    {"max_tokens": 12, "temperature": 1.2, "top_p": 0.9, "seed": 4},
+    {"max_tokens": 9, "temperature": 1.0, "seed": 5, "stop_ids": (7, 11)},
+    {"max_tokens": 16, "seed": 6},
 ]
 PROMPTS = [[5, 6, 7], [9] * 8, [1, 2], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50], [3], [60, 61, 62, 63, 64, 65]]
 

@@ -34,7 +34,12 @@ from buildllm.errors import UserError
 from buildllm.generation.chat import chat_prompt, stop_ids, stop_strings
 from buildllm.serve import batching
 from buildllm.serve.config import ServeConfig
-from buildllm.serve.protocol import APIError, ChatRequest, CompletionRequest, SamplingBody
+from buildllm.serve.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    SamplingBody,
+)
 from buildllm.serve.text import TextOutput
 
 log = logging.getLogger(__name__)
