@@ -264,6 +264,8 @@ def test_api_key_guards_v1_only(loaded):
         assert http.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert http.get("/health").status_code == 200 and http.get("/").status_code == 200
         assert "access-control-allow-origin" not in http.get("/health", headers={"Origin": "http://a.b"}).headers
+    http = TestClient(create_app(loaded, ServeConfig(cors_origin=("http://a.b",)), model_name=NAME))
+    assert http.get("/health", headers={"Origin": "http://a.b"}).headers["access-control-allow-origin"] == "http://a.b"
 
 
 def test_full_queue_answers_429_and_a_closed_engine_503(loaded):

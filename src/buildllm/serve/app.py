@@ -317,6 +317,10 @@ def _add_error_handlers(app: FastAPI) -> None:
         message = f"{field}: {first.get('msg')}" if field else str(first.get("msg"))
         return answer(APIError(400, message, param=field))
 
+    @app.exception_handler(UserError)
+    async def user_error(request, e: UserError):
+        return answer(APIError(400, str(e)))
+
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):
         return answer(APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None))

@@ -201,6 +201,8 @@ class BatchEngine:
         busy = [r for r in self.slots if r is not None]
         if busy:
             self._decode(busy)
+        elif self.cache.length:  # nobody left: the next batch starts from an empty cache
+            self._shift(-self.cache.length)
 
     def _admit(self, r: Request) -> None:
         """Prefill the prompt alone, sample its first token, and move its keys and values into a slot."""
@@ -223,17 +225,20 @@ class BatchEngine:
 
     def _decode(self, busy: list[Request]) -> None:
         """One step: each busy row's newest token goes in at position ``length``, one token comes out."""
-        if self.cache.length == self.capacity:
-            # Drop the leading positions no busy row uses (at least one: see the limit in submit).
-            self._shift(max(r.cached for r in busy) - self.capacity)
+        # Every step attends over all `length` positions, used or not. Drop the leading ones that no
+        # busy row uses when the cache is full (there is at least one: see the limit in submit), or
+        # once they are half of it: each copy then saves at least as much attention as it costs.
+        unused = self.cache.length - max(r.cached for r in busy)
+        if unused and (self.cache.length == self.capacity or 2 * unused >= self.cache.length):
+            self._shift(-unused)
         # Only the rows up to the last busy slot run (free slots below it run too, and are ignored).
         rows = max(r.slot for r in busy) + 1
-        last = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
+        last = [0] * rows
         for r in busy:
-            last[r.slot, 0] = r.tokens[-1]
+            last[r.slot] = r.tokens[-1]
         view = copy.copy(self.cache)  # the same storage, the first `rows` rows
         view.keys, view.values, view.valid = self.cache.keys[:, :rows], self.cache.values[:, :rows], self.cache.valid[:rows]
-        logits = self.model(last, kv_cache=view)[:, -1]
+        logits = self.model(torch.tensor(last, device=self.device)[:, None], kv_cache=view)[:, -1]
         self.cache.length = view.length
         for r in busy:
             r.cached += 1
@@ -276,11 +281,12 @@ class BatchEngine:
         Only leading invalid positions are dropped or added, so no row's position count changes.
         """
         c, length = self.cache, self.cache.length
+        rows = 1 + max((r.slot for r in self.slots if r is not None), default=-1)  # free rows above: as they are
         src, dst = (slice(0, length), slice(by, length + by)) if by > 0 else (slice(-by, length), slice(0, length + by))
         for t in (c.keys, c.values):
-            t[:, :, :, dst] = t[:, :, :, src].clone()
-        c.valid[:, dst] = c.valid[:, src].clone()
+            t[:, :rows, :, dst] = t[:, :rows, :, src].clone()
+        c.valid[:rows, dst] = c.valid[:rows, src].clone()
         if by > 0:
-            c.valid[:, :by] = False
+            c.valid[:rows, :by] = False
         c.length = length + by
         c.valid[:, c.length :] = True  # where the next steps write: valid for the row writing it
