@@ -256,6 +256,21 @@ def test_long_prompts_cropped_when_asked_and_max_tokens_capped(loaded):
         assert reply["usage"]["total_tokens"] <= 128
 
 
+def test_an_instruction_model_answers_in_its_prompt_template(loaded):
+    from buildllm.weights.loader import LoadedModel
+
+    template = {"instruction": "Q: {instruction}", "input": " ({input})", "response": "\nA:"}  # a short one
+    instruct = LoadedModel(loaded.model, loaded.tokenizer, prompt_template=template)
+    messages = [{"role": "system", "content": "a cat"}, {"role": "user", "content": "Describe it."}]
+    with TestClient(create_app(instruct, ServeConfig(), model_name=NAME)) as http:
+        body = {"model": NAME, "messages": messages, "max_tokens": 6, "temperature": 0}
+        reply = http.post("/v1/chat/completions", json=body).json()
+    ids = instruct.tokenizer.encode(chat_prompt(messages, instruct.tokenizer, template))
+    assert ids != chat_ids(loaded, messages)  # not the base model's transcript
+    assert reply["usage"]["prompt_tokens"] == len(ids)
+    assert reply["choices"][0]["message"]["content"] == expected(instruct, ids, 6)[0]
+
+
 def test_api_key_guards_v1_only(loaded):
     with TestClient(create_app(loaded, ServeConfig(api_key="s3cret"), model_name=NAME)) as http:
         assert http.get("/v1/models").status_code == 401

@@ -4,5 +4,6 @@
     text.py         a request's tokens as text pieces, cut at its stop strings
     protocol.py     the OpenAI request bodies, checked, and OpenAI's error object
     app.py          the FastAPI application: routes, streaming, limits, the API key, the chat page
-    server.py       ``ServeConfig`` and ``run_server``: uvicorn, the address, Ctrl-C
+    config.py       ``ServeConfig``, the server's knobs (and ``ServeOptions``, the command's)
+    server.py       ``run_server``: uvicorn, the address, Ctrl-C
 """

@@ -156,7 +156,7 @@ class Completions:
                     yield i, piece, a.finish_reason
         finally:
             for a in answers:
-                if a.finish_reason is None or a.request.finish_reason is None:
+                if a.request.finish_reason is None:
                     self.engine.cancel(a.request)
 
     def usage(self, answers: list[Answer], prompt_tokens: int) -> dict:
@@ -168,14 +168,13 @@ class Completions:
 # The routes --------------------------------------------------------------------------------------
 
 
-def create_app(loaded, config: ServeConfig | None = None, model_name: str | None = None,
-               engine: batching.BatchEngine | None = None) -> FastAPI:
+def create_app(loaded, config: ServeConfig | None = None, model_name: str | None = None) -> FastAPI:
     """The app serving ``loaded`` (``load_model``'s result). Its lifespan starts the engine's
     thread and, at shutdown, closes it (what still runs is cancelled)."""
     config = config or ServeConfig()
     config.check()
     model_name = model_name or config.model_name or "buildllm"
-    engine = engine or batching.BatchEngine(loaded.model, config.max_batch, config.max_queue, config.context)
+    engine = batching.BatchEngine(loaded.model, config.max_batch, config.max_queue, config.context)
     completions = Completions(loaded, engine, config, model_name)
 
     async def lifespan(app):

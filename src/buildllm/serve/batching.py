@@ -18,8 +18,9 @@ row's text is *right-aligned* at ``length`` with invalid positions before it::
 
 The model counts a row's positions from its first valid position (a cumulative sum of
 ``cache.valid``) and never attends to an invalid one, so row b computes exactly what it would
-alone. Joining: a new request's prompt runs alone (its own one-row cache: the *prefill*), and its
-keys and values are copied into a free slot, ending at ``length``. Leaving: the slot's positions
+alone. Joining: the prompts of the requests that arrive together run through the model in a
+cache of their own (the *prefill*; left-padded, the padding masked as in ``generate``), and each
+one's keys and values are copied into a free slot, ending at ``length``. Leaving: the slot's positions
 are marked invalid and the slot is free for the next request. When ``length`` reaches the cache's
 capacity, every row is shifted left by the number of leading positions that no busy row uses
 (``_shift``); a request never holds more than the capacity, so there is always room.
@@ -42,7 +43,7 @@ import torch
 from torch import nn
 
 from buildllm.errors import UserError
-from buildllm.generation.sampling import check_sampling, sample_next_token
+from buildllm.generation.sampling import _left_pad, check_sampling, sample_next_token
 
 log = logging.getLogger(__name__)
 
@@ -187,16 +188,20 @@ class BatchEngine:
         for r in self.slots:
             if r is not None and r.cancelled:
                 self._finish(r, None, "cancelled")
-        while self.waiting and self.free_slots():
-            with self._wake:
-                r = self.waiting.popleft()
-            if r.cancelled:
-                self._finish(r, None, "cancelled")
-                continue
+        newcomers = []
+        with self._wake:
+            while self.waiting and len(newcomers) < self.free_slots():
+                newcomers.append(self.waiting.popleft())
+        for r in [r for r in newcomers if r.cancelled]:
+            self._finish(r, None, "cancelled")
+        newcomers = [r for r in newcomers if not r.cancelled]
+        if newcomers:
             try:
-                self._admit(r)
+                self._admit(newcomers)
             except Exception:
-                self._finish(r, None, "error")
+                for r in newcomers:
+                    if r.finish_reason is None:
+                        self._finish(r, None, "error")
                 raise
         busy = [r for r in self.slots if r is not None]
         if busy:
@@ -204,24 +209,29 @@ class BatchEngine:
         elif self.cache.length:  # nobody left: the next batch starts from an empty cache
             self._shift(-self.cache.length)
 
-    def _admit(self, r: Request) -> None:
-        """Prefill the prompt alone, sample its first token, and move its keys and values into a slot."""
-        seed = r.sampling.seed if r.sampling.seed is not None else secrets.randbits(63)
-        r.generator = torch.Generator(device=self.device).manual_seed(seed)
-        alone = self.model.new_kv_cache(1, len(r.prompt), device=self.device, dtype=self.cache.keys.dtype)
-        logits = self.model(torch.tensor([r.prompt], device=self.device), kv_cache=alone)[:, -1]
-        if self._take(r, logits):
-            return  # done at its first token: it never needs a slot
-        n, length = len(r.prompt), self.cache.length
-        if n > length:  # the prompt is longer than what the batch holds: make room on the left
+    def _admit(self, newcomers: list[Request]) -> None:
+        """Prefill the newcomers' prompts (together, left-padded, in a cache of their own), sample
+        their first tokens, and move their keys and values into free slots, ending at ``length``."""
+        for r in newcomers:
+            seed = r.sampling.seed if r.sampling.seed is not None else secrets.randbits(63)
+            r.generator = torch.Generator(device=self.device).manual_seed(seed)
+        prompts, padding = _left_pad([r.prompt for r in newcomers], self.capacity, self.device)
+        n = prompts.shape[1]
+        fresh = self.model.new_kv_cache(len(newcomers), n, device=self.device, dtype=self.cache.keys.dtype)
+        logits = self.model(prompts, kv_cache=fresh, padding=padding)[:, -1]
+        joining = [i for i, r in enumerate(newcomers) if not self._take(r, logits[i : i + 1])]
+        length = self.cache.length
+        if joining and n > length:  # the prompts are longer than what the batch holds: make room on the left
             self._shift(n - length)
             length = n
-        slot = self.slots.index(None)
-        self.cache.keys[:, slot, :, length - n : length] = alone.keys[:, 0]
-        self.cache.values[:, slot, :, length - n : length] = alone.values[:, 0]
-        self.cache.valid[slot, : length - n] = False
-        self.cache.valid[slot, length - n :] = True
-        r.slot, r.cached, self.slots[slot] = slot, n, r
+        for i in joining:  # (a request done at its first token never needs a slot)
+            slot = self.slots.index(None)
+            self.cache.keys[:, slot, :, length - n : length] = fresh.keys[:, i]
+            self.cache.values[:, slot, :, length - n : length] = fresh.values[:, i]
+            self.cache.valid[slot, : length - n] = False
+            self.cache.valid[slot, length - n : length] = fresh.valid[i]  # False on the left padding
+            r = newcomers[i]
+            r.slot, r.cached, self.slots[slot] = slot, len(r.prompt), r
 
     def _decode(self, busy: list[Request]) -> None:
         """One step: each busy row's newest token goes in at position ``length``, one token comes out."""
