@@ -11,8 +11,6 @@ import functools
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -296,13 +294,18 @@ def test_full_queue_answers_429_and_a_closed_engine_503(loaded):
     assert http.post("/v1/chat/completions", json=CHAT).status_code == 503
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, loaded):
+@pytest.mark.parametrize("stream", [True, False], ids=["streaming", "waiting"])
+def test_a_client_that_hangs_up_frees_its_slot(server, loaded, stream):
     hook = loaded.model.register_forward_hook(lambda *_: time.sleep(0.01))  # slow enough to hang up mid-way
     try:
         before = httpx.get(server.url + "/health").json()["finished"].get("cancelled", 0)
-        body = {"model": NAME, "prompt": "The cat", "max_tokens": 100, "stream": True}
-        with httpx.stream("POST", server.url + "/v1/completions", json=body) as r:
-            next(r.iter_lines())  # one event, then hang up
+        body = {"model": NAME, "prompt": "The cat", "max_tokens": 100, "stream": stream}
+        if stream:
+            with httpx.stream("POST", server.url + "/v1/completions", json=body) as r:
+                next(r.iter_lines())  # one event, then hang up
+        else:
+            with pytest.raises(httpx.ReadTimeout):  # the client gives up waiting
+                httpx.post(server.url + "/v1/completions", json=body, timeout=0.3)
         deadline = time.monotonic() + 10
         while (health := httpx.get(server.url + "/health").json())["running"] or \
                 health["finished"].get("cancelled", 0) == before:
@@ -336,23 +339,38 @@ def test_32_concurrent_clients_get_what_they_get_one_by_one(server):
     assert health["status"] == "ok" and health["running"] == health["waiting"] == 0
 
 
-def test_ctrl_c_finishes_the_request_in_flight_and_exits_0(tmp_path):
-    folder = tiny_model_folder(tmp_path / NAME)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    proc = subprocess.Popen([sys.executable, "-m", "buildllm.cli", "serve", "--model", str(folder), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        line = proc.stdout.readline()
-        assert "serving tiny on http://127.0.0.1:" in line, line + proc.stderr.read()
-        url = line.split(" on ")[1].split()[0]
+def test_ctrl_c_finishes_the_request_in_flight_and_exits_0(tmp_path, capsys):
+    # `buildllm serve` runs here in the main thread (where signals arrive); a client thread waits
+    # for it, starts a stream, sends this process SIGINT mid-way, and reads the stream to its end.
+    import socket
+
+    from buildllm import cli
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url, seen = f"http://127.0.0.1:{port}", {}
+
+    def client():
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(url + "/health")
+                break
+            except httpx.TransportError:
+                time.sleep(0.05)
         body = {"model": NAME, "prompt": "The cat", "max_tokens": 60, "stream": True}
         with httpx.stream("POST", url + "/v1/completions", json=body) as r:
             lines = r.iter_lines()
             next(lines)  # the request is in flight
-            proc.send_signal(signal.SIGINT)
-            rest = [line for line in lines if line]
-        assert rest[-1] == "data: [DONE]" and '"finish_reason": "length"' in rest[-2]  # it finished
-        assert proc.wait(timeout=30) == 0
-        assert "Traceback" not in proc.stderr.read()
-    finally:
-        proc.kill()
+            os.kill(os.getpid(), signal.SIGINT)
+            seen["rest"] = [line for line in lines if line]
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    assert cli.main(["serve", "--model", str(tiny_model_folder(tmp_path / NAME)), "--port", str(port)]) == 0
+    thread.join(timeout=30)
+    rest = seen["rest"]
+    assert rest[-1] == "data: [DONE]" and '"finish_reason": "length"' in rest[-2]  # it finished
+    out, err = capsys.readouterr()
+    assert out.startswith(f"serving {NAME} on {url} ") and "Traceback" not in err

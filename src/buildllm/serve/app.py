@@ -214,18 +214,18 @@ def create_app(loaded, config: ServeConfig | None = None, model_name: str | None
         return _model_card(model_name, engine.capacity)
 
     @v1.post("/chat/completions")
-    async def chat(body: ChatRequest):
-        return await _respond(completions, body, chat=True)
+    async def chat(body: ChatRequest, request: Request):
+        return await _respond(completions, body, request, chat=True)
 
     @v1.post("/completions")
-    async def complete(body: CompletionRequest):
-        return await _respond(completions, body, chat=False)
+    async def complete(body: CompletionRequest, request: Request):
+        return await _respond(completions, body, request, chat=False)
 
     app.include_router(v1)
     return app
 
 
-async def _respond(completions: Completions, body: SamplingBody, chat: bool):
+async def _respond(completions: Completions, body: SamplingBody, request: Request, chat: bool):
     answers, prompt_tokens, queue = completions.start(body)
     head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
             "model": completions.model_name}
@@ -235,8 +235,13 @@ async def _respond(completions: Completions, body: SamplingBody, chat: bool):
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     texts = [""] * len(answers)
-    async for i, piece, _ in completions.pieces(answers, queue):
-        texts[i] += piece
+
+    async def collect():
+        async for i, piece, _ in completions.pieces(answers, queue):
+            texts[i] += piece
+
+    if not await _unless_disconnected(collect(), request):
+        return Response(status_code=499)  # (nobody reads it: the client has gone)
     if chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
                     "finish_reason": a.finish_reason} for i, (a, t) in enumerate(zip(answers, texts))]
@@ -275,6 +280,18 @@ async def _stream(completions, answers, queue, head, chat: bool, prompt_tokens: 
     except APIError as e:  # the status line is sent already: the error goes in the stream
         yield f"data: {json.dumps(e.body())}\n\n"
     yield "data: [DONE]\n\n"
+
+
+async def _unless_disconnected(work, request: Request) -> bool:
+    """Run ``work`` while the client waits for it; if the client hangs up first (a streaming one is
+    noticed by the response itself), cancel it, which frees its slots, and return False."""
+    task = asyncio.ensure_future(work)
+    while not (await asyncio.wait({task}, timeout=0.25))[0]:
+        if await request.is_disconnected():
+            task.cancel()
+            return False
+    task.result()  # its exception, if it raised one
+    return True
 
 
 def _model_card(name: str, context: int) -> dict:
