@@ -64,6 +64,7 @@ async function* events(response) {
 
 async function send(text) {
   if (!modelName) await loadModel();
+  if (!modelName) { bubble("error", "the server did not name its model: " + $("model").textContent); return; }
   const conversation = messages;  // "New chat" starts another array: a late answer stays in its own
   conversation.push({ role: "user", content: text });
   bubble("user", text);

@@ -6,8 +6,9 @@
     POST /v1/chat/completions    messages laid out by generation/chat.py
     POST /v1/completions         a prompt continued
 
-Every error is OpenAI's error object with a 4xx status (a bug in the server answers 500 in the
-same form, with the traceback only in the server's log). A request becomes ``n`` engine requests
+Every error is OpenAI's error object: bad input a 400 (404 for an unknown model, 413 for a body too
+large, 401 without the API key), a full queue 429, a shutting-down server 503; a bug in the server
+answers 500 in the same form, with the traceback only in the server's log. A request becomes ``n`` engine requests
 (one per answer, the i-th seeded ``seed + i``); the engine's thread hands their tokens to this
 event loop through an ``asyncio.Queue``.
 """
