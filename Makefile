@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RUN ?= runs/shakespeare
 
-.PHONY: run test install install-test bench clean
+.PHONY: run test install install-test bench bench-llamacpp clean
 
 install:
 	VENV=$(VENV) bash scripts/install.sh
@@ -22,6 +22,9 @@ test: install-test
 
 bench: install-test
 	$(BIN)/python benchmarks/run.py
+
+bench-llamacpp: install-test
+	$(BIN)/python benchmarks/llamacpp.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

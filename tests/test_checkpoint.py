@@ -112,8 +112,8 @@ def test_config_save_is_atomic_and_names_its_arch(tmp_path):
 
 def test_one_loader_reads_classifier_and_instruction_folders(tmp_path):
     import buildllm
-    from buildllm.finetune.classify import load_classifier, save_classifier
     from buildllm.files import write_json
+    from buildllm.finetune.classify import load_classifier, save_classifier
 
     tok = _word_tokenizer(40)
     cfg = GPTConfig(**{**CFG.to_dict(), "vocab_size": tok.vocab_size})

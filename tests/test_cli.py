@@ -281,12 +281,12 @@ def test_stop_string_cuts_the_text_even_when_split_over_pieces(monkeypatch, caps
 
 
 def test_generate_with_dtype_and_stop(tmp_path, capsys):
+    import torch
+
     from buildllm.generation.sampling import stream_text
     from buildllm.models.gpt2 import GPTConfig, GPTModel
     from buildllm.tokenizer import WordTokenizer
     from buildllm.weights.checkpoint import save_model
-
-    import torch
 
     torch.manual_seed(0)
     tok = WordTokenizer.from_text("the cat sat on the mat, then it slept. a dog ran!")

@@ -13,6 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import buildllm.data.corpus_reader as reader
 import buildllm.data.prepare as data
 from buildllm.cli import main
 from buildllm.data.prepare import load_prepared, prepare_corpus
@@ -195,25 +196,25 @@ TEXT = shakespeare_plays()["sonnets"][:20_000] + "\n\n  \t 你好，世界\r\n�
 @given(st.text(alphabet=st.sampled_from(list("ab é'\n\t\r .,!9你👋")), max_size=300))
 def test_pieces_tokenize_exactly_like_the_whole_text(text):
     tok = get_tokenizer("gpt2")
-    with mock.patch.object(data, "PIECE_CHARS", 7):
-        pieces = [p for p, _ in data._pieces(iter([(text[i : i + 5], 5) for i in range(0, len(text), 5)]))]
+    with mock.patch.object(reader, "PIECE_CHARS", 7):
+        pieces = [p for p, _ in reader.pieces(iter([(text[i : i + 5], 5) for i in range(0, len(text), 5)]))]
     assert "".join(pieces) == text
     assert sum((tok.encode(p) for p in pieces), []) == tok.encode(text)
 
 
 def test_pieces_stay_bounded_without_safe_cuts(monkeypatch):
-    monkeypatch.setattr(data, "PIECE_CHARS", 10)
-    monkeypatch.setattr(data, "MAX_PIECE_CHARS", 40)
+    monkeypatch.setattr(reader, "PIECE_CHARS", 10)
+    monkeypatch.setattr(reader, "MAX_PIECE_CHARS", 40)
     text = "x" * 95 + " y z"
-    pieces = [p for p, _ in data._pieces(iter([(text[i : i + 5], 5) for i in range(0, 99, 5)]))]
+    pieces = [p for p, _ in reader.pieces(iter([(text[i : i + 5], 5) for i in range(0, 99, 5)]))]
     assert "".join(pieces) == text and max(map(len, pieces)) <= 40
     # hard cuts at 10 while nothing safe is in sight, then the last safe cut of the new text
     assert [len(p) for p in pieces] == [10, 10, 10, 10, 10, 10, 37, 2]
 
 
 def test_prepare_text_file_in_small_chunks(tmp_path, monkeypatch, gpt2):
-    monkeypatch.setattr(data, "READ_BYTES", 64)  # multi-byte characters straddle reads
-    monkeypatch.setattr(data, "PIECE_CHARS", 100)
+    monkeypatch.setattr(reader, "READ_BYTES", 64)  # multi-byte characters straddle reads
+    monkeypatch.setattr(reader, "PIECE_CHARS", 100)
     monkeypatch.setattr(data, "BATCH_CHARS", 1000)
     src = tmp_path / "sonnets.txt"
     src.write_text(TEXT, encoding="utf-8", newline="")
@@ -304,7 +305,7 @@ def test_prepare_replace_errors(tmp_path, gpt2):
 
 
 def test_non_utf8_names_file_and_byte_offset(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "READ_BYTES", 4)  # the bad byte is in a later read
+    monkeypatch.setattr(reader, "READ_BYTES", 4)  # the bad byte is in a later read
     src = tmp_path / "bad.txt"
     src.write_bytes("héllo, wo".encode() + b"\xff" + b"rld")
     with pytest.raises(UserError, match=r"bad\.txt is not UTF-8 at byte 10.*--errors replace"):

@@ -6,43 +6,23 @@ import os
 import subprocess
 import sys
 import time
+from functools import partial
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from buildllm.finetune.classify import ClassifyConfig, finetune_classifier
-from buildllm.finetune.instruct import TEMPLATES, finetune_instruct
-from buildllm.models.gpt2 import GPTConfig, GPTModel
-from buildllm.tokenizer import WordTokenizer
+from buildllm.finetune.instruct import finetune_instruct
 from buildllm.weights.checkpoint import save_model
 
-from test_finetune import instruction_records, labeled_rows, write_csv
 
-
-def tiny_model(vocab_size: int, drop_rate: float = 0.0) -> GPTModel:
+@pytest.fixture
+def tiny_model(tiny_gpt):
     # No key bias: its true gradient is 0 (softmax ignores a constant), and Adam would blow its
     # rounding noise up to full-size steps, so runs that should agree would not.
-    torch.manual_seed(0)
-    return GPTModel(GPTConfig.from_preset("nano", vocab_size=vocab_size, context_length=64, emb_dim=32,
-                                          n_heads=2, n_layers=1, drop_rate=drop_rate, qkv_bias=False))
+    return partial(tiny_gpt, context_length=64, n_layers=1, qkv_bias=False)
 
-
-@pytest.fixture
-def classification(tmp_path):
-    rows = labeled_rows()
-    tok = WordTokenizer.from_text([t for t, _ in rows])
-    return write_csv(tmp_path / "reviews.csv", rows), tok
-
-
-@pytest.fixture
-def instructions(tmp_path):
-    records = instruction_records()
-    path = tmp_path / "instructions.json"
-    path.write_text(json.dumps(records))
-    tok = WordTokenizer.from_text([TEMPLATES["alpaca"].format(r["instruction"], r["input"]) + r["output"]
-                                   for r in records])
-    return path, tok
 
 
 def weights(folder):
@@ -76,9 +56,9 @@ def checkpoints(run):
 
 
 @pytest.mark.slow
-def test_classifier_killed_and_resumed_is_bit_identical(tmp_path, classification):
+def test_classifier_killed_and_resumed_is_bit_identical(tiny_model, tmp_path, classification_data):
     """SIGKILL a classification fine-tune after a checkpoint, resume it: same weights as never killed."""
-    data, tok = classification
+    data, tok = classification_data
     save_model(tmp_path / "base", tiny_model(tok.vocab_size, drop_rate=0.1), tok)  # dropout: RNG state matters
     script = tmp_path / "run.py"
     script.write_text(CLASSIFY_RUN)
@@ -105,8 +85,8 @@ def test_classifier_killed_and_resumed_is_bit_identical(tmp_path, classification
     assert a["best_epoch"] == b["best_epoch"] and len(a["history"]) == 3
 
 
-def test_resume_needs_the_same_settings(tmp_path, classification):
-    data, tok = classification
+def test_resume_needs_the_same_settings(tiny_model, tmp_path, classification_data):
+    data, tok = classification_data
     base = tmp_path / "base"
     save_model(base, tiny_model(tok.vocab_size), tok)
     finetune_classifier(base, data, tmp_path / "out", epochs=1, log=None, **ENGINE)
@@ -134,13 +114,13 @@ finetune_instruct(sys.argv[1], sys.argv[2], sys.argv[3], epochs=1, batch_size=4,
 
 
 @pytest.mark.slow
-def test_instruct_on_two_processes_matches_one(tmp_path, instructions):
+def test_instruct_on_two_processes_matches_one(tiny_model, tmp_path, instruction_data):
     """2 gloo processes, each with half of every batch, reach the weights of 1 process.
 
     The examples differ in length and the prompt is masked, so the processes score different
     numbers of tokens: the loss must be the mean over the whole batch's tokens, not per process.
     """
-    data, tok = instructions
+    data, tok = instruction_data
     save_model(tmp_path / "base", tiny_model(tok.vocab_size), tok)
     script = tmp_path / "run.py"
     script.write_text(INSTRUCT_RUN)
@@ -161,9 +141,9 @@ def test_instruct_on_two_processes_matches_one(tmp_path, instructions):
 
 
 @pytest.mark.parametrize("task", ["classify", "instruct"])
-def test_gradient_accumulation_matches_the_big_batch(tmp_path, classification, instructions, task):
+def test_gradient_accumulation_matches_the_big_batch(tiny_model, tmp_path, classification_data, instruction_data, task):
     """8 examples at once, or 2 micro-batches of 4: the same examples, the same update."""
-    data, tok = classification if task == "classify" else instructions
+    data, tok = classification_data if task == "classify" else instruction_data
     finetune, extra = ((finetune_classifier, dict(trainable="all")) if task == "classify"
                        else (finetune_instruct, dict(mask_prompt=True, test_responses=False)))
     runs = {}
@@ -174,8 +154,8 @@ def test_gradient_accumulation_matches_the_big_batch(tmp_path, classification, i
     assert_close(runs["big"], runs["accum"], atol=1e-5)
 
 
-def test_bf16_fine_tuning_runs_and_learns(tmp_path, classification):
-    data, tok = classification
+def test_bf16_fine_tuning_runs_and_learns(tiny_model, tmp_path, classification_data):
+    data, tok = classification_data
     result = finetune_classifier(tiny_model(tok.vocab_size), data, tmp_path / "clf", tokenizer=tok,
                                  trainable="all", epochs=3, lr=3e-3, log=None,
                                  **{**ENGINE, "dtype": "bf16"})

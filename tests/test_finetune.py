@@ -1,7 +1,7 @@
 """Fine-tuning: data reading and its errors, the collate masks, the classifier and instruction loops, CLI."""
 
 import json
-import random
+from functools import partial
 
 import pytest
 import torch
@@ -29,66 +29,13 @@ from buildllm.finetune.instruct import (
     read_instruction_data,
 )
 from buildllm.finetune.lora import ADAPTER_WEIGHTS, load_adapters
-from buildllm.models.gpt2 import GPTConfig, GPTModel
-from buildllm.tokenizer import WordTokenizer
 from buildllm.weights.checkpoint import load_model, save_model
-
-# Synthetic data ----------------------------------------------------------------------------------
-
-KEYWORDS = {"pos": ["good", "great", "nice"], "neg": ["bad", "awful", "poor"], "mid": ["meh", "okay"]}
-FILLER = ["the", "a", "it", "was", "is", "very", "so", "film", "food"]
-
-
-def labeled_rows(n: int = 90, seed: int = 0) -> list[tuple[str, str]]:
-    """Texts whose class is given by one keyword hidden among filler words: separable."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        label = list(KEYWORDS)[i % 3]
-        words = [rng.choice(FILLER) for _ in range(rng.randint(2, 6))]
-        words.insert(rng.randrange(len(words) + 1), rng.choice(KEYWORDS[label]))
-        rows.append((" ".join(words), label))
-    return rows
-
-
-def write_csv(path, rows, sep=",", header=("text", "label")):
-    lines = [sep.join(header)] if header else []
-    lines += [sep.join((text, label)) for text, label in rows]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def instruction_records(n: int = 40) -> list[dict]:
-    return [
-        {"instruction": f"add {i % 7} and {i % 5}", "input": "numbers" if i % 2 else "", "output": f"the answer is {i % 7 + i % 5} ."}
-        for i in range(n)
-    ]
-
-
-def word_tokenizer(texts) -> WordTokenizer:
-    return WordTokenizer.from_text(list(texts))
-
-
-def tiny_gpt(vocab_size: int, seed: int = 0, context_length: int = 32, n_layers: int = 1) -> GPTModel:
-    torch.manual_seed(seed)
-    cfg = GPTConfig.from_preset("nano", vocab_size=vocab_size, context_length=context_length, emb_dim=32,
-                                n_heads=2, n_layers=n_layers)
-    return GPTModel(cfg)
+from conftest import KEYWORDS, instruction_records, write_csv  # the suite's synthetic data
 
 
 @pytest.fixture
-def classification_data(tmp_path):
-    rows = labeled_rows()
-    return write_csv(tmp_path / "reviews.csv", rows), word_tokenizer(t for t, _ in rows)
-
-
-@pytest.fixture
-def instruction_data(tmp_path):
-    records = instruction_records()
-    path = tmp_path / "instructions.json"
-    path.write_text(json.dumps(records, indent=1))
-    texts = [TEMPLATES["alpaca"].format(r["instruction"], r["input"]) + r["output"] for r in records]
-    return path, word_tokenizer(texts)
+def tiny_model(tiny_gpt):
+    return partial(tiny_gpt, context_length=32, n_layers=1)
 
 
 # Reading data ------------------------------------------------------------------------------------
@@ -251,8 +198,8 @@ def test_classification_collate():
     assert collate_classification(batch, pad_id=PAD, pad_to=5)[0].tolist() == [[1, 2, 3, 9, 9], [4, 9, 9, 9, 9]]
 
 
-def test_last_token_representation_ignores_padding():
-    model = make_classifier(tiny_gpt(20).eval(), num_classes=3, trainable="head")
+def test_last_token_representation_ignores_padding(tiny_model):
+    model = make_classifier(tiny_model(20).eval(), num_classes=3, trainable="head")
     batch = [([1, 2, 3, 4, 5], 0), ([6, 7], 1)]
     short = collate_classification(batch, pad_id=19)
     long = collate_classification(batch, pad_id=19, pad_to=20)
@@ -266,25 +213,25 @@ def test_last_token_representation_ignores_padding():
     assert not torch.allclose(book[1], a[1])  # the book's choice reads a padding position here
 
 
-def test_make_classifier_trainable_parts():
+def test_make_classifier_trainable_parts(tiny_model):
     def trainable(model):
         return {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("blocks") else "")
                 for n, p in model.named_parameters() if p.requires_grad}
 
-    assert trainable(make_classifier(tiny_gpt(20, n_layers=3), 2, "head")) == {"out_head"}
-    assert trainable(make_classifier(tiny_gpt(20, n_layers=3), 2, "last_blocks", 2)) == {
+    assert trainable(make_classifier(tiny_model(20, n_layers=3), 2, "head")) == {"out_head"}
+    assert trainable(make_classifier(tiny_model(20, n_layers=3), 2, "last_blocks", 2)) == {
         "blocks.1", "blocks.2", "final_norm", "out_head"}
-    assert len(trainable(make_classifier(tiny_gpt(20, n_layers=3), 2, "all"))) == 7
-    model = make_classifier(tiny_gpt(20), 4)
+    assert len(trainable(make_classifier(tiny_model(20, n_layers=3), 2, "all"))) == 7
+    model = make_classifier(tiny_model(20), 4)
     assert model.out_head.weight.shape == (4, 32) and model.out_head.weight is not model.wte.weight
 
 
 # Training loops ----------------------------------------------------------------------------------
 
 
-def test_classifier_reaches_full_train_accuracy(tmp_path, classification_data):
+def test_classifier_reaches_full_train_accuracy(tiny_model, tmp_path, classification_data):
     data, tok = classification_data
-    result = finetune_classifier(tiny_gpt(tok.vocab_size), data, tmp_path / "clf", tokenizer=tok, trainable="all",
+    result = finetune_classifier(tiny_model(tok.vocab_size), data, tmp_path / "clf", tokenizer=tok, trainable="all",
                                  epochs=8, lr=3e-3, device="cpu", log=None)
     assert result.history[-1]["train_accuracy"] == 1.0
     assert result.labels == ["mid", "neg", "pos"]
@@ -302,16 +249,16 @@ def test_classifier_reaches_full_train_accuracy(tmp_path, classification_data):
         load_model(tmp_path / "clf")  # a classifier is not a language model
 
 
-def test_lora_classifier_saves_adapters_and_head(tmp_path, classification_data):
+def test_lora_classifier_saves_adapters_and_head(tiny_model, tmp_path, classification_data):
     data, tok = classification_data
-    result = finetune_classifier(tiny_gpt(tok.vocab_size), data, tmp_path / "clf", tokenizer=tok, lora_rank=2,
+    result = finetune_classifier(tiny_model(tok.vocab_size), data, tmp_path / "clf", tokenizer=tok, lora_rank=2,
                                  lora_alpha=4, epochs=1, device="cpu", log=None)
     d = 32
     assert result.trainable_parameters == 2 * ((d + 3 * d) + (d + d) + (d + 4 * d) + (4 * d + d)) + 3 * d + 3
     state = load_file(tmp_path / "clf" / ADAPTER_WEIGHTS)
     assert {k for k in state if ".lora." not in k} == {"out_head.weight", "out_head.bias"}
     # Base model + classifier head + adapter file = the merged checkpoint.
-    rebuilt = load_adapters(tmp_path / "clf", make_classifier(tiny_gpt(tok.vocab_size), 3)).eval()
+    rebuilt = load_adapters(tmp_path / "clf", make_classifier(tiny_model(tok.vocab_size), 3)).eval()
     merged = load_classifier(tmp_path / "clf").model
     ids, lengths, _ = collate_classification([([1, 2, 3], 0), ([4, 5], 0)], pad_id=tok.eot_id)
     with torch.no_grad():
@@ -320,10 +267,10 @@ def test_lora_classifier_saves_adapters_and_head(tmp_path, classification_data):
 
 
 @pytest.mark.parametrize("lora_rank", [None, 4])
-def test_one_instruction_epoch_lowers_the_loss(tmp_path, instruction_data, lora_rank):
+def test_one_instruction_epoch_lowers_the_loss(tiny_model, tmp_path, instruction_data, lora_rank):
     data, tok = instruction_data
     out = tmp_path / "inst"
-    result = finetune_instruct(tiny_gpt(tok.vocab_size, context_length=64), data, out, tokenizer=tok, epochs=1,
+    result = finetune_instruct(tiny_model(tok.vocab_size, context_length=64), data, out, tokenizer=tok, epochs=1,
                                lr=3e-3, mask_prompt=True, lora_rank=lora_rank, max_new_tokens=6, device="cpu",
                                log=None)
     assert result.history[0]["train_loss"] < result.initial_train_loss - 0.1
@@ -336,8 +283,8 @@ def test_one_instruction_epoch_lowers_the_loss(tmp_path, instruction_data, lora_
     assert (out / "adapter_config.json").is_file() == bool(lora_rank)
 
 
-def test_plain_model_has_no_template(tmp_path):
-    model = tiny_gpt(20)
+def test_plain_model_has_no_template(tiny_model, tmp_path):
+    model = tiny_model(20)
     save_model(tmp_path, model)
     assert load_prompt_template(tmp_path) is None
 
@@ -351,9 +298,9 @@ def one_error_line(capsys) -> str:
     return err[0]
 
 
-def test_cli_finetune_classify_then_classify(tmp_path, classification_data, capsys):
+def test_cli_finetune_classify_then_classify(tiny_model, tmp_path, classification_data, capsys):
     data, tok = classification_data
-    save_model(tmp_path / "base", tiny_gpt(tok.vocab_size), tok)
+    save_model(tmp_path / "base", tiny_model(tok.vocab_size), tok)
     code = main(["finetune", "classify", "--model", str(tmp_path / "base"), "--data", str(data),
                  "--out", str(tmp_path / "clf"), "--epochs", "1", "--trainable", "head", "--device", "cpu"])
     assert code == 0
@@ -367,9 +314,9 @@ def test_cli_finetune_classify_then_classify(tmp_path, classification_data, caps
         assert label in KEYWORDS and 1 / 3 <= float(probability) <= 1
 
 
-def test_cli_user_errors_exit_2_with_one_line(tmp_path, classification_data, instruction_data, capsys):
+def test_cli_user_errors_exit_2_with_one_line(tiny_model, tmp_path, classification_data, instruction_data, capsys):
     data, tok = classification_data
-    save_model(tmp_path / "base", tiny_gpt(tok.vocab_size), tok)
+    save_model(tmp_path / "base", tiny_model(tok.vocab_size), tok)
     base = ["--model", str(tmp_path / "base"), "--out", str(tmp_path / "o"), "--device", "cpu"]
     assert main(["finetune", "classify", *base, "--data", str(data), "--label-column", "stars"]) == 2
     assert "no label column 'stars'" in one_error_line(capsys)
@@ -385,7 +332,7 @@ def test_cli_user_errors_exit_2_with_one_line(tmp_path, classification_data, ins
     assert "not a classifier checkpoint" in one_error_line(capsys)
 
 
-def test_chat_wraps_lines_in_the_instruction_template(tmp_path, instruction_data, capsys, monkeypatch):
+def test_chat_wraps_lines_in_the_instruction_template(tiny_model, tmp_path, instruction_data, capsys, monkeypatch):
     """The hook between `finetune instruct` and `buildllm chat`: an instruction checkpoint's saved
     template turns each stdin line into a prompt, and chat prints only the response."""
     import io
@@ -394,7 +341,7 @@ def test_chat_wraps_lines_in_the_instruction_template(tmp_path, instruction_data
 
     data, tok = instruction_data
     out = tmp_path / "inst"
-    finetune_instruct(tiny_gpt(tok.vocab_size, context_length=64), data, out, tokenizer=tok, epochs=1, lr=3e-3,
+    finetune_instruct(tiny_model(tok.vocab_size, context_length=64), data, out, tokenizer=tok, epochs=1, lr=3e-3,
                       test_responses=False, device="cpu", log=None)
     model, saved_tok = load_model(out)
     question = "add 3 and 4"
@@ -407,13 +354,13 @@ def test_chat_wraps_lines_in_the_instruction_template(tmp_path, instruction_data
     assert capsys.readouterr().out == templated + "\n"
 
 
-def test_cli_finetune_reads_config_and_set_and_resumes_with_more_epochs(tmp_path, classification_data, capsys):
+def test_cli_finetune_reads_config_and_set_and_resumes_with_more_epochs(tiny_model, tmp_path, classification_data, capsys):
     """--config, then --set, then the options; a finished fine-tune continues with --resume --epochs."""
     from buildllm.finetune.classify import ClassifyConfig
     from buildllm.training.config import saved_config
 
     data, tok = classification_data
-    save_model(tmp_path / "base", tiny_gpt(tok.vocab_size), tok)
+    save_model(tmp_path / "base", tiny_model(tok.vocab_size), tok)
     out = tmp_path / "clf"
     config = tmp_path / "classify.yaml"
     config.write_text(f"base: {tmp_path / 'base'}\ndata: {data}\nout: {out}\ntrainable: all\nepochs: 4\n"
@@ -434,9 +381,9 @@ def test_cli_finetune_reads_config_and_set_and_resumes_with_more_epochs(tmp_path
         main([*first, "--resume", "--force"])  # they exclude each other: argparse's usage error, exit 2
 
 
-def test_cli_finetune_instruct_takes_the_engine_options(tmp_path, instruction_data, capsys):
+def test_cli_finetune_instruct_takes_the_engine_options(tiny_model, tmp_path, instruction_data, capsys):
     data, tok = instruction_data
-    save_model(tmp_path / "base", tiny_gpt(tok.vocab_size, context_length=64), tok)
+    save_model(tmp_path / "base", tiny_model(tok.vocab_size, context_length=64), tok)
     out = tmp_path / "inst"
     assert main(["finetune", "instruct", "--checkpoint", str(tmp_path / "base"), "--data", str(data), "--out",
                  str(out), "--epochs", "1", "--grad-accum", "2", "--dtype", "fp32", "--device", "auto",

@@ -2,7 +2,7 @@ import io
 import json
 import math
 import sys
-from dataclasses import replace
+from functools import partial
 
 import pytest
 import torch
@@ -17,7 +17,7 @@ from buildllm.generation.sampling import (
     stream,
     stream_text,
 )
-from buildllm.models.gpt2 import GPTConfig, GPTModel
+from buildllm.models.gpt2 import GPTConfig
 from buildllm.models.layers import KVCache
 from buildllm.tokenizer import WordTokenizer, get_tokenizer
 from buildllm.weights.checkpoint import save_model
@@ -25,9 +25,9 @@ from buildllm.weights.checkpoint import save_model
 CFG = GPTConfig(vocab_size=61, context_length=16, emb_dim=32, n_heads=4, n_layers=2)
 
 
-def tiny_model(seed: int = 0, **overrides) -> GPTModel:
-    torch.manual_seed(seed)
-    return GPTModel(replace(CFG, **overrides)).eval()
+@pytest.fixture
+def tiny_model(tiny_gpt):
+    return partial(tiny_gpt, **{**CFG.to_dict(), "seed": 0})
 
 
 def reference_greedy(model, idx: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
@@ -85,7 +85,7 @@ class Counting(nn.Module):
 
 
 @pytest.mark.parametrize("attention", ["fast", "readable"])
-def test_cache_matches_reference_far_past_the_context_window(attention):
+def test_cache_matches_reference_far_past_the_context_window(tiny_model, attention):
     model = tiny_model(attention=attention)
     idx = torch.randint(0, CFG.vocab_size, (1, 5), generator=torch.Generator().manual_seed(1))
     expected = reference_greedy(model, idx, 40)  # 45 tokens through a 16-token window
@@ -99,7 +99,7 @@ def test_cache_matches_reference_far_past_the_context_window(attention):
     torch.testing.assert_close(torch.stack(with_cache.logits), torch.stack(without.logits), atol=1e-5, rtol=0)
 
 
-def test_batch_of_different_lengths_equals_each_prompt_alone():
+def test_batch_of_different_lengths_equals_each_prompt_alone(tiny_model):
     model = tiny_model(seed=3)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, CFG.vocab_size, (n,), generator=g).tolist() for n in (3, 11, 7, 1)]
@@ -116,7 +116,7 @@ def test_batch_of_different_lengths_equals_each_prompt_alone():
     torch.testing.assert_close(torch.stack(with_cache.logits), torch.stack(without.logits), atol=1e-5, rtol=0)
 
 
-def test_prompt_longer_than_the_window_is_cropped_with_a_warning():
+def test_prompt_longer_than_the_window_is_cropped_with_a_warning(tiny_model):
     model = tiny_model()
     idx = torch.randint(0, CFG.vocab_size, (2, 25))
     with pytest.warns(UserWarning, match="only the last 16"):
@@ -127,7 +127,7 @@ def test_prompt_longer_than_the_window_is_cropped_with_a_warning():
     assert rows[0] == out[0].tolist() and len(rows[1]) == 10
 
 
-def test_zero_new_tokens_returns_the_prompt():
+def test_zero_new_tokens_returns_the_prompt(tiny_model):
     idx = torch.tensor([[1, 2, 3]])
     assert torch.equal(generate(tiny_model(), idx, 0), idx)
     assert list(stream(tiny_model(), idx, 0)) == []
@@ -151,14 +151,14 @@ def test_eos_stops_each_row_and_pads_finished_rows(use_cache):
 # Sampling ----------------------------------------------------------------------------------------
 
 
-def test_top_k_1_equals_greedy():
+def test_top_k_1_equals_greedy(tiny_model):
     model = tiny_model()
     idx = torch.randint(0, CFG.vocab_size, (3, 4))
     g = torch.Generator().manual_seed(0)
     assert torch.equal(generate(model, idx, 20, temperature=1.5, top_k=1, generator=g), generate(model, idx, 20))
 
 
-def test_a_fixed_generator_makes_sampling_reproducible():
+def test_a_fixed_generator_makes_sampling_reproducible(tiny_model):
     model = tiny_model()
     idx = torch.randint(0, CFG.vocab_size, (2, 4))
 
@@ -169,7 +169,7 @@ def test_a_fixed_generator_makes_sampling_reproducible():
     assert not torch.equal(run(7), run(8))
 
 
-def test_temperature_towards_zero_converges_to_greedy():
+def test_temperature_towards_zero_converges_to_greedy(tiny_model):
     model = tiny_model()
     idx = torch.randint(0, CFG.vocab_size, (3, 4))
     g = torch.Generator().manual_seed(0)
@@ -241,7 +241,7 @@ def test_top_k_and_top_p_work_row_by_row_in_a_batch():
     [({"temperature": -0.1}, "temperature"), ({"temperature": math.nan}, "temperature"), ({"top_k": 0}, "top_k"),
      ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"max_new_tokens": -1}, "max_new_tokens")],
 )
-def test_invalid_settings_are_clear_errors(kwargs, message):
+def test_invalid_settings_are_clear_errors(tiny_model, kwargs, message):
     args = {"max_new_tokens": 5, **kwargs}
     with pytest.raises(UserError, match=message):
         generate(tiny_model(), torch.tensor([[1, 2]]), **args)
@@ -249,7 +249,7 @@ def test_invalid_settings_are_clear_errors(kwargs, message):
         stream(tiny_model(), torch.tensor([[1, 2]]), **args)  # at the call, not at the first token
 
 
-def test_bad_prompts_are_clear_errors():
+def test_bad_prompts_are_clear_errors(tiny_model):
     model = tiny_model()
     with pytest.raises(UserError, match="empty"):
         generate(model, [[1, 2], []], 3)
@@ -257,7 +257,7 @@ def test_bad_prompts_are_clear_errors():
         generate(model, torch.tensor([[1, CFG.vocab_size]]), 3)
 
 
-def test_training_mode_is_restored_and_inference_mode_does_not_leak():
+def test_training_mode_is_restored_and_inference_mode_does_not_leak(tiny_model):
     model = tiny_model(drop_rate=0.5).train()
     steps = stream(model, torch.tensor([[1, 2]]), 5)
     next(steps)
@@ -291,7 +291,7 @@ def test_detokenize_keeps_word_tokenizer_spacing_at_the_seam():
         assert tok.decode(ids[:cut]) + joined == tok.decode(ids)
 
 
-def test_stream_text_continues_the_prompt_and_stops_at_eot():
+def test_stream_text_continues_the_prompt_and_stops_at_eot(tiny_model):
     tok = WordTokenizer.from_text("the cat sat on the mat, then it slept.")
     model = tiny_model(vocab_size=tok.vocab_size)
     prompt = "the cat sat"
@@ -316,7 +316,7 @@ def test_stream_text_continues_the_prompt_and_stops_at_eot():
 
 
 @pytest.fixture
-def word_checkpoint(tmp_path):
+def word_checkpoint(tiny_model, tmp_path):
     tok = WordTokenizer.from_text("the cat sat on the mat, then it slept. a dog ran!")
     model = tiny_model(vocab_size=tok.vocab_size)
     save_model(tmp_path / "run", model, tok)
@@ -333,7 +333,7 @@ def test_cli_generate_streams_the_continuation(word_checkpoint, capsys):
     assert capsys.readouterr().out == expected
 
 
-def test_cli_loads_a_padded_vocabulary_and_refuses_a_smaller_one(tmp_path, capsys):
+def test_cli_loads_a_padded_vocabulary_and_refuses_a_smaller_one(tiny_model, tmp_path, capsys):
     """--checkpoint and --pretrained share the one loader and its one vocabulary rule."""
     tok = WordTokenizer.from_text("the cat sat on the mat, then it slept. a dog ran!")
     save_model(tmp_path / "padded", tiny_model(vocab_size=tok.vocab_size + 5), tok)
@@ -358,7 +358,7 @@ def test_cli_generate_samples_reproducibly_with_a_seed(word_checkpoint, capsys):
     assert first.count("--- sample ") == 2
 
 
-def test_cli_generate_with_the_gpt2_tokenizer(tmp_path, capsys):
+def test_cli_generate_with_the_gpt2_tokenizer(tiny_model, tmp_path, capsys):
     tok = get_tokenizer("gpt2")
     model = tiny_model(vocab_size=tok.vocab_size)
     save_model(tmp_path, model, tok)
@@ -407,8 +407,8 @@ def test_cli_chat_continues_each_line_until_quit(word_checkpoint, capsys, monkey
 
 
 def test_cli_chat_uses_an_instruction_models_prompt_template(word_checkpoint, capsys, monkeypatch):
-    from buildllm.weights.loader import PROMPT_TEMPLATE
     from buildllm.finetune.instruct import get_prompt_template
+    from buildllm.weights.loader import PROMPT_TEMPLATE
 
     path, model, tok = word_checkpoint
     template = get_prompt_template("alpaca")
@@ -423,7 +423,7 @@ def test_cli_chat_uses_an_instruction_models_prompt_template(word_checkpoint, ca
     assert response != "".join(stream_text(model, tok, "the cat sat", 6))  # the template mattered
 
 
-def test_buildllm_generate_is_the_function_in_any_import_order():
+def test_buildllm_generate_is_the_function_in_any_import_order(tiny_model):
     import buildllm
     import buildllm.generation.sampling as module
 

@@ -2,6 +2,7 @@
 
 import copy
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -26,9 +27,9 @@ from buildllm.weights.checkpoint import load_model, save_model
 CFG = GPTConfig.from_preset("nano", vocab_size=97, context_length=16, emb_dim=32, n_heads=2, n_layers=2)
 
 
-def tiny_model(seed: int = 0) -> GPTModel:
-    torch.manual_seed(seed)
-    return GPTModel(CFG).eval()
+@pytest.fixture
+def tiny_model(tiny_gpt):
+    return partial(tiny_gpt, **CFG.to_dict())
 
 
 def tokens(seed: int = 1) -> torch.Tensor:
@@ -58,7 +59,7 @@ def test_lora_layer_init_and_scaling():
     torch.testing.assert_close(x @ layer.delta_weight().T, layer(x))
 
 
-def test_at_init_the_lora_model_equals_the_base_model_exactly():
+def test_at_init_the_lora_model_equals_the_base_model_exactly(tiny_model):
     base = tiny_model()
     adapted = apply_lora(copy.deepcopy(base), rank=4, alpha=8, targets=ALL_TARGETS)
     wrapped = lora_layers(adapted)
@@ -67,7 +68,7 @@ def test_at_init_the_lora_model_equals_the_base_model_exactly():
     assert torch.equal(adapted(tokens()), base(tokens()))
 
 
-def test_only_lora_parameters_get_gradients():
+def test_only_lora_parameters_get_gradients(tiny_model):
     model = apply_lora(tiny_model(), rank=2, alpha=4)
     perturb_adapters(model)  # with B = 0 the gradient of A would be zero
     loss = model(tokens()).logsumexp(-1).mean()
@@ -81,7 +82,7 @@ def test_only_lora_parameters_get_gradients():
             assert p.grad is None, name
 
 
-def test_trainable_parameter_count():
+def test_trainable_parameter_count(tiny_model):
     model = apply_lora(tiny_model(), rank=3, alpha=3)
     d = CFG.emb_dim
     # rank * (in + out) per adapted layer: qkv d->3d, out_proj d->d, fc d->4d, proj 4d->d
@@ -91,7 +92,7 @@ def test_trainable_parameter_count():
     assert total == sum(p.numel() for p in tiny_model().parameters()) + trainable
 
 
-def test_merged_equals_unmerged_and_saves_as_a_plain_model(tmp_path):
+def test_merged_equals_unmerged_and_saves_as_a_plain_model(tiny_model, tmp_path):
     model = apply_lora(tiny_model(), rank=4, alpha=8)
     perturb_adapters(model)
     with torch.no_grad():
@@ -108,7 +109,7 @@ def test_merged_equals_unmerged_and_saves_as_a_plain_model(tmp_path):
         assert torch.equal(reloaded(tokens()), merged(tokens()))
 
 
-def test_merging_an_adapted_tied_head_unties_it():
+def test_merging_an_adapted_tied_head_unties_it(tiny_model):
     base = tiny_model()
     model = apply_lora(copy.deepcopy(base), rank=2, alpha=2, targets=("out_head",))
     perturb_adapters(model)
@@ -122,7 +123,7 @@ def test_merging_an_adapted_tied_head_unties_it():
         torch.testing.assert_close(merged(tokens()), unmerged, atol=1e-5, rtol=0)
 
 
-def test_adapter_file_round_trip(tmp_path):
+def test_adapter_file_round_trip(tiny_model, tmp_path):
     model = apply_lora(tiny_model(), rank=4, alpha=8, targets=("qkv", "fc"))
     perturb_adapters(model)
     save_adapters(tmp_path, model)
@@ -136,7 +137,7 @@ def test_adapter_file_round_trip(tmp_path):
         assert torch.equal(restored(tokens()), model(tokens()))
 
 
-def test_adapters_that_do_not_fit_are_an_error(tmp_path):
+def test_adapters_that_do_not_fit_are_an_error(tiny_model, tmp_path):
     model = apply_lora(tiny_model(), rank=2, alpha=2)
     save_adapters(tmp_path, model)
     other = GPTModel(GPTConfig.from_preset("nano", vocab_size=97, context_length=16, emb_dim=32, n_layers=3))
@@ -148,6 +149,6 @@ def test_adapters_that_do_not_fit_are_an_error(tmp_path):
     "rank, alpha, targets, message",
     [(0, 1, ("qkv",), "rank"), (2, 0, ("qkv",), "alpha"), (2, 2, ("attn",), "unknown LoRA target")],
 )
-def test_bad_settings_are_user_errors(rank, alpha, targets, message):
+def test_bad_settings_are_user_errors(tiny_model, rank, alpha, targets, message):
     with pytest.raises(UserError, match=message):
         apply_lora(tiny_model(), rank, alpha, targets)

@@ -10,7 +10,7 @@ The package follows the pipeline, one module per stage:
     quantize    int8 and int4 weights for faster generation on CPU
     pretrained  OpenAI's GPT-2 weights in and out (Hugging Face format)
     evaluate    loss, perplexity, bits per character, multiple choice
-    finetune    classification and instruction fine-tuning
+    finetune    classification, instruction and preference (DPO) fine-tuning
     lora        low-rank adapters
     serve       an OpenAI-compatible HTTP server with continuous batching, and a chat page
 
@@ -76,6 +76,11 @@ _EXPORTS = {
     "load_adapters": "finetune.lora",
     "finetune_classifier": "finetune.classify",
     "finetune_instruct": "finetune.instruct",
+    "finetune_dpo": "finetune.dpo",
+    "DPOConfig": "finetune.dpo",
+    "dpo_loss": "finetune.dpo",
+    "read_preference_data": "finetune.preference_data",
+    "adapters_disabled": "finetune.lora",
     "load_classifier": "finetune.classify",
     "Classifier": "finetune.classify",
     "PromptTemplate": "finetune.instruct",

@@ -1,7 +1,7 @@
-"""`buildllm finetune classify|instruct`: fine-tune a model for a task.
+"""`buildllm finetune classify|instruct|dpo`: fine-tune a model for a task.
 
 Like ``train``, every option is generated from the task's config dataclass (``ClassifyConfig``,
-``InstructConfig``: ``EngineConfig`` plus the task's keys), so each default is written once, in
+``InstructConfig``, ``DPOConfig``: ``EngineConfig`` plus the task's keys), so each default is written once, in
 the class. ``--config FILE`` reads a YAML or JSON file of those keys, ``--set KEY=VALUE`` sets any
 of them, and the options typed win over both. A few options are declared here by hand: lists that
 also take commas (``--split 0.7,0.1,0.2``), names that take ``-`` or ``_`` (``last-blocks``),
@@ -53,6 +53,8 @@ def _add_common(p, cls, hand: dict) -> None:
     listed = {"split": ("train,val,test fractions", float, "X"),
               "lora_targets": ("Linear layers that get adapters", str, "NAME"),
               "no_decay": ("no weight decay on these parameters (name or module prefix)", str, "NAME")}
+    keys = set(cls.keys())
+    listed = {name: spec for name, spec in listed.items() if name in keys}
     for name, (text, kind, metavar) in listed.items():
         default = getattr(cls(), name)
         shown = f" (default: {','.join(map(str, default))})" if default else ""
@@ -68,9 +70,11 @@ def _add_common(p, cls, hand: dict) -> None:
 
 def add_finetune(sub) -> None:
     from buildllm.finetune.classify import REPRESENTATIONS, TRAINABLE, ClassifyConfig
+    from buildllm.finetune.dpo import DPOConfig
     from buildllm.finetune.instruct import InstructConfig
 
-    p = sub.add_parser("finetune", help="fine-tune a model: text classification or instruction following")
+    p = sub.add_parser("finetune", help="fine-tune a model: text classification, instruction following, "
+                       "preference tuning (DPO)")
     tasks = p.add_subparsers(dest="task", required=True, metavar="TASK")
 
     c = tasks.add_parser("classify", help="train a text classifier on a CSV/TSV of texts and labels",
@@ -100,6 +104,14 @@ def add_finetune(sub) -> None:
     _add_common(i, InstructConfig, {})
     i.set_defaults(run=run_finetune_instruct)
 
+    d = tasks.add_parser("dpo", help="preference-tune with DPO on prompt/chosen/rejected JSON/JSONL records",
+                         description="Direct Preference Optimization: raise the likelihood of each chosen answer "
+                         "over its rejected one, relative to the starting model (the reference); the model with "
+                         "the best held-out reward margin is kept. Every option is a DPOConfig key; options "
+                         "override --set, which overrides --config.")
+    _add_common(d, DPOConfig, {})
+    d.set_defaults(run=run_finetune_dpo)
+
 
 def _config(args, cls):
     from buildllm.training.config import cli_config
@@ -123,5 +135,13 @@ def run_finetune_instruct(args) -> int:
     from buildllm.finetune.instruct import InstructConfig, finetune_instruct
 
     result = finetune_instruct(config=_config(args, InstructConfig))
+    print(f"saved {result.checkpoint} (epoch {result.best_epoch})")
+    return 0
+
+
+def run_finetune_dpo(args) -> int:
+    from buildllm.finetune.dpo import DPOConfig, finetune_dpo
+
+    result = finetune_dpo(config=_config(args, DPOConfig))
     print(f"saved {result.checkpoint} (epoch {result.best_epoch})")
     return 0

@@ -56,7 +56,6 @@ from buildllm.finetune.lora import (
     DEFAULT_TARGETS,
     apply_lora,
 )
-from buildllm.models.gpt2 import GPTModel
 from buildllm.training.config import EngineConfig
 from buildllm.training.loop import start_runtime
 from buildllm.training.run_folder import check_run_folder
@@ -86,8 +85,8 @@ REPRESENTATIONS = ("last_token", "last_position")
 
 
 def make_classifier(
-    model: GPTModel, num_classes: int, trainable: str = "last_blocks", last_blocks: int = 1
-) -> GPTModel:
+    model: nn.Module, num_classes: int, trainable: str = "last_blocks", last_blocks: int = 1
+) -> nn.Module:
     """Replace the output head by ``Linear(emb_dim, num_classes)`` and choose what trains (in place).
 
     ``"head"``: the new head only. ``"last_blocks"``: the last ``last_blocks`` transformer blocks,
@@ -103,14 +102,14 @@ def make_classifier(
         for module in [*model.blocks[-last_blocks:], model.final_norm]:
             for p in module.parameters():
                 p.requires_grad = True
-    device = model.wte.weight.device
+    device = model.out_head.weight.device
     # A new module, so a head tied to the token embedding is untied: the embedding stays as it was.
     model.out_head = nn.Linear(model.cfg.emb_dim, num_classes).to(device)
     return model
 
 
 def classifier_logits(
-    model: GPTModel, input_ids: torch.Tensor, lengths: torch.Tensor, representation: str = "last_token"
+    model: nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor, representation: str = "last_token"
 ) -> torch.Tensor:
     """Class logits ``(batch, classes)`` read at the last real token (or the last position)."""
     logits = model(input_ids)  # (batch, tokens, classes)
@@ -147,7 +146,7 @@ def evaluate_classifier(model, loader, device, representation="last_token", num_
     return total_loss / seen, correct / seen
 
 
-def save_classifier(directory: str | Path, model: GPTModel, tokenizer, meta: dict) -> Path:
+def save_classifier(directory: str | Path, model: nn.Module, tokenizer, meta: dict) -> Path:
     """A classifier folder: model.safetensors (head included), config.json, tokenizer.json, classifier.json.
 
     config.json is the base model's GPTConfig; classifier.json says the head has
@@ -168,7 +167,7 @@ def save_classifier(directory: str | Path, model: GPTModel, tokenizer, meta: dic
 class Classifier:
     """A loaded classifier: ``predict(texts)`` gives ``(label, probability)`` per text."""
 
-    model: GPTModel
+    model: nn.Module
     tokenizer: object
     labels: list[str]
     max_length: int
@@ -286,7 +285,7 @@ class ClassifyTask(Task):
 
 
 def finetune_classifier(
-    base: str | Path | GPTModel | None = None,
+    base: str | Path | nn.Module | None = None,
     data: str | Path | None = None,
     out_dir: str | Path | None = None,
     *,
@@ -295,7 +294,7 @@ def finetune_classifier(
     log: Log = print,
     **options,
 ) -> ClassifierResult:
-    """Fine-tune ``base`` (a checkpoint folder, a GPT-2 folder or model id, or a GPTModel with
+    """Fine-tune ``base`` (a checkpoint folder, a GPT-2 folder or model id, or a model object with
     ``tokenizer``, which is then changed in place) as a text classifier on ``data`` and save the
     best epoch (by validation accuracy) to ``out_dir``.
 
@@ -310,7 +309,7 @@ def finetune_classifier(
     log = log if rt.dist.main else None
     resume_from = check_run_folder(cfg)
     model, tokenizer, label_set, (train_set, val_set, test_set), max_length = _prepare(
-        cfg, base if isinstance(base, GPTModel) else cfg.base, tokenizer, rt.device, log)
+        cfg, base if isinstance(base, nn.Module) else cfg.base, tokenizer, rt.device, log)
     trainable_count, _ = log_trainable(model, log)
 
     pad_to = max_length if cfg.representation == "last_position" else None

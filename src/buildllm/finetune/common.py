@@ -22,7 +22,6 @@ from buildllm.finetune.lora import (
     merge_lora,
     save_adapters,
 )
-from buildllm.models.gpt2 import GPTModel
 from buildllm.weights.loader import CLASSIFIER
 
 METRICS = "metrics.json"
@@ -83,15 +82,15 @@ def without_adapters(directory: Path, model: nn.Module) -> nn.Module:
     return merge_lora(copy.deepcopy(model))
 
 
-def save_lm(directory: Path, model: GPTModel, tokenizer) -> None:
-    """Save a language model; with LoRA, a merged copy (plain GPTModel) plus the adapters alone."""
+def save_lm(directory: Path, model: nn.Module, tokenizer) -> None:
+    """Save a language model; with LoRA, a merged copy (a plain model) plus the adapters alone."""
     from buildllm.weights.checkpoint import save_model
 
     save_model(directory, without_adapters(directory, model), tokenizer)
 
 
 def pick_model(base, tokenizer, device):
-    if isinstance(base, GPTModel):
+    if isinstance(base, nn.Module):
         if tokenizer is None:
             raise UserError("pass the tokenizer that goes with the model")
         return base.to(device), tokenizer
@@ -104,7 +103,7 @@ def finetune_config(cls, base, data, out_dir, config, options: dict):
     from buildllm.training.config import check_engine
 
     given = dict(options)
-    if base is not None and not isinstance(base, GPTModel):
+    if base is not None and not isinstance(base, nn.Module):
         given["base"] = str(base)
     if data is not None:
         given["data"] = str(data)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from buildllm.data.sources import ExampleBatches
 from buildllm.errors import UserError
@@ -41,7 +42,6 @@ from buildllm.finetune.lora import (
     DEFAULT_TARGETS,
     apply_lora,
 )
-from buildllm.models.gpt2 import GPTModel
 from buildllm.training.config import EngineConfig
 from buildllm.training.loop import start_runtime
 from buildllm.training.run_folder import check_run_folder
@@ -170,24 +170,26 @@ def _json_array(path: Path, content: str):
             fail(pos, "expected ',' or ']' between records")
 
 
+def read_json_records(path: str | Path):
+    """Yield ``(line, record)`` for each record of a JSON array or of JSON lines (one per line)."""
+    path = Path(path)
+    content = open_text(path)
+    if content.lstrip().startswith("["):
+        yield from _json_array(path, content)
+        return
+    for number, text in enumerate(content.splitlines(), start=1):
+        if text.strip():
+            try:
+                yield number, json.loads(text)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{number}: invalid JSON: {e.msg} (column {e.colno})") from None
+
+
 def read_instruction_data(path: str | Path) -> list[InstructionExample]:
     """Alpaca-style records from a JSON array or JSON lines (``instruction``, ``input``?, ``output``)."""
     path = Path(path)
-    content = open_text(path)
-    stripped = content.lstrip()
-    if stripped.startswith("["):
-        records = _json_array(path, content)
-    else:
-        def jsonl():
-            for number, text in enumerate(content.splitlines(), start=1):
-                if text.strip():
-                    try:
-                        yield number, json.loads(text)
-                    except json.JSONDecodeError as e:
-                        raise UserError(f"{path}:{number}: invalid JSON: {e.msg} (column {e.colno})") from None
-        records = jsonl()
     examples = []
-    for line, record in records:
+    for line, record in read_json_records(path):
         if not isinstance(record, dict):
             raise UserError(f"{path}:{line}: a record must be a JSON object with instruction and output")
         for key in ("instruction", "output"):
@@ -278,7 +280,7 @@ class InstructResult:
 
 @torch.no_grad()
 def generate_responses(
-    model: GPTModel,
+    model: nn.Module,
     tokenizer,
     template: PromptTemplate,
     examples: Sequence[InstructionExample],
@@ -353,7 +355,7 @@ class InstructTask(Task):
 
 
 def finetune_instruct(
-    base: str | Path | GPTModel | None = None,
+    base: str | Path | nn.Module | None = None,
     data: str | Path | None = None,
     out_dir: str | Path | None = None,
     *,
@@ -381,7 +383,7 @@ def finetune_instruct(
     train_ex, val_ex, test_ex = split_items(examples, cfg.split, cfg.seed)
     if log:
         log(f"{len(examples)} examples: {len(train_ex)} train, {len(val_ex)} validation, {len(test_ex)} test")
-    model, tokenizer = pick_model(base if isinstance(base, GPTModel) else cfg.base, tokenizer, rt.device)
+    model, tokenizer = pick_model(base if isinstance(base, nn.Module) else cfg.base, tokenizer, rt.device)
     context = model.cfg.context_length
     allowed_max_length = cfg.allowed_max_length or context
     if not 2 <= allowed_max_length <= context:

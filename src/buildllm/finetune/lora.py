@@ -15,7 +15,9 @@ not change the update's size. The book's appendix E multiplies by ``alpha`` alon
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -61,8 +63,11 @@ class LinearWithLoRA(nn.Module):
         self.linear = linear
         self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha)
         self.lora.to(device=linear.weight.device, dtype=linear.weight.dtype)
+        self.enabled = True  # False: the frozen layer alone (see adapters_disabled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.linear(x)
         return self.linear(x) + self.lora(x)
 
     @property
@@ -130,6 +135,22 @@ def apply_lora(
 def lora_layers(model: nn.Module) -> dict[str, LinearWithLoRA]:
     """The adapted layers by their module name (e.g. ``blocks.0.att.qkv``)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LinearWithLoRA)}
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the ``with`` block the model computes what its base model computes: every adapted
+    layer runs its frozen ``Linear`` alone. The base model without a second copy of its weights
+    (DPO's reference model)."""
+    layers = list(lora_layers(model).values())
+    before = [layer.enabled for layer in layers]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer, enabled in zip(layers, before):
+            layer.enabled = enabled
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

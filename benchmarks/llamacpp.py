@@ -1,0 +1,227 @@
+"""Batch-1 decoding: buildllm against llama.cpp on the same weights, machine and thread count.
+
+    .venv/bin/python benchmarks/llamacpp.py            # = make bench-llamacpp
+    .venv/bin/python benchmarks/llamacpp.py --precisions fp32,int8 --threads 2 --repeats 5
+
+1. llama.cpp is built from the llama-cpp-python sdist (``pip download --no-binary :all:``; CMake,
+   the ``llama-bench`` and ``llama-quantize`` targets) into ``--cache`` once; later runs reuse it.
+2. GPT-2 124M with seeded random weights is written by ``buildllm.save_pretrained`` (safetensors,
+   vocab.json, merges.txt) and converted with llama.cpp's own ``convert_hf_to_gguf.py`` to F32,
+   BF16 and Q8_0; ``llama-quantize`` makes Q4_0. Both programs decode from the very same weights.
+3. ``llama-bench -p 0 -n N -t T`` times llama.cpp; buildllm decodes N tokens after a one-token
+   prompt with the KV cache, greedy, at batch 1, the two alternating repeat by repeat.
+4. A T-thread read of a 1 GiB tensor gives the memory bandwidth; a batch-1 step reads every weight
+   once, so bandwidth / bytes of weights is the ceiling on tokens/s, and each row shows its share.
+
+It compiles for minutes the first time and times for minutes after: it is not part of ``make test``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SDIST = "llama-cpp-python"
+PRECISIONS = {  # buildllm's name: (llama.cpp's type, how the GGUF is made, buildllm's weight form)
+    "fp32": ("F32", "convert", None),
+    "bf16": ("BF16", "convert", "bf16"),
+    "int8": ("Q8_0", "convert", "int8"),
+    "int4": ("Q4_0", "quantize", "int4"),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cache", type=Path, default=ROOT / ".cache" / "llamacpp",
+                   help="where llama.cpp is built and the GGUF files are kept (default .cache/llamacpp)")
+    p.add_argument("--precisions", default="fp32,bf16,int8,int4", help="comma-separated, from fp32,bf16,int8,int4")
+    p.add_argument("--threads", type=int, default=2, help="threads for both (default 2)")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens decoded per repeat (default 128)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per contender (default 3)")
+    p.add_argument("--batch", type=int, default=1, help="buildllm's batch (llama-bench is batch 1; default 1)")
+    p.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
+    return p.parse_args(argv)
+
+
+# llama.cpp: build, convert, time -----------------------------------------------------------------
+
+
+def llama_cpp_source(cache: Path) -> Path:
+    """The llama.cpp tree vendored in the llama-cpp-python sdist, downloaded and unpacked once."""
+    found = sorted(cache.glob("llama_cpp_python-*/vendor/llama.cpp"))
+    if found:
+        return found[-1]
+    cache.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", SDIST,
+                    "-d", str(cache)], check=True)
+    archive = sorted(cache.glob("llama_cpp_python-*.tar.gz"))[-1]
+    with tarfile.open(archive) as tar:
+        tar.extractall(cache, filter="data")
+    return sorted(cache.glob("llama_cpp_python-*/vendor/llama.cpp"))[-1]
+
+
+def build_llama_cpp(source: Path) -> Path:
+    """``llama-bench`` and ``llama-quantize``, built with CMake for this CPU; returns the bin folder."""
+    bin_dir = source / "build" / "bin"
+    if (bin_dir / "llama-bench").exists() and (bin_dir / "llama-quantize").exists():
+        return bin_dir
+    if not shutil.which("cmake"):
+        sys.exit("error: cmake is needed to build llama.cpp: install it (apt-get install cmake) and run again")
+    print("building llama.cpp (a few minutes, once)", file=sys.stderr)
+    subprocess.run(["cmake", "-S", str(source), "-B", str(source / "build"), "-DCMAKE_BUILD_TYPE=Release",
+                    "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"], check=True)
+    subprocess.run(["cmake", "--build", str(source / "build"), "-j", str(os.cpu_count() or 1),
+                    "--target", "llama-bench", "llama-quantize"], check=True)
+    return bin_dir
+
+
+def gguf_files(source: Path, bin_dir: Path, folder: Path, precisions: list[str]) -> dict[str, Path]:
+    """One GGUF per precision, converted from the Hugging Face folder by llama.cpp's own tools."""
+    files = {}
+    env = {**os.environ, "PYTHONPATH": str(source / "gguf-py")}
+    for name in precisions:
+        ggml_type, how, _ = PRECISIONS[name]
+        out = folder / f"gpt2-{ggml_type}.gguf"
+        if not out.exists():
+            if how == "convert":
+                subprocess.run([sys.executable, str(source / "convert_hf_to_gguf.py"), str(folder), "--outtype",
+                                ggml_type.lower(), "--outfile", str(out)], check=True, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            else:
+                f32 = gguf_files(source, bin_dir, folder, ["fp32"])["fp32"]
+                subprocess.run([str(bin_dir / "llama-quantize"), str(f32), str(out), ggml_type], check=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        files[name] = out
+    return files
+
+
+def llama_bench(bin_dir: Path, gguf: Path, new_tokens: int, threads: int, repeats: int) -> float:
+    """llama.cpp's own measurement: tokens/s generating ``new_tokens`` at batch 1, mean of repeats."""
+    result = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(gguf), "-p", "0", "-n", str(new_tokens),
+                             "-t", str(threads), "-r", str(repeats), "-o", "json"],
+                            check=True, capture_output=True, text=True)
+    return float(json.loads(result.stdout)[0]["avg_ts"])
+
+
+# buildllm ----------------------------------------------------------------------------------------
+
+
+def write_weights(folder: Path) -> None:
+    """GPT-2 124M, seeded random weights, as a Hugging Face folder (the llama.cpp converter's input)."""
+    from buildllm import GPTConfig, GPTModel, save_pretrained
+    from buildllm.tokenizer import get_tokenizer
+
+    if (folder / "model.safetensors").exists():
+        return
+    torch.manual_seed(0)
+    save_pretrained(GPTModel(GPTConfig.from_preset("gpt2")), folder, get_tokenizer("gpt2"))
+
+
+def buildllm_model(folder: Path, precision: str):
+    from buildllm import load_model
+
+    _, _, form = PRECISIONS[precision]
+    dtype = torch.bfloat16 if form == "bf16" else torch.float32
+    model, _ = load_model(folder, dtype=dtype, quantize=form if form in ("int8", "int4") else None)
+    return model
+
+
+def buildllm_decode(model, new_tokens: int, batch: int) -> float:
+    """Seconds to decode ``new_tokens`` tokens after a one-token prompt, as ``buildllm generate`` does."""
+    from buildllm import generate
+
+    prompt = torch.zeros(batch, 1, dtype=torch.long)
+    start = time.perf_counter()
+    generate(model, prompt, new_tokens, temperature=0.0)
+    return time.perf_counter() - start
+
+
+def weight_bytes(model) -> int:
+    """Bytes a batch-1 step reads: the weights of every layer but the embedding lookups (which read
+    one row per token), each tensor once; a tied head is the token embedding read in full."""
+    seen, total = set(), 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            continue
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            if t.data_ptr() in seen or t.dtype == torch.bool:  # bool: attention masks
+                continue
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes/s of a ``threads``-thread read of a ``gib`` GiB tensor (a sum: one pass, little compute)."""
+    torch.set_num_threads(threads)
+    x = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
+    x.sum()  # pages in
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - start)
+    return x.numel() * 4 / min(times)
+
+
+# The run -----------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown:
+        sys.exit(f"error: unknown precision {', '.join(unknown)}; choose from {', '.join(PRECISIONS)}")
+    source = llama_cpp_source(args.cache)
+    bin_dir = build_llama_cpp(source)
+    folder = args.cache / "gpt2-124m"
+    write_weights(folder)
+    ggufs = gguf_files(source, bin_dir, folder, precisions)
+    torch.set_num_threads(args.threads)
+    bandwidth = read_bandwidth(args.threads)
+
+    rows = []
+    for name in precisions:
+        model = buildllm_model(folder, name)
+        buildllm_decode(model, 8, args.batch)  # warm up
+        ours, theirs = [], []
+        for _ in range(args.repeats):  # alternate, so a burst of load elsewhere hits both
+            ours.append(args.batch * args.new_tokens / buildllm_decode(model, args.new_tokens, args.batch))
+            theirs.append(llama_bench(bin_dir, ggufs[name], args.new_tokens, args.threads, 1))
+        ceiling = bandwidth / weight_bytes(model)
+        row = {"precision": name, "llama_cpp_type": PRECISIONS[name][0], "buildllm_tok_s": statistics.median(ours),
+               "llama_cpp_tok_s": statistics.median(theirs), "weight_mb": weight_bytes(model) / 1e6,
+               "ceiling_tok_s": ceiling}
+        row["ratio"] = row["buildllm_tok_s"] / row["llama_cpp_tok_s"]
+        row["share_of_ceiling"] = row["buildllm_tok_s"] / args.batch / ceiling
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    print(f"\nGPT-2 124M, batch {args.batch}, {args.new_tokens} new tokens, {args.threads} threads; "
+          f"read bandwidth {bandwidth / 1e9:.1f} GB/s; {machine}\n")
+    print("| precision | buildllm tok/s | llama.cpp tok/s | ratio | weights MB | ceiling tok/s | buildllm share |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['precision']} ({r['llama_cpp_type']}) | {r['buildllm_tok_s']:.1f} | {r['llama_cpp_tok_s']:.1f} | "
+              f"{r['ratio']:.2f}x | {r['weight_mb']:.0f} | {r['ceiling_tok_s']:.0f} | {r['share_of_ceiling']:.0%} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"bandwidth": bandwidth, "machine": machine, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
