@@ -203,16 +203,18 @@ def create_app(loaded, config: ServeConfig | None = None, model_name: str | None
                           methods=["GET"], include_in_schema=False)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_key_check(config.api_key))])
+    card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "buildllm",
+            "context_length": engine.capacity}  # created: when this server loaded it
 
     @v1.get("/models")
     def models():
-        return {"object": "list", "data": [_model_card(model_name, engine.capacity)]}
+        return {"object": "list", "data": [card]}
 
     @v1.get("/models/{name}")
     def model(name: str):
         if name != model_name:
             raise APIError(404, f"the model {name!r} does not exist", param="model", code="model_not_found")
-        return _model_card(model_name, engine.capacity)
+        return card
 
     @v1.post("/chat/completions")
     async def chat(body: ChatRequest, request: Request):
@@ -293,10 +295,6 @@ async def _unless_disconnected(work, request: Request) -> bool:
             return False
     task.result()  # its exception, if it raised one
     return True
-
-
-def _model_card(name: str, context: int) -> dict:
-    return {"id": name, "object": "model", "created": 0, "owned_by": "buildllm", "context_length": context}
 
 
 def _key_check(api_key: str | None):
