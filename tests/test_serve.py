@@ -184,6 +184,15 @@ def test_completions_seed_n_and_top_k(client, loaded):
     assert three.usage.completion_tokens == sum(expected(loaded, ids, 10, 2.0, 11 + i, 20)[1] for i in range(3))
 
 
+def test_several_prompts_in_one_completion_request(client, loaded):
+    prompts = ["The cat", "A bird sang"]
+    reply = client.completions.create(model=NAME, prompt=prompts, max_tokens=5, temperature=0, n=2)
+    answers = [expected(loaded, loaded.tokenizer.encode(p), 5) for p in prompts]
+    assert [c.text for c in reply.choices] == [answers[0][0]] * 2 + [answers[1][0]] * 2  # prompt-major, as OpenAI
+    assert reply.usage.prompt_tokens == sum(len(loaded.tokenizer.encode(p)) for p in prompts)
+    assert reply.usage.completion_tokens == 2 * (answers[0][1] + answers[1][1])
+
+
 def test_stop_strings_cut_the_text(client, loaded):
     prompt = "The dog ran"
     ids = loaded.tokenizer.encode(prompt)
@@ -337,6 +346,13 @@ def test_32_concurrent_clients_get_what_they_get_one_by_one(server):
     assert len(set(together)) > 16
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "ok" and health["running"] == health["waiting"] == 0
+
+
+def test_bad_server_options_fail_before_the_model_loads(capsys):
+    from buildllm import cli
+
+    assert cli.main(["serve", "--model", "does-not-exist", "--max-batch", "0"]) == 2
+    assert capsys.readouterr().err == "error: max_batch must be at least 1, got 0\n"
 
 
 def test_ctrl_c_finishes_the_request_in_flight_and_exits_0(tmp_path, capsys):
