@@ -19,13 +19,13 @@ row's text is *right-aligned* at ``length`` with invalid positions before it::
 The model counts a row's positions from its first valid position (a cumulative sum of
 ``cache.valid``) and never attends to an invalid one, so row b computes what it would alone: the
 same positions, the same keys and values (only the matrix shapes of the batch differ, which
-``tests/test_serve_batching.py`` shows changes no token). Joining: the prompts of the requests that arrive together run through the model in a
-cache of their own (the *prefill*; left-padded, the padding masked as in ``generate``), and each
-one's keys and values are copied into a free slot, ending at ``length``. Leaving: the slot's
-positions are marked invalid and the slot is free for the next request. When ``length`` reaches the cache's
-capacity (or half of it is unused), every row is shifted left by the number of leading positions
-that no busy row uses (``_shift``); a request never holds more than the capacity, so there is
-always room.
+``tests/test_serve_batching.py`` shows changes no token). Joining: the prompts of the requests that
+arrive together run through the model in a cache of their own (the *prefill*; left-padded, the
+padding masked as in ``generate``), and each one's keys and values are copied into a free slot,
+ending at ``length``. Leaving: the slot's positions are marked invalid and the slot is free for the
+next request. When ``length`` reaches the cache's capacity (or half of it is unused), every row is
+shifted left by the number of leading positions that no busy row uses (``_shift``); a request never
+holds more than the capacity, so there is always room.
 
 Sampling is per row, each request with its own ``torch.Generator``: a seeded request draws the
 same random numbers whatever else shares its steps, so it gives the same text alone or batched.
