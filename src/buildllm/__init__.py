@@ -12,6 +12,7 @@ The package follows the pipeline, one module per stage:
     evaluate    loss, perplexity, bits per character, multiple choice
     finetune    classification, instruction and preference (DPO) fine-tuning
     lora        low-rank adapters
+    serve       an OpenAI-compatible HTTP server with continuous batching, and a chat page
 
 Everything public is importable from ``buildllm`` directly; modules load on first use so that
 ``import buildllm`` (and the CLI's ``--help``) stays fast.
@@ -97,6 +98,10 @@ _EXPORTS = {
     "Int8Linear": "generation.quantization",
     "Int4Linear": "generation.quantization",
     "quantize": "generation.quantization",
+    "ServeConfig": "serve.config",
+    "create_app": "serve.app",
+    "run_server": "serve.server",
+    "BatchEngine": "serve.batching",
 }
 
 

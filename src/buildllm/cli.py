@@ -422,8 +422,29 @@ def run_train(args) -> int:
     return 0
 
 
+def add_serve(sub) -> None:
+    from buildllm.serve.config import ServeOptions
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with batched decoding, and a chat page",
+                       description="Load the model once and serve it until Ctrl-C: POST /v1/chat/completions "
+                       "and /v1/completions in OpenAI's format (streaming too), GET /v1/models, GET /health, and "
+                       "a chat page at /. Requests that arrive while others decode join the running batch.")
+    _model_options(p, ServeOptions)
+    p.set_defaults(run=run_serve)
+
+
+def run_serve(args) -> int:
+    from buildllm.serve.config import ServeConfig
+    from buildllm.serve.server import run_server, served_name
+
+    config = ServeConfig(**given(args, ServeConfig))
+    config.check()  # before the model loads: a bad option fails fast
+    run_server(_load_for_inference(args), config, model_name=config.model_name or served_name(args.model))
+    return 0
+
+
 SUBCOMMANDS: list = [add_info, add_prepare, add_train, add_tokenize, add_finetune, add_classify, add_generate, add_chat,
-                     add_convert, add_eval]
+                     add_convert, add_eval, add_serve]
 
 
 def main(argv: list[str] | None = None) -> int:
