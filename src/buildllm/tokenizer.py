@@ -50,12 +50,20 @@ AllowedSpecial = Union[AbstractSet[str], Literal["all"]]
 
 
 class Tokenizer:
-    """What every tokenizer offers. Subclasses implement encode, decode and ``to_dict``."""
+    """What every tokenizer offers. Subclasses implement encode, decode and ``to_dict``.
+
+    ``eot_id`` ends a text (and separates documents). Chat models' tokenizers (``HFTokenizer``)
+    also name ``stop_ids``, the tokens that end an answer, ``bos_id``, the token a document starts
+    with, and a ``chat_template``; the tokenizers here have none of those.
+    """
 
     name: str
     vocab_size: int
     eot_id: int
     special_tokens: dict[str, int]
+    stop_ids: tuple[int, ...] = ()
+    bos_id: int | None = None
+    chat_template: str | None = None
 
     def encode(self, text: str, allowed_special: AllowedSpecial = frozenset()) -> list[int]:
         raise NotImplementedError
@@ -84,7 +92,10 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
-        """Load any saved tokenizer (a tokenizer.json, or a folder holding one)."""
+        """Load any saved tokenizer (a tokenizer.json, or a folder holding one): buildllm's own, or
+        a Hugging Face ``tokenizer.json`` with the configs of its folder."""
+        from buildllm.hf_tokenizer import HFTokenizer, is_hf_tokenizer_json
+
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
@@ -94,9 +105,14 @@ class Tokenizer:
             raise UserError(f"no tokenizer at {path}: give a saved tokenizer.json") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise UserError(f"cannot read tokenizer {path}: {e}") from None
+        if is_hf_tokenizer_json(data):
+            tok = HFTokenizer.from_folder(path)
+            if not isinstance(tok, cls):
+                raise UserError(f"{path} holds a {type(tok).__name__}, not a {cls.__name__}")
+            return tok
         kind = data.get("type") if isinstance(data, dict) else None
         loaders = {"word": WordTokenizer._from_dict, "gpt2": lambda d: gpt2_tokenizer(),
-                   "bpe": BPETokenizer._from_dict}
+                   "bpe": BPETokenizer._from_dict, "huggingface": HFTokenizer._from_dict}
         if kind not in loaders:
             raise UserError(f"{path} is not a buildllm tokenizer (type {kind!r}); expected one of "
                             f"{', '.join(loaders)}")
@@ -367,7 +383,7 @@ def get_tokenizer(spec: str | os.PathLike | Tokenizer = "gpt2") -> Tokenizer:
         raise UserError(f"{spec!r} is trained from a corpus: use `buildllm prepare INPUT "
                         f"--tokenizer {spec}` or buildllm.train_bpe(text, vocab_size)")
     raise UserError(f"unknown tokenizer {str(spec)!r}: use one of {', '.join(BUILTIN_NAMES)}, "
-                    "or the path of a saved tokenizer.json (word, gpt2 or bpe)")
+                    "or the path of a saved tokenizer.json (word, gpt2, bpe or Hugging Face's)")
 
 
 # Training a byte-level BPE -----------------------------------------------------------------------
