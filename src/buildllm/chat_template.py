@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
+from typing import ClassVar
 
 import jinja2
 import jinja2.ext
@@ -110,7 +111,7 @@ class GenerationBlock(jinja2.ext.Extension):
     """``{% generation %}...{% endgeneration %}``: transformers marks the assistant's tokens with it
     (for training masks); rendering text, the block is its body."""
 
-    tags = {"generation"}
+    tags: ClassVar[set[str]] = {"generation"}
 
     def parse(self, parser):
         lineno = next(parser.stream).lineno

@@ -59,7 +59,7 @@ class HFTokenizer(Tokenizer):
         try:
             self.rust = RustTokenizer.from_str(text)
             self.rust_plain = RustTokenizer.from_str(text)  # the same, special tokens read as plain text
-        except Exception as e:  # the Rust side raises a bare Exception for a malformed file
+        except Exception as e:  # noqa: BLE001 (the Rust side raises a bare Exception for a malformed file)
             raise UserError(f"{origin} is not a tokenizers tokenizer.json: {e}") from None
         self.rust_plain.encode_special_tokens = True
         self.name, self.origin = name, origin

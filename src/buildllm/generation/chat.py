@@ -7,8 +7,9 @@ as in OpenAI's API. Three kinds of model lay it out three ways:
     an instruction model                its prompt template (Alpaca, Phi-3, ...), one turn after another
     a base model                        a plain transcript ("User: ...\\nAssistant:") that it continues
 
-``chat_prompt`` and ``stop_ids`` are the one place that decides; ``buildllm chat`` and ``buildllm
-serve`` both use them.
+``chat_prompt`` lays it out, ``chat_ids`` turns that text into the model's token ids, and
+``stop_ids`` and ``stop_strings`` say where the answer ends: the one place that decides, for
+``buildllm chat`` and ``buildllm serve`` both.
 """
 
 from __future__ import annotations
@@ -48,6 +49,21 @@ def chat_prompt(messages: Sequence[dict], tokenizer, prompt_template=None, add_g
     if prompt_template is not None:
         return _instruction_prompt(messages, prompt_template, add_generation_prompt)
     return _transcript(messages, add_generation_prompt)
+
+
+def chat_ids(prompt: str, tokenizer) -> list[int]:
+    """The token ids of ``chat_prompt``'s text.
+
+    A chat template writes its control tokens (``<|im_start|>``, ``<|eot_id|>``, the bos token) as
+    text, so they are encoded as the tokens they name and nothing is added in front, as transformers'
+    ``apply_chat_template(..., tokenize=True)`` does. The other layouts are plain text, started
+    like any prompt (``sampling.prompt_ids``).
+    """
+    from buildllm.generation.sampling import prompt_ids
+
+    if getattr(tokenizer, "chat_template", None) is not None:
+        return tokenizer.encode(prompt, allowed_special="all") or [tokenizer.eot_id]
+    return prompt_ids(tokenizer, prompt)
 
 
 def _instruction_prompt(messages: list[dict], template, add_generation_prompt: bool) -> str:
