@@ -12,9 +12,8 @@ import torch
 
 from buildllm.errors import UserError
 from buildllm.generation.sampling import generate, prompt_ids, stream, stream_text
-from buildllm.hf_tokenizer import HFTokenizer
 from buildllm.models.gpt2 import GPTConfig, GPTModel
-from buildllm.tokenizer import Tokenizer, get_tokenizer
+from buildllm.tokenizer import HFTokenizer, Tokenizer, get_tokenizer
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")

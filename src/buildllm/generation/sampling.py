@@ -263,6 +263,13 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     return ids or [tokenizer.eot_id]
 
 
+def stop_ids(tokenizer) -> tuple[int, ...]:
+    """The token ids that end an answer: the tokenizer's end-of-turn tokens (several for Llama 3)
+    when it names them, else its end-of-text token."""
+    ids = getattr(tokenizer, "stop_ids", None)
+    return tuple(ids) if ids else (tokenizer.eot_id,)
+
+
 def stream_text(
     model: nn.Module,
     tokenizer,
@@ -281,8 +288,6 @@ def stream_text(
     see ``generation.chat.chat_ids``). Stops at the tokenizer's stop tokens (which are not shown:
     ``<|endoftext|>``, or a chat model's end-of-turn tokens) unless ``stop_at_eot`` is False.
     """
-    from buildllm.generation.chat import stop_ids
-
     ids = prompt_ids(tokenizer, prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
     stops = stop_ids(tokenizer) if stop_at_eot else None
     steps = stream(model, [ids], max_new_tokens, temperature, top_k, top_p, stops, use_cache, generator)

@@ -198,8 +198,8 @@ def tokenizer_for(directory: Path, vocab_size: int | None, name: str = TOKENIZER
     buildllm_tokenizer.json), the folder's own tokenizer.json, read with the tokenizer_config.json,
     generation_config.json and chat template beside it; else GPT-2's when ``vocab_size`` has room
     for it (the vocabulary rule below), else None."""
-    from buildllm.hf_tokenizer import TOKENIZER_JSON
     from buildllm.tokenizer import get_tokenizer
+    from buildllm.tokenizer.huggingface import TOKENIZER_JSON
 
     names = [name, TOKENIZER_JSON] if name == HF_TOKENIZER else [name]
     for candidate in names:

@@ -29,7 +29,7 @@ from pathlib import Path
 from buildllm.chat_template import CHAT_TEMPLATE_FILE, ChatTemplate, template_source
 from buildllm.errors import UserError
 from buildllm.files import read_json_object
-from buildllm.tokenizer import AllowedSpecial, Tokenizer, _checked
+from buildllm.tokenizer.base import HUGGING_FACE, AllowedSpecial, Tokenizer, _checked
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -48,6 +48,8 @@ class HFTokenizer(Tokenizer):
     document starts with when the tokenizer's own post-processor puts one there, else None.
     ``chat_template``: the template's Jinja2 text, or None.
     """
+
+    kinds = (HUGGING_FACE,)
 
     def __init__(self, tokenizer_json: str | Mapping, config: Mapping | None = None,
                  generation_config: Mapping | None = None, chat_template: str | None = None,
@@ -137,9 +139,14 @@ class HFTokenizer(Tokenizer):
     # Saving -----------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
-        return {"type": "huggingface", "name": self.name, "tokenizer": json.loads(self.rust.to_str()),
+        return {"type": HUGGING_FACE, "name": self.name, "tokenizer": json.loads(self.rust.to_str()),
                 "config": self.config, "generation_config": self.generation_config,
                 "chat_template": self.chat_template}
+
+    @classmethod
+    def _read(cls, path: Path, data: dict) -> HFTokenizer:
+        """buildllm's saved form, or the tokenizers library's own tokenizer.json with its folder."""
+        return cls._from_dict(data) if "type" in data else cls.from_folder(path)
 
     @classmethod
     def _from_dict(cls, data: dict) -> HFTokenizer:
@@ -229,7 +236,3 @@ def _add_declared_tokens(rust, rust_plain, config: Mapping, origin: str) -> None
         for r in (rust, rust_plain):
             (r.add_special_tokens if token.special else r.add_tokens)([token])
 
-
-def is_hf_tokenizer_json(data) -> bool:
-    """Whether a parsed JSON file is a ``tokenizers`` tokenizer.json (not one of buildllm's)."""
-    return isinstance(data, dict) and "model" in data and "type" not in data
