@@ -371,3 +371,24 @@ def test_buildllm_chat_uses_the_template_keeps_the_conversation_and_stops_at_end
     second = hf_tok.decode(out[:-1] if out[-1] in stops else out)
     assert capsys.readouterr().out == expected.split("\n")[0] + "\n" + second + "\n"
     assert isinstance(get_tokenizer(tmp_path / "model"), HFTokenizer)
+
+
+def test_buildllm_generate_on_a_hugging_face_folder_starts_with_bos(tmp_path, folders, capsys):
+    """A plain prompt gets the tokenizer's <|begin_of_text|> in front, as transformers' encode puts
+    it there, and the continuation stops at any stop id of generation_config.json."""
+    folder = tmp_path / "llama_model"
+    torch.manual_seed(1)
+    hf_tok = oracle(folders["llama"])
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=len(hf_tok), n_positions=64)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        (folder / name).write_bytes((folders["llama"] / name).read_bytes())
+    stops = json.loads((folder / "generation_config.json").read_text())["eos_token_id"]
+    ids = hf_tok("The cat")["input_ids"]
+    assert ids[0] == hf_tok.bos_token_id
+    out = model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, eos_token_id=stops,
+                         pad_token_id=stops[0])[0, len(ids):].tolist()
+    expected = hf_tok.decode(out[:-1] if out[-1] in stops else out)
+    assert cli.main(["generate", "--model", str(folder), "--prompt", "The cat", "--max-new-tokens", "10"]) == 0
+    assert capsys.readouterr().out == "The cat" + expected + "\n"

@@ -54,24 +54,24 @@ class HFTokenizer(Tokenizer):
     def __init__(self, tokenizer_json: str | Mapping, config: Mapping | None = None,
                  generation_config: Mapping | None = None, chat_template: str | None = None,
                  name: str = "huggingface", origin: str | None = None):
-        from tokenizers import Tokenizer as RustTokenizer
+        from tokenizers import Tokenizer as Backend
 
         origin = origin or name
         text = tokenizer_json if isinstance(tokenizer_json, str) else json.dumps(tokenizer_json, ensure_ascii=False)
         try:
-            self.rust = RustTokenizer.from_str(text)
-            self.rust_plain = RustTokenizer.from_str(text)  # the same, special tokens read as plain text
+            self.backend = Backend.from_str(text)
+            self.plain_backend = Backend.from_str(text)  # the same, special tokens read as plain text
         except Exception as e:  # noqa: BLE001 (the Rust side raises a bare Exception for a malformed file)
             raise UserError(f"{origin} is not a tokenizers tokenizer.json: {e}") from None
-        self.rust_plain.encode_special_tokens = True
+        self.plain_backend.encode_special_tokens = True
         self.name, self.origin = name, origin
         self.config = dict(config or {})
         self.generation_config = dict(generation_config or {})
-        _add_declared_tokens(self.rust, self.rust_plain, self.config, origin)
+        _add_declared_tokens(self.backend, self.plain_backend, self.config, origin)
 
-        added = self.rust.get_added_tokens_decoder()
+        added = self.backend.get_added_tokens_decoder()
         self.special_tokens = {t.content: i for i, t in sorted(added.items()) if t.special}
-        self.vocab_size = max(self.rust.get_vocab(with_added_tokens=True).values()) + 1
+        self.vocab_size = max(self.backend.get_vocab(with_added_tokens=True).values()) + 1
         self.named_tokens = {k: t for k in NAMED_TOKENS if (t := _token_text(self.config.get(k))) is not None}
         self.eot_id = self._end_of_text_id()
         self.stop_ids = self._stop_ids()
@@ -105,26 +105,26 @@ class HFTokenizer(Tokenizer):
         """The ids of ``text``; special tokens spelled in it are tokens only when allowed (the names
         in ``allowed_special``, or "all"), plain text otherwise."""
         if allowed_special == "all" or not self._special_pattern:
-            return self.rust.encode(text, add_special_tokens=False).ids
+            return self.backend.encode(text, add_special_tokens=False).ids
         if not allowed_special:
-            return self.rust_plain.encode(text, add_special_tokens=False).ids
+            return self.plain_backend.encode(text, add_special_tokens=False).ids
         ids, start = [], 0
         for match in self._special_pattern.finditer(text):
             if match.group() in allowed_special:
-                ids += self.rust_plain.encode(text[start:match.start()], add_special_tokens=False).ids
+                ids += self.plain_backend.encode(text[start:match.start()], add_special_tokens=False).ids
                 ids.append(self.special_tokens[match.group()])
                 start = match.end()
-        return ids + self.rust_plain.encode(text[start:], add_special_tokens=False).ids
+        return ids + self.plain_backend.encode(text[start:], add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str], allowed_special: AllowedSpecial = frozenset()) -> list[list[int]]:
         """Many texts at once, on the tokenizers library's threads."""
         if allowed_special == "all" or not allowed_special or not self._special_pattern:
-            rust = self.rust if allowed_special == "all" else self.rust_plain
-            return [e.ids for e in rust.encode_batch(list(texts), add_special_tokens=False)]
+            backend = self.backend if allowed_special == "all" else self.plain_backend
+            return [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=False)]
         return super().encode_batch(texts, allowed_special)
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.rust.decode(_checked(ids, self.vocab_size), skip_special_tokens=False)
+        return self.backend.decode(_checked(ids, self.vocab_size), skip_special_tokens=False)
 
     def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = True,
                             **variables) -> str:
@@ -139,7 +139,7 @@ class HFTokenizer(Tokenizer):
     # Saving -----------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
-        return {"type": HUGGING_FACE, "name": self.name, "tokenizer": json.loads(self.rust.to_str()),
+        return {"type": HUGGING_FACE, "name": self.name, "tokenizer": json.loads(self.backend.to_str()),
                 "config": self.config, "generation_config": self.generation_config,
                 "chat_template": self.chat_template}
 
@@ -156,7 +156,7 @@ class HFTokenizer(Tokenizer):
     # What the configs say ---------------------------------------------------------------------------
 
     def _id_of(self, token: str, what: str) -> int:
-        token_id = self.rust.token_to_id(token)
+        token_id = self.backend.token_to_id(token)
         if token_id is None:
             raise UserError(f"{self.origin}: {what} {token!r} is not in the vocabulary")
         return token_id
@@ -168,7 +168,7 @@ class HFTokenizer(Tokenizer):
         if ids:
             return ids[0]
         for spelling in END_OF_TEXT_SPELLINGS:
-            if (token_id := self.rust.token_to_id(spelling)) is not None:
+            if (token_id := self.backend.token_to_id(spelling)) is not None:
                 return token_id
         raise UserError(f"{self.origin}: no end-of-text token is named: set eos_token in {TOKENIZER_CONFIG}")
 
@@ -188,8 +188,8 @@ class HFTokenizer(Tokenizer):
             return None
         if add_bos is True and "bos_token" in self.named_tokens:
             return self._id_of(self.named_tokens["bos_token"], "bos_token")
-        bare = self.rust.encode("a", add_special_tokens=False).ids
-        full = self.rust.encode("a", add_special_tokens=True).ids
+        bare = self.backend.encode("a", add_special_tokens=False).ids
+        full = self.backend.encode("a", add_special_tokens=True).ids
         if len(full) > len(bare) and full[1 : 1 + len(bare)] == bare:
             return full[0]
         return None
@@ -211,7 +211,7 @@ def _id_list(value, origin: str) -> list[int]:
     return list(values)
 
 
-def _add_declared_tokens(rust, rust_plain, config: Mapping, origin: str) -> None:
+def _add_declared_tokens(backend, plain_backend, config: Mapping, origin: str) -> None:
     """Add tokenizer_config.json's ``added_tokens_decoder`` entries that tokenizer.json lacks (as
     transformers does), each at the id the config gives it."""
     from tokenizers import AddedToken
@@ -220,19 +220,17 @@ def _add_declared_tokens(rust, rust_plain, config: Mapping, origin: str) -> None
     if not isinstance(declared, Mapping):
         raise UserError(f"{origin}: added_tokens_decoder must map ids to tokens")
     for key, entry in sorted(declared.items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else -1):
-        content = _token_text(entry)
-        if not str(key).isdigit() or content is None:
+        if not str(key).isdigit() or not isinstance(entry, Mapping) or _token_text(entry) is None:
             raise UserError(f"{origin}: added_tokens_decoder entry {key!r} is not an id and a token")
-        token_id = int(key)
-        existing = rust.token_to_id(content)
+        content, token_id = _token_text(entry), int(key)
+        existing, free = backend.token_to_id(content), backend.get_vocab_size(with_added_tokens=True)
         if existing == token_id:
             continue
-        if existing is not None or token_id != rust.get_vocab_size(with_added_tokens=True):
+        if existing is not None or token_id != free:
+            where = f"has it at {existing}" if existing is not None else f"has its next free id at {free}"
             raise UserError(f"{origin}: added_tokens_decoder puts {content!r} at id {token_id}, but tokenizer.json "
-                            f"has {'it at ' + str(existing) if existing is not None else 'another token there'}")
-        options = {k: bool(entry.get(k, False)) for k in ("single_word", "lstrip", "rstrip")}
-        token = AddedToken(content, normalized=bool(entry.get("normalized", False)), **options,
-                           special=bool(entry.get("special", False)))
-        for r in (rust, rust_plain):
-            (r.add_special_tokens if token.special else r.add_tokens)([token])
-
+                            f"{where}")
+        options = {k: bool(entry.get(k, False)) for k in ("single_word", "lstrip", "rstrip", "normalized")}
+        token = AddedToken(content, **options, special=bool(entry.get("special", False)))
+        for b in (backend, plain_backend):
+            (b.add_special_tokens if token.special else b.add_tokens)([token])
