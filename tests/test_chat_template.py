@@ -282,6 +282,11 @@ def test_chat_prompt_and_ids_use_the_template(folders, name):
     assert stop_strings(ours) == []
     saved = Tokenizer.load(ours.save(folders[name].parent / f"{name}_saved.json"))
     assert saved.chat_template == ours.chat_template and chat_prompt(messages, saved) == prompt
+    # written back as Hugging Face files, transformers reads the same tokenizer and template
+    exported = oracle(ours.save_hf_files(folders[name].parent / f"{name}_exported"))
+    assert exported.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == prompt
+    assert exported.encode(prompt, add_special_tokens=False) == chat_ids(prompt, ours)
+    assert (exported.bos_token_id, exported.eos_token_id) == (hf.bos_token_id, hf.eos_token_id)
 
 
 MALICIOUS = [

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from buildllm.chat_template import CHAT_TEMPLATE_FILE, ChatTemplate, template_source
 from buildllm.errors import UserError
-from buildllm.files import read_json_object
+from buildllm.files import atomic_write_bytes, read_json_object, write_json
 from buildllm.tokenizer.base import HUGGING_FACE, AllowedSpecial, Tokenizer, _checked
 
 TOKENIZER_JSON = "tokenizer.json"
@@ -142,6 +142,19 @@ class HFTokenizer(Tokenizer):
         return {"type": HUGGING_FACE, "name": self.name, "tokenizer": json.loads(self.backend.to_str()),
                 "config": self.config, "generation_config": self.generation_config,
                 "chat_template": self.chat_template}
+
+    def save_hf_files(self, directory: str | os.PathLike) -> Path:
+        """Write tokenizer.json and tokenizer_config.json (with the chat template), the files that
+        ``transformers.AutoTokenizer.from_pretrained(directory)`` reads. The stop ids beyond
+        ``eos_token`` belong in the model's generation_config.json."""
+        directory = Path(directory)
+        atomic_write_bytes(directory / TOKENIZER_JSON, self.backend.to_str().encode("utf-8"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **self.config}
+        config.pop("chat_template", None)
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        write_json(directory / TOKENIZER_CONFIG, config)
+        return directory
 
     @classmethod
     def _read(cls, path: Path, data: dict) -> HFTokenizer:
