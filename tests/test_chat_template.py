@@ -328,7 +328,9 @@ def hf_chat_folder(folder, tokenizer_folder):
         (folder / name).write_bytes((tokenizer_folder / name).read_bytes())
     hf_tok = oracle(folder)
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=len(hf_tok), n_positions=256)
+    end = hf_tok.eos_token_id
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=len(hf_tok), n_positions=256,
+                                     bos_token_id=end, eos_token_id=end)
     model = transformers.GPT2LMHeadModel(config).eval()
     ids = torch.tensor([hf_tok.encode(ids_text(hf_tok, CHAT[1:2]), add_special_tokens=False)])
     with torch.no_grad():
@@ -384,7 +386,8 @@ def test_buildllm_generate_on_a_hugging_face_folder_starts_with_bos(tmp_path, fo
     folder = tmp_path / "llama_model"
     torch.manual_seed(1)
     hf_tok = oracle(folders["llama"])
-    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=len(hf_tok), n_positions=64)
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=len(hf_tok), n_positions=64,
+                                     bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id)
     model = transformers.GPT2LMHeadModel(config).eval()
     model.save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):

@@ -231,8 +231,8 @@ def _print_continuation(model, tokenizer, prompt, sampler: dict, stop=None) -> s
     newline; return the text printed.
 
     With ``stop`` (a string or several), the text is cut where a stop string first appears. A stop
-    string can arrive split over several pieces, so the last ``len(stop) - 1`` characters are held
-    back until it is clear they do not begin one.
+    string can arrive split over several pieces, so the last characters (one fewer than the longest
+    stop string has) are held back until it is clear they do not begin one.
     """
     import warnings
 
