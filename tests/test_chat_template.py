@@ -19,6 +19,7 @@ from buildllm import cli
 from buildllm.errors import UserError
 from buildllm.generation.chat import chat_ids, chat_prompt, stop_ids, stop_strings
 from buildllm.tokenizer import HFTokenizer, Tokenizer, get_tokenizer
+from buildllm.weights.loader import load_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -400,3 +401,12 @@ def test_buildllm_generate_on_a_hugging_face_folder_starts_with_bos(tmp_path, fo
     expected = hf_tok.decode(out[:-1] if out[-1] in stops else out)
     assert cli.main(["generate", "--model", str(folder), "--prompt", "The cat", "--max-new-tokens", "10"]) == 0
     assert capsys.readouterr().out == "The cat" + expected + "\n"
+
+    # the one loader: the folder's tokenizer.json with its configs; buildllm's own file wins when present
+    tok = load_model(folder).tokenizer
+    assert isinstance(tok, HFTokenizer) and tok.stop_ids == (hf_tok.eos_token_id, *[i for i in stops
+                                                                                     if i != hf_tok.eos_token_id])
+    get_tokenizer("gpt2").save(folder / "buildllm_tokenizer.json")
+    model.resize_token_embeddings(50257)
+    model.save_pretrained(folder)
+    assert load_model(folder).tokenizer is get_tokenizer("gpt2")
