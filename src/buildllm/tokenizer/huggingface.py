@@ -24,6 +24,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 
 from buildllm.chat_template import CHAT_TEMPLATE_FILE, ChatTemplate, template_source
@@ -60,18 +61,16 @@ class HFTokenizer(Tokenizer):
         text = tokenizer_json if isinstance(tokenizer_json, str) else json.dumps(tokenizer_json, ensure_ascii=False)
         try:
             self.backend = Backend.from_str(text)
-            self.plain_backend = Backend.from_str(text)  # the same, special tokens read as plain text
         except Exception as e:  # noqa: BLE001 (the Rust side raises a bare Exception for a malformed file)
             raise UserError(f"{origin} is not a tokenizers tokenizer.json: {e}") from None
-        self.plain_backend.encode_special_tokens = True
         self.name, self.origin = name, origin
         self.config = dict(config or {})
         self.generation_config = dict(generation_config or {})
-        _add_declared_tokens(self.backend, self.plain_backend, self.config, origin)
+        _add_declared_tokens(self.backend, self.config, origin)
 
         added = self.backend.get_added_tokens_decoder()
         self.special_tokens = {t.content: i for i, t in sorted(added.items()) if t.special}
-        self.vocab_size = max(self.backend.get_vocab(with_added_tokens=True).values()) + 1
+        self.vocab_size = max([self.backend.get_vocab_size(with_added_tokens=False), *(i + 1 for i in added)])
         self.named_tokens = {k: t for k in NAMED_TOKENS if (t := _token_text(self.config.get(k))) is not None}
         self.eot_id = self._end_of_text_id()
         self.stop_ids = self._stop_ids()
@@ -80,6 +79,14 @@ class HFTokenizer(Tokenizer):
         self._template = ChatTemplate(chat_template, f"{origin} chat template") if chat_template is not None else None
         self._special_pattern = (re.compile("|".join(map(re.escape, sorted(self.special_tokens, key=len, reverse=True))))
                                  if self.special_tokens else None)
+
+    @cached_property
+    def plain_backend(self):
+        """The same tokenizer reading special tokens spelled in the text as plain text (made when
+        first needed: a large vocabulary takes a moment to build)."""
+        plain = type(self.backend).from_str(self.backend.to_str())
+        plain.encode_special_tokens = True
+        return plain
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike) -> HFTokenizer:
@@ -224,7 +231,7 @@ def _id_list(value, origin: str) -> list[int]:
     return list(values)
 
 
-def _add_declared_tokens(backend, plain_backend, config: Mapping, origin: str) -> None:
+def _add_declared_tokens(backend, config: Mapping, origin: str) -> None:
     """Add tokenizer_config.json's ``added_tokens_decoder`` entries that tokenizer.json lacks (as
     transformers does), each at the id the config gives it."""
     from tokenizers import AddedToken
@@ -245,5 +252,4 @@ def _add_declared_tokens(backend, plain_backend, config: Mapping, origin: str) -
                             f"{where}")
         options = {k: bool(entry.get(k, False)) for k in ("single_word", "lstrip", "rstrip", "normalized")}
         token = AddedToken(content, **options, special=bool(entry.get("special", False)))
-        for b in (backend, plain_backend):
-            (b.add_special_tokens if token.special else b.add_tokens)([token])
+        (backend.add_special_tokens if token.special else backend.add_tokens)([token])
