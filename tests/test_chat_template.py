@@ -320,9 +320,10 @@ def test_templates_that_reach_python_internals_are_refused(tmp_path, folders, te
 def hf_chat_folder(folder, tokenizer_folder):
     """A tiny random GPT2LMHeadModel saved by transformers beside the Qwen3-style tokenizer files.
 
-    Its <|endoftext|> (a stop token of generation_config.json) has 3x the output embedding of the
-    token greedy decoding picks at the 3rd step of the first answer, so the answer ends there (or
-    sooner): a stop the model really produces, not one forced by the test.
+    Its <|endoftext|> (a stop token of generation_config.json) has 1.05x the output embedding of the
+    token greedy decoding picks at the 3rd step of the first answer, so that answer ends there (or
+    sooner), and later ones wherever the model prefers that token: stops the model really produces,
+    not ones forced by the test.
     """
     folder.mkdir(parents=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
@@ -330,55 +331,58 @@ def hf_chat_folder(folder, tokenizer_folder):
     hf_tok = oracle(folder)
     torch.manual_seed(0)
     end = hf_tok.eos_token_id
+    # (weights wider than GPT-2's 0.02, so that greedy answers vary instead of repeating one token)
     config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=len(hf_tok), n_positions=256,
-                                     bos_token_id=end, eos_token_id=end)
+                                     bos_token_id=end, eos_token_id=end, initializer_range=0.5)
     model = transformers.GPT2LMHeadModel(config).eval()
-    ids = torch.tensor([hf_tok.encode(ids_text(hf_tok, CHAT[1:2]), add_special_tokens=False)])
+    ids = torch.tensor([hf_tok.encode(rendered(hf_tok, CHAT[1:2]), add_special_tokens=False)])
     with torch.no_grad():
         for _ in range(3):
             logits = model(ids).logits[0, -1]
             ids = torch.cat([ids, logits.argmax().view(1, 1)], dim=1)
         assert logits.max() > 0
         end_of_text = hf_tok.convert_tokens_to_ids("<|endoftext|>")
-        model.transformer.wte.weight[end_of_text] = 3 * model.transformer.wte.weight[int(ids[0, -1])]
+        model.transformer.wte.weight[end_of_text] = 1.05 * model.transformer.wte.weight[int(ids[0, -1])]
     model.save_pretrained(folder)
     stops = [hf_tok.convert_tokens_to_ids("<|im_end|>"), end_of_text]
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": stops}))
     return model, hf_tok, stops
 
 
-def ids_text(hf_tok, messages):
+def rendered(hf_tok, messages):
     return hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def hf_answer(model, hf_tok, messages, stops, max_new_tokens=12):
+    """transformers' greedy answer to the conversation (without its stop token) and its length."""
+    ids = hf_tok.encode(rendered(hf_tok, messages), add_special_tokens=False)
+    out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+                         pad_token_id=stops[-1])[0, len(ids):].tolist()
+    return hf_tok.decode(out[:-1] if out[-1] in stops else out), len(out)
 
 
 def test_buildllm_chat_uses_the_template_keeps_the_conversation_and_stops_at_end_of_turn(
         tmp_path, folders, capsys, monkeypatch):
     model, hf_tok, stops = hf_chat_folder(tmp_path / "model", folders["qwen"])
-    turns, messages, expected, lengths = ["Héllo! What is 2+2?", "And 日本語?"], [], "", []
-    for turn in turns:  # what transformers generates for the same conversation
+    turns, messages, answers = ["Héllo! What is 2+2?", "And 日本語?"], [], []
+    for turn in turns:  # what transformers answers in the same conversation
         messages.append({"role": "user", "content": turn})
-        ids = hf_tok.encode(ids_text(hf_tok, messages), add_special_tokens=False)
-        out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=stops,
-                             pad_token_id=stops[-1])[0, len(ids):].tolist()
-        lengths.append(len(out))
-        answer = hf_tok.decode(out[:-1] if out[-1] in stops else out)
+        answer, length = hf_answer(model, hf_tok, messages, stops)
         messages.append({"role": "assistant", "content": answer})
-        expected += answer + "\n"
-    assert lengths[0] <= 3  # the first answer ended at a stop token, well before max_new_tokens
+        answers.append(answer)
+        if turn == turns[0]:
+            assert length <= 3  # the first answer ended at a stop token, well before max_new_tokens
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(turns) + "\n"))
     assert cli.main(["chat", "--model", str(tmp_path / "model"), "--max-new-tokens", "12"]) == 0
-    assert capsys.readouterr().out == expected
+    assert capsys.readouterr().out == answers[0] + "\n" + answers[1] + "\n"
 
-    # /reset forgets the conversation: the second question alone gets its own first answer
+    # /reset forgets the conversation: the second question alone gets another answer
+    alone, _ = hf_answer(model, hf_tok, [{"role": "user", "content": turns[1]}], stops)
+    assert answers[1] and alone != answers[1]
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{turns[0]}\n/reset\n{turns[1]}\n"))
     assert cli.main(["chat", "--model", str(tmp_path / "model"), "--max-new-tokens", "12"]) == 0
-    fresh = hf_tok.encode(ids_text(hf_tok, [{"role": "user", "content": turns[1]}]), add_special_tokens=False)
-    out = model.generate(torch.tensor([fresh]), max_new_tokens=12, do_sample=False, eos_token_id=stops,
-                         pad_token_id=stops[-1])[0, len(fresh):].tolist()
-    second = hf_tok.decode(out[:-1] if out[-1] in stops else out)
-    assert capsys.readouterr().out == expected.split("\n")[0] + "\n" + second + "\n"
-    assert isinstance(get_tokenizer(tmp_path / "model"), HFTokenizer)
+    assert capsys.readouterr().out == answers[0] + "\n" + alone + "\n"
 
 
 def test_buildllm_generate_on_a_hugging_face_folder_starts_with_bos(tmp_path, folders, capsys):
