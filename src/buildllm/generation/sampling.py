@@ -108,9 +108,10 @@ def stream(
     are left-padded, and the padding is masked out, so each row gives what it would alone).
     Prompts longer than the context window are cropped from the left, with a warning.
     ``eos_id``: the token that ends a row, or several (any of them ends it). A row that has produced
-    one keeps yielding that token, and the stream ends once every row has. Settings are checked here, before the first token is asked for. The model
-    runs in eval mode under ``torch.inference_mode`` while the stream does; its training mode comes
-    back when the stream ends or is closed.
+    one keeps yielding that token, and the stream ends once every row has. Settings are checked
+    here, before the first token is asked for. The model runs in eval mode under
+    ``torch.inference_mode`` while the stream does; its training mode comes back when the stream
+    ends or is closed.
     """
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     tokens, padding = _left_pad(_rows(idx), model.cfg.context_length, _device_of(model))
@@ -202,8 +203,8 @@ def generate(
     ``max_new_tokens`` or fewer if every row produced a stop token (``eos_id``: one id or several)
     earlier; finished rows are padded with the stop token they produced. For a list of token-id
     lists: a list of lists, each its prompt plus its new tokens, ending at (and including) its first
-    stop token, with no padding. The prompt comes back
-    whole even when the model only saw its last ``context_length`` tokens.
+    stop token, with no padding. The prompt comes back whole even when the model only saw its last
+    ``context_length`` tokens.
     """
     steps = list(stream(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator))
     batch = len(idx)
@@ -256,9 +257,9 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     ``<|begin_of_text|>``, as transformers' ``encode`` adds it), then the text. An empty prompt
     without one starts from ``<|endoftext|>``, GPT-2's "beginning of a document".
     """
-    ids = tokenizer.encode(prompt)
+    ids = tokenizer.encode(prompt)  # (special tokens spelled in the text stay text: never a second bos)
     bos = getattr(tokenizer, "bos_id", None)
-    if bos is not None and (not ids or ids[0] != bos):
+    if bos is not None:
         ids = [bos, *ids]
     return ids or [tokenizer.eot_id]
 
