@@ -178,9 +178,7 @@ def _plain(value):
     object with methods of its own is handed to untrusted code."""
     if value is None or type(value) in (str, int, float, bool):
         return value
-    if isinstance(value, bool):
-        return bool(value)
-    if isinstance(value, str):
+    if isinstance(value, str):  # a subclass (an enum, say) may carry methods of its own: keep the value
         return str.__str__(value)
     if isinstance(value, int):
         return int.__int__(value)
