@@ -32,3 +32,12 @@ def test_instruction_model_gets_its_template_turn_by_turn():
 def test_bad_messages_are_named(bad):
     with pytest.raises(UserError, match="messages"):
         chat_prompt(bad, get_tokenizer("gpt2"))
+
+
+def test_chat_ids_of_a_layout_without_a_chat_template_are_its_plain_text():
+    """Only a chat template's text holds control tokens; a transcript that quotes one stays text."""
+    from buildllm.generation.chat import chat_ids
+
+    tok = get_tokenizer("gpt2")
+    text = chat_prompt([{"role": "user", "content": "say <|endoftext|>"}], tok)
+    assert chat_ids(text, tok) == tok.encode(text) and tok.eot_id not in chat_ids(text, tok)

@@ -2,7 +2,8 @@
 
 The package follows the pipeline, one module per stage:
 
-    tokenizer   text to token ids (word-level, GPT-2 BPE, BPE trained on your corpus)
+    tokenizer   text to token ids (word-level, GPT-2 BPE, BPE trained on your corpus, Hugging
+                Face tokenizer.json with its chat template)
     data        token ids to (input, target) training pairs; memory-mapped shards for big corpora
     models      the architectures (GPT-2, ...) behind one registry: build, presets, counts
     training    pretraining loop, checkpoints, resume, many GPUs through torchrun
@@ -30,6 +31,8 @@ _EXPORTS = {
     "BPETokenizer": "tokenizer",
     "get_tokenizer": "tokenizer",
     "train_bpe": "tokenizer",
+    "HFTokenizer": "tokenizer",
+    "ChatTemplate": "chat_template",
     "SlidingWindowDataset": "data.windows",
     "create_dataloader": "data.windows",
     "prepare_corpus": "data.prepare",
@@ -95,6 +98,9 @@ _EXPORTS = {
     "stream_text": "generation.sampling",
     "sample_next_token": "generation.sampling",
     "detokenize": "generation.sampling",
+    "prompt_ids": "generation.sampling",
+    "chat_prompt": "generation.chat",
+    "chat_ids": "generation.chat",
     "Int8Linear": "generation.quantization",
     "Int4Linear": "generation.quantization",
     "quantize": "generation.quantization",

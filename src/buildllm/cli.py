@@ -226,12 +226,13 @@ def _sampler(args, model):
             "top_p": args.top_p, "use_cache": args.cache, "generator": generator}
 
 
-def _print_continuation(model, tokenizer, prompt: str, sampler: dict, stop: str | None = None) -> None:
-    """Print the model's continuation of ``prompt`` as it is produced, then a newline.
+def _print_continuation(model, tokenizer, prompt, sampler: dict, stop=None) -> str:
+    """Print the model's continuation of ``prompt`` (text or token ids) as it is produced, then a
+    newline; return the text printed.
 
-    With ``stop``, the text is cut where ``stop`` first appears. A stop string can arrive split over
-    several pieces, so the last ``len(stop) - 1`` characters are held back until it is clear they
-    do not begin it.
+    With ``stop`` (a string or several), the text is cut where a stop string first appears. A stop
+    string can arrive split over several pieces, so the last characters (one fewer than the longest
+    stop string has) are held back until it is clear they do not begin one.
     """
     import warnings
 
@@ -240,21 +241,23 @@ def _print_continuation(model, tokenizer, prompt: str, sampler: dict, stop: str 
     def plain(message, category, *rest, **kw):  # like errors: one line, no source location
         print(f"warning: {message}", file=sys.stderr)
 
-    pending = ""
+    stops = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
+    hold = max((len(s) for s in stops), default=1) - 1
+    pending, printed = "", []
     with warnings.catch_warnings():
         warnings.showwarning = plain
         for piece in stream_text(model, tokenizer, prompt, **sampler):
-            if not stop:
-                print(piece, end="", flush=True)
-                continue
             pending += piece
-            if stop in pending:
-                pending = pending[: pending.index(stop)]
+            found = [pending.index(s) for s in stops if s in pending]
+            if found:
+                pending = pending[: min(found)]
                 break
-            cut = max(0, len(pending) - (len(stop) - 1))
+            cut = max(0, len(pending) - hold)
+            printed.append(pending[:cut])
             print(pending[:cut], end="", flush=True)
             pending = pending[cut:]
     print(pending, flush=True)
+    return "".join(printed) + pending
 
 
 def add_generate(sub) -> None:
@@ -285,29 +288,39 @@ def run_generate(args) -> int:
 
 
 def add_chat(sub) -> None:
-    p = sub.add_parser("chat", help="an interactive prompt loop (type /quit or end input to leave)",
-                       description="Read one prompt per line from stdin and print the model's answer. "
-                       "Instruction-tuned models (buildllm finetune instruct) wrap each line in their prompt "
-                       "template and print only the response; base models continue the line's text.")
+    p = sub.add_parser("chat", help="an interactive conversation (type /reset to start over, /quit or end "
+                       "input to leave)",
+                       description="Read one message per line from stdin and print the model's answer. A chat "
+                       "model (a tokenizer with a chat template, e.g. Llama 3 or Qwen3 Instruct) and an "
+                       "instruction-tuned model (buildllm finetune instruct) keep the conversation, lay it out "
+                       "in their template and print only the answer, which ends at the model's end-of-turn "
+                       "token; base models continue each line's text.")
     _model_options(p, SamplingOptions)
     p.set_defaults(run=run_chat)
 
 
 def run_chat(args) -> int:
     from buildllm.finetune.instruct import PromptTemplate
+    from buildllm.generation.chat import chat_ids, chat_prompt, stop_strings
     from buildllm.generation.sampling import check_sampling
 
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
     loaded = _load_for_inference(args)
     model, tokenizer = loaded
-    template = None  # a base model: chat continues the text as it is typed
-    if loaded.prompt_template is not None:  # an instruction model: its template wraps each line
+    template = None
+    if loaded.prompt_template is not None:  # an instruction model: its template wraps each turn
         template = PromptTemplate.from_dict(loaded.prompt_template, f"{args.model}/prompt_template.json")
+    # A base model has learned no turns: chat continues the text as it is typed, one line at a time.
+    conversational = tokenizer.chat_template is not None or template is not None
+    stops = [*stop_strings(tokenizer, template), args.stop] if conversational else [args.stop]
     sampler = _sampler(args, model)
     interactive = sys.stdin.isatty()
     if interactive:
-        kind = f"instruction model ({template.name} template)" if template else "base model: it continues your text"
-        print(f"{kind}; /quit or Ctrl-D to leave", file=sys.stderr)
+        kind = ("chat model (its chat template)" if tokenizer.chat_template is not None
+                else f"instruction model ({template.name} template)" if template
+                else "base model: it continues your text")
+        print(f"{kind}; /reset starts over, /quit or Ctrl-D leaves", file=sys.stderr)
+    messages: list[dict] = []
     while True:
         if interactive:
             print("> ", end="", flush=True)
@@ -315,10 +328,18 @@ def run_chat(args) -> int:
         if not line or line.strip() == "/quit":  # "" is end of input
             return 0
         line = line.rstrip("\r\n")
+        if line.strip() == "/reset":
+            messages = []
+            continue
         if not line.strip():
             continue
-        prompt = template.format(line) if template else line
-        _print_continuation(model, tokenizer, prompt, sampler, args.stop)
+        if not conversational:
+            _print_continuation(model, tokenizer, line, sampler, stops)
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = chat_ids(chat_prompt(messages, tokenizer, template), tokenizer)
+        answer = _print_continuation(model, tokenizer, prompt, sampler, stops)
+        messages.append({"role": "assistant", "content": answer})
 
 
 def add_convert(sub) -> None:

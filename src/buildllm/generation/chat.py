@@ -7,8 +7,9 @@ as in OpenAI's API. Three kinds of model lay it out three ways:
     an instruction model                its prompt template (Alpaca, Phi-3, ...), one turn after another
     a base model                        a plain transcript ("User: ...\\nAssistant:") that it continues
 
-``chat_prompt`` and ``stop_ids`` are the one place that decides; ``buildllm chat`` and ``buildllm
-serve`` both use them.
+``chat_prompt`` lays it out, ``chat_ids`` turns that text into the model's token ids, and
+``stop_ids`` (the decoding loop's own, from ``sampling``) and ``stop_strings`` say where the answer
+ends: the one place that decides, for ``buildllm chat`` and ``buildllm serve`` both.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from buildllm.errors import UserError
+from buildllm.generation.sampling import prompt_ids, stop_ids
+
+__all__ = ["chat_ids", "chat_prompt", "check_messages", "prompt_ids", "stop_ids", "stop_strings"]
 
 ROLES = ("system", "user", "assistant")
 # A base model has learned no turns; it continues a transcript, and this is where its turn ends.
@@ -48,6 +52,19 @@ def chat_prompt(messages: Sequence[dict], tokenizer, prompt_template=None, add_g
     if prompt_template is not None:
         return _instruction_prompt(messages, prompt_template, add_generation_prompt)
     return _transcript(messages, add_generation_prompt)
+
+
+def chat_ids(prompt: str, tokenizer) -> list[int]:
+    """The token ids of ``chat_prompt``'s text.
+
+    A chat template writes its control tokens (``<|im_start|>``, ``<|eot_id|>``, the bos token) as
+    text, so they are encoded as the tokens they name and nothing is added in front, as transformers'
+    ``apply_chat_template(..., tokenize=True)`` does. The other layouts are plain text, started
+    like any prompt (``prompt_ids``).
+    """
+    if getattr(tokenizer, "chat_template", None) is not None:
+        return tokenizer.encode(prompt, allowed_special="all") or [tokenizer.eot_id]
+    return prompt_ids(tokenizer, prompt)
 
 
 def _instruction_prompt(messages: list[dict], template, add_generation_prompt: bool) -> str:
@@ -83,10 +100,3 @@ def stop_strings(tokenizer, prompt_template=None) -> list[str]:
     if getattr(tokenizer, "chat_template", None) is not None or prompt_template is not None:
         return []
     return [TRANSCRIPT_STOP]
-
-
-def stop_ids(tokenizer) -> tuple[int, ...]:
-    """The token ids that end an answer: the tokenizer's end-of-turn tokens (several for Llama 3)
-    when it names them, else its end-of-text token."""
-    ids = getattr(tokenizer, "stop_ids", None)
-    return tuple(ids) if ids else (tokenizer.eot_id,)

@@ -18,8 +18,9 @@ context window.
 from __future__ import annotations
 
 import math
+import operator
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from itertools import takewhile
 
 import torch
@@ -28,6 +29,7 @@ from torch import nn
 from buildllm.errors import UserError
 
 Prompt = torch.Tensor | Sequence[Sequence[int]]
+StopIds = int | Collection[int]  # one token that ends a text, or several (Llama 3 Instruct has three)
 
 # Tokens of already-printed text decoded again with the new ones (see ``detokenize``).
 DETOKENIZE_CONTEXT = 4
@@ -96,7 +98,7 @@ def stream(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_id: int | None = None,
+    eos_id: StopIds | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
 ) -> Iterator[torch.Tensor]:
@@ -105,21 +107,24 @@ def stream(
     ``idx``: a ``(batch, tokens)`` LongTensor, or a list of token-id lists of any lengths (they
     are left-padded, and the padding is masked out, so each row gives what it would alone).
     Prompts longer than the context window are cropped from the left, with a warning.
-    With ``eos_id``, a row that has produced it keeps yielding ``eos_id``, and the stream ends
-    once every row has. Settings are checked here, before the first token is asked for. The model
-    runs in eval mode under ``torch.inference_mode`` while the stream does; its training mode comes
-    back when the stream ends or is closed.
+    ``eos_id``: the token that ends a row, or several (any of them ends it). A row that has produced
+    one keeps yielding that token, and the stream ends once every row has. Settings are checked
+    here, before the first token is asked for. The model runs in eval mode under
+    ``torch.inference_mode`` while the stream does; its training mode comes back when the stream
+    ends or is closed.
     """
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     tokens, padding = _left_pad(_rows(idx), model.cfg.context_length, _device_of(model))
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= model.cfg.vocab_size):
         raise UserError(f"prompt token ids must be in [0, {model.cfg.vocab_size}) for this model's vocabulary")
+    stops = _stop_set(eos_id)
+    stops = torch.tensor(sorted(stops), device=tokens.device) if stops else None
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "generator": generator}
-    return _decode(model, tokens, padding, max_new_tokens, sampling, eos_id, use_cache)
+    return _decode(model, tokens, padding, max_new_tokens, sampling, stops, use_cache)
 
 
 @torch.inference_mode()  # wraps a generator: active only while the loop runs, not in the caller
-def _decode(model, prompt, padding, max_new_tokens, sampling, eos_id, use_cache) -> Iterator[torch.Tensor]:
+def _decode(model, prompt, padding, max_new_tokens, sampling, stops, use_cache) -> Iterator[torch.Tensor]:
     """The loop behind ``stream``: prefill, then sample, append and step one token at a time.
 
     Past the context window. GPT-2 learns an embedding per *absolute* position (wpe), and the
@@ -158,19 +163,20 @@ def _decode(model, prompt, padding, max_new_tokens, sampling, eos_id, use_cache)
                 return model(tokens[:, start:n], kv_cache=cache, padding=mask)[:, -1]
             return model(tokens[:, start:n], padding=mask)[:, -1]
 
-        finished = torch.zeros(batch, dtype=torch.bool, device=prompt.device) if eos_id is not None else None
+        finished = torch.zeros(batch, dtype=torch.bool, device=prompt.device) if stops is not None else None
         n = prompt_length
         logits = window_logits(n)
         for step in range(max_new_tokens):
             next_token = sample_next_token(logits, **sampling)
             if finished is not None:
-                next_token.masked_fill_(finished, eos_id)  # finished rows are padded with eos
-                finished |= next_token == eos_id
+                # a finished row repeats the stop token it ended with (its padding)
+                next_token = torch.where(finished, tokens[:, n - 1], next_token)
+                finished |= torch.isin(next_token, stops)
             tokens[:, n] = next_token
             n += 1
             yield next_token
             if step + 1 == max_new_tokens or (finished is not None and bool(finished.all())):
-                return  # (the only host sync per step, and only with eos_id)
+                return  # (the only host sync per step, and only with stop tokens)
             if cache is not None and n <= cache.max_length:
                 logits = model(tokens[:, n - 1 : n], kv_cache=cache)[:, -1]  # one new position
             else:
@@ -187,27 +193,29 @@ def generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_id: int | None = None,
+    eos_id: StopIds | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor | list[list[int]]:
     """The prompt followed by up to ``max_new_tokens`` generated tokens.
 
     For a ``(batch, tokens)`` tensor: a ``(batch, tokens + steps)`` LongTensor, where ``steps`` is
-    ``max_new_tokens`` or fewer if every row produced ``eos_id`` earlier (finished rows are padded
-    with ``eos_id``). For a list of token-id lists: a list of lists, each its prompt plus its new
-    tokens, ending at (and including) its first ``eos_id``, with no padding. The prompt comes back
-    whole even when the model only saw its last ``context_length`` tokens.
+    ``max_new_tokens`` or fewer if every row produced a stop token (``eos_id``: one id or several)
+    earlier; finished rows are padded with the stop token they produced. For a list of token-id
+    lists: a list of lists, each its prompt plus its new tokens, ending at (and including) its first
+    stop token, with no padding. The prompt comes back whole even when the model only saw its last
+    ``context_length`` tokens.
     """
     steps = list(stream(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator))
     batch = len(idx)
     new = torch.stack(steps, dim=1) if steps else torch.empty(batch, 0, dtype=torch.long)
     if isinstance(idx, torch.Tensor):
         return torch.cat([idx, new.to(idx.device)], dim=1)
-    out = []
+    stops, out = _stop_set(eos_id), []
     for prompt, row in zip(idx, new.tolist()):
-        if eos_id is not None and eos_id in row:
-            row = row[: row.index(eos_id) + 1]
+        end = next((i for i, t in enumerate(row) if t in stops), None)
+        if end is not None:
+            row = row[: end + 1]
         out.append([int(t) for t in prompt] + row)
     return out
 
@@ -242,10 +250,31 @@ def detokenize(tokenizer, ids: Iterable[int], context: Sequence[int] = ()) -> It
             yield text[keep:]
 
 
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The token ids a text prompt starts the model from.
+
+    The tokenizer's beginning-of-text token comes first when it has one (``bos_id``: Llama's
+    ``<|begin_of_text|>``, as transformers' ``encode`` adds it), then the text. An empty prompt
+    without one starts from ``<|endoftext|>``, GPT-2's "beginning of a document".
+    """
+    ids = tokenizer.encode(prompt)  # (special tokens spelled in the text stay text: never a second bos)
+    bos = getattr(tokenizer, "bos_id", None)
+    if bos is not None:
+        ids = [bos, *ids]
+    return ids or [tokenizer.eot_id]
+
+
+def stop_ids(tokenizer) -> tuple[int, ...]:
+    """The token ids that end an answer: the tokenizer's end-of-turn tokens (several for Llama 3)
+    when it names them, else its end-of-text token."""
+    ids = getattr(tokenizer, "stop_ids", None)
+    return tuple(ids) if ids else (tokenizer.eot_id,)
+
+
 def stream_text(
     model: nn.Module,
     tokenizer,
-    prompt: str,
+    prompt: str | Sequence[int],
     max_new_tokens: int,
     temperature: float = 0.0,
     top_k: int | None = None,
@@ -256,19 +285,33 @@ def stream_text(
 ) -> Iterator[str]:
     """Continue ``prompt``, yielding the new text piece by piece as the model produces it.
 
-    Stops at the tokenizer's ``<|endoftext|>`` (which is not shown) unless ``stop_at_eot`` is
-    False. An empty prompt starts from ``<|endoftext|>``, GPT-2's "beginning of a document".
+    ``prompt``: text (encoded by ``prompt_ids``), or token ids taken as they are (a chat prompt's,
+    see ``generation.chat.chat_ids``). Stops at the tokenizer's stop tokens (which are not shown:
+    ``<|endoftext|>``, or a chat model's end-of-turn tokens) unless ``stop_at_eot`` is False.
     """
-    ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
-    eot = tokenizer.eot_id if stop_at_eot else None
-    steps = stream(model, [ids], max_new_tokens, temperature, top_k, top_p, eot, use_cache, generator)
+    ids = prompt_ids(tokenizer, prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+    stops = stop_ids(tokenizer) if stop_at_eot else None
+    steps = stream(model, [ids], max_new_tokens, temperature, top_k, top_p, stops, use_cache, generator)
     new_ids = (int(step[0]) for step in steps)
-    if eot is not None:
-        new_ids = takewhile(lambda t: t != eot, new_ids)
+    if stops is not None:
+        new_ids = takewhile(lambda t: t not in stops, new_ids)
     return detokenize(tokenizer, new_ids, context=ids)
 
 
 # Helpers -----------------------------------------------------------------------------------------
+
+
+def _stop_set(eos_id: StopIds | None) -> frozenset[int]:
+    """``eos_id`` (None, one id, or a collection of ids) as a set of ids."""
+    if isinstance(eos_id, torch.Tensor):
+        eos_id = eos_id.tolist()
+    ids = () if eos_id is None else tuple(eos_id) if isinstance(eos_id, Collection) else (eos_id,)
+    try:
+        if any(isinstance(i, bool) for i in ids):
+            raise TypeError
+        return frozenset(operator.index(i) for i in ids)
+    except TypeError:
+        raise UserError(f"eos_id must be a token id or a collection of token ids, got {eos_id!r}") from None
 
 
 def _rows(idx: Prompt) -> list[list[int]] | torch.Tensor:

@@ -194,12 +194,17 @@ def _finish(model, tokenizer, directory: Path, quantize, **extra) -> LoadedModel
 
 
 def tokenizer_for(directory: Path, vocab_size: int | None, name: str = TOKENIZER) -> Tokenizer | None:
-    """The tokenizer saved with the weights as ``name``, else GPT-2's when ``vocab_size`` has room
+    """The tokenizer saved with the weights as ``name``; else, in a Hugging Face folder (``name`` is
+    buildllm_tokenizer.json), the folder's own tokenizer.json, read with the tokenizer_config.json,
+    generation_config.json and chat template beside it; else GPT-2's when ``vocab_size`` has room
     for it (the vocabulary rule below), else None."""
     from buildllm.tokenizer import get_tokenizer
+    from buildllm.tokenizer.huggingface import TOKENIZER_JSON
 
-    if (directory / name).is_file():
-        return get_tokenizer(directory / name)
+    names = [name, TOKENIZER_JSON] if name == HF_TOKENIZER else [name]
+    for candidate in names:
+        if (directory / candidate).is_file():
+            return get_tokenizer(directory / candidate)  # buildllm's own or Hugging Face's, by its content
     if vocab_size is None:
         return None
     gpt2 = get_tokenizer("gpt2")

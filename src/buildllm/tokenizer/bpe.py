@@ -1,195 +1,28 @@
-"""Stage 1 of the pipeline: text to token ids, and back.
+"""Byte-level BPE through tiktoken: GPT-2's own (offline), or one trained on your corpus.
 
-Three tokenizers share one small interface (``Tokenizer``): ``encode(text) -> list[int]``,
-``decode(ids) -> str``, ``vocab_size``, ``eot_id``, ``save(path)`` and ``Tokenizer.load(path)``.
-
-* ``WordTokenizer``: the book's first tokenizer (chapter 2). A regex splits text into words and
-  punctuation, the vocabulary is every distinct piece of a corpus plus ``<|endoftext|>`` and
-  ``<|unk|>``. Easy to read, but it cannot represent words it has never seen.
-* ``get_tokenizer("gpt2")``: GPT-2's byte-level BPE (50,257 tokens) run by tiktoken, built offline
-  from the merge ranks shipped in ``assets/`` (their sha256 is checked on every load).
+* GPT-2's own (``get_tokenizer("gpt2")``): the ranks shipped in ``assets/`` (see ``__init__``).
 * ``train_bpe(text, vocab_size)``: byte-level BPE learned from your own corpus with GPT-2's
   pre-tokenization, then handed to tiktoken for fast encoding. Byte-level means every string,
   emoji and control characters included, round-trips exactly.
-
-Special tokens: text that merely *looks like* ``<|endoftext|>`` is encoded as ordinary text unless the
-caller allows it (``allowed_special={"<|endoftext|>"}`` or ``"all"``). That way a document that
-quotes the marker can never inject a control token, and encoding user text never raises.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import heapq
-import json
-import os
-import re
+import itertools
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
-from pathlib import Path
-from typing import AbstractSet, Literal, Union
 
 import tiktoken
 
 from buildllm.errors import UserError
-from buildllm.files import atomic_write_bytes
-
-EOT = "<|endoftext|>"
-UNK = "<|unk|>"
+from buildllm.tokenizer.base import EOT, AllowedSpecial, Tokenizer, _checked
 
 # GPT-2's pre-tokenization: contractions, letters, digits, other symbols, whitespace. BPE merges never
 # cross these pieces, so " the" and "the." stay apart.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-GPT2_RANKS_PATH = Path(__file__).parent / "assets" / "gpt2.tiktoken"
-GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
-BUILTIN_NAMES = ("gpt2",)
-
-AllowedSpecial = Union[AbstractSet[str], Literal["all"]]
-
-
-class Tokenizer:
-    """What every tokenizer offers. Subclasses implement encode, decode and ``to_dict``."""
-
-    name: str
-    vocab_size: int
-    eot_id: int
-    special_tokens: dict[str, int]
-
-    def encode(self, text: str, allowed_special: AllowedSpecial = frozenset()) -> list[int]:
-        raise NotImplementedError
-
-    def decode(self, ids: Iterable[int]) -> str:
-        raise NotImplementedError
-
-    def encode_batch(
-        self, texts: Sequence[str], allowed_special: AllowedSpecial = frozenset()
-    ) -> list[list[int]]:
-        return [self.encode(t, allowed_special) for t in texts]
-
-    def to_dict(self) -> dict:
-        raise NotImplementedError
-
-    def fingerprint(self) -> str:
-        """sha256 of the saved form: two tokenizers with the same fingerprint encode identically."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.sha256(blob).hexdigest()
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the tokenizer as one JSON file (atomically); ``Tokenizer.load`` reads it back."""
-        path = Path(path)
-        atomic_write_bytes(path, json.dumps(self.to_dict(), ensure_ascii=False).encode("utf-8"))
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> Tokenizer:
-        """Load any saved tokenizer (a tokenizer.json, or a folder holding one)."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / "tokenizer.json"
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UserError(f"no tokenizer at {path}: give a saved tokenizer.json") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"cannot read tokenizer {path}: {e}") from None
-        kind = data.get("type") if isinstance(data, dict) else None
-        loaders = {"word": WordTokenizer._from_dict, "gpt2": lambda d: gpt2_tokenizer(),
-                   "bpe": BPETokenizer._from_dict}
-        if kind not in loaders:
-            raise UserError(f"{path} is not a buildllm tokenizer (type {kind!r}); expected one of "
-                            f"{', '.join(loaders)}")
-        try:
-            tok = loaders[kind](data)
-        except (KeyError, TypeError, ValueError) as e:
-            raise UserError(f"tokenizer file {path} is damaged: {e!r}") from None
-        if not isinstance(tok, cls):
-            raise UserError(f"{path} holds a {type(tok).__name__}, not a {cls.__name__}")
-        return tok
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size})"
-
-
-def _checked(ids: Iterable[int], vocab_size: int) -> list[int]:
-    ids = [int(i) for i in ids]
-    if ids and not 0 <= min(ids) <= max(ids) < vocab_size:
-        bad = next(i for i in ids if not 0 <= i < vocab_size)
-        raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
-    return ids
-
-
-def _allowed_set(allowed_special: AllowedSpecial, specials: dict[str, int]) -> AbstractSet[str]:
-    if allowed_special == "all":
-        return specials.keys()
-    return allowed_special
-
-
-# Word tokenizer (the book's chapter 2) -----------------------------------------------------------
-
-# Split on punctuation, "--" and whitespace, keeping the separators (the capture group) so that
-# punctuation becomes tokens of its own.
-WORD_SPLIT = re.compile(r'([,.:;?_!"()\']|--|\s)')
-# Undo the spaces that " ".join puts before punctuation.
-WORD_JOIN = re.compile(r'\s+([,.:;?!"()\'])')
-
-
-class WordTokenizer(Tokenizer):
-    """A vocabulary of whole words and punctuation; anything unseen becomes ``<|unk|>``."""
-
-    def __init__(self, vocab: Sequence[str], name: str = "word"):
-        if len(set(vocab)) != len(vocab):
-            raise ValueError("vocabulary has duplicate entries")
-        if EOT not in vocab or UNK not in vocab:
-            raise ValueError(f"vocabulary must contain {EOT} and {UNK}")
-        self.name = name
-        self.id_to_token = list(vocab)
-        self.token_to_id = {t: i for i, t in enumerate(self.id_to_token)}
-        self.vocab_size = len(self.id_to_token)
-        self.eot_id = self.token_to_id[EOT]
-        self.unk_id = self.token_to_id[UNK]
-        self.special_tokens = {EOT: self.eot_id, UNK: self.unk_id}
-
-    @staticmethod
-    def split(text: str) -> list[str]:
-        """The book's pre-processing: words and punctuation, whitespace dropped."""
-        return [piece for piece in WORD_SPLIT.split(text) if piece.strip()]
-
-    @classmethod
-    def from_text(cls, text: str | Iterable[str], name: str = "word") -> WordTokenizer:
-        """Vocabulary = the sorted distinct pieces of ``text`` (or of each text), then EOT and UNK."""
-        texts = [text] if isinstance(text, str) else text
-        words: set[str] = set()
-        for t in texts:
-            words.update(cls.split(t))
-        words -= {EOT, UNK}
-        return cls([*sorted(words), EOT, UNK], name=name)
-
-    def encode(self, text: str, allowed_special: AllowedSpecial = frozenset()) -> list[int]:
-        allowed = _allowed_set(allowed_special, self.special_tokens)
-        ids = []
-        for piece in self.split(text):
-            if piece in self.special_tokens and piece not in allowed:
-                # a disallowed special is not a word of the corpus either
-                ids.append(self.unk_id)
-            else:
-                ids.append(self.token_to_id.get(piece, self.unk_id))
-        return ids
-
-    def decode(self, ids: Iterable[int]) -> str:
-        text = " ".join(self.id_to_token[i] for i in _checked(ids, self.vocab_size))
-        return WORD_JOIN.sub(r"\1", text)
-
-    def to_dict(self) -> dict:
-        return {"type": "word", "name": self.name, "vocab": self.id_to_token}
-
-    @classmethod
-    def _from_dict(cls, data: dict) -> WordTokenizer:
-        return cls(data["vocab"], name=data.get("name", "word"))
-
-
-# Byte-level BPE through tiktoken ---------------------------------------------------------------
 
 
 class BPETokenizer(Tokenizer):
@@ -198,6 +31,8 @@ class BPETokenizer(Tokenizer):
     ``mergeable_ranks`` maps each token's bytes to its id; lower ids were merged earlier. tiktoken
     (Rust, multi-threaded for batches) does the actual encoding.
     """
+
+    kinds = ("bpe",)
 
     def __init__(
         self,
@@ -314,7 +149,7 @@ def _last_merge(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
     limit = ranks[token]
     while len(parts) > 2:
         # Apply the best-ranked merge that existed before this token did.
-        rank, i = min((ranks.get(a + b, limit), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
+        rank, i = min((ranks.get(a + b, limit), i) for i, (a, b) in enumerate(itertools.pairwise(parts)))
         if rank >= limit:
             break
         parts[i : i + 2] = [parts[i] + parts[i + 1]]
@@ -322,52 +157,6 @@ def _last_merge(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
         raise ValueError(f"token {token!r} is not the merge of two earlier tokens")
     return parts[0], parts[1]
 
-
-def load_gpt2_ranks(path: str | os.PathLike) -> dict[bytes, int]:
-    """Read a ``.tiktoken`` ranks file (``base64(token) rank`` per line) after checking its sha256."""
-    path = Path(path)
-    try:
-        blob = path.read_bytes()
-    except OSError as e:
-        raise UserError(f"cannot read GPT-2 ranks {path}: {e.strerror}; reinstall buildllm") from None
-    digest = hashlib.sha256(blob).hexdigest()
-    if digest != GPT2_RANKS_SHA256:
-        raise UserError(
-            f"GPT-2 ranks {path} have sha256 {digest[:16]}..., expected {GPT2_RANKS_SHA256[:16]}...: "
-            "the file is damaged or replaced; reinstall buildllm"
-        )
-    ranks = {}
-    for line in blob.splitlines():
-        if line:
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
-    return ranks
-
-
-@lru_cache(maxsize=4)
-def _gpt2_cached(path: str) -> BPETokenizer:
-    return BPETokenizer(load_gpt2_ranks(path), {EOT: 50256}, name="gpt2", builtin="gpt2")
-
-
-def gpt2_tokenizer() -> BPETokenizer:
-    """GPT-2's tokenizer, built offline from the shipped ranks (cached per process)."""
-    return _gpt2_cached(str(GPT2_RANKS_PATH))
-
-
-def get_tokenizer(spec: str | os.PathLike | Tokenizer = "gpt2") -> Tokenizer:
-    """A tokenizer by name (``"gpt2"``), by the path of a saved one, or passed through as is."""
-    if isinstance(spec, Tokenizer):
-        return spec
-    if isinstance(spec, str) and spec in BUILTIN_NAMES:
-        return gpt2_tokenizer()
-    path = Path(spec)
-    if path.is_file() or (path.is_dir() and (path / "tokenizer.json").is_file()):
-        return Tokenizer.load(path)
-    if isinstance(spec, str) and spec.startswith("bpe:"):
-        raise UserError(f"{spec!r} is trained from a corpus: use `buildllm prepare INPUT "
-                        f"--tokenizer {spec}` or buildllm.train_bpe(text, vocab_size)")
-    raise UserError(f"unknown tokenizer {str(spec)!r}: use one of {', '.join(BUILTIN_NAMES)}, "
-                    "or the path of a saved tokenizer.json (word, gpt2 or bpe)")
 
 
 # Training a byte-level BPE -----------------------------------------------------------------------
@@ -429,7 +218,7 @@ def learn_merges(word_counts: dict[bytes, int], n_tokens: int) -> list[bytes]:
     pair_counts: dict[tuple[int, int], int] = defaultdict(int)
     where: dict[tuple[int, int], set[int]] = defaultdict(set)  # pair -> words that (may) hold it
     for i, w in enumerate(words):
-        for pair in zip(w, w[1:]):
+        for pair in itertools.pairwise(w):
             pair_counts[pair] += counts[i]
             where[pair].add(i)
     # Max-heap of (-count, pair) with lazy deletion: an entry is stale when its count no longer
@@ -461,10 +250,10 @@ def learn_merges(word_counts: dict[bytes, int], n_tokens: int) -> list[bytes]:
             if len(merged_word) == len(w):
                 continue  # the pair left this word in an earlier merge
             words[i] = merged_word
-            for p in zip(w, w[1:]):
+            for p in itertools.pairwise(w):
                 before.setdefault(p, pair_counts[p])
                 pair_counts[p] -= c
-            for p in zip(merged_word, merged_word[1:]):
+            for p in itertools.pairwise(merged_word):
                 before.setdefault(p, pair_counts[p])
                 pair_counts[p] += c
                 where[p].add(i)
