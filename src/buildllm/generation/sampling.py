@@ -114,7 +114,7 @@ def stream(
     ends or is closed.
     """
     check_sampling(temperature, top_k, top_p, max_new_tokens)
-    tokens, padding = _left_pad(_rows(idx), model.cfg.context_length, _device_of(model))
+    tokens, padding = left_pad(_rows(idx), model.cfg.context_length, _device_of(model))
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= model.cfg.vocab_size):
         raise UserError(f"prompt token ids must be in [0, {model.cfg.vocab_size}) for this model's vocabulary")
     stops = _stop_set(eos_id)
@@ -245,7 +245,7 @@ def detokenize(tokenizer, ids: Iterable[int], context: Sequence[int] = ()) -> It
         shown = tokenizer.decode(tail)
     if pending:  # the stream ended inside a character: show what there is
         text = tokenizer.decode(tail + pending)
-        keep = len(shown) if text.startswith(shown) else len(_common_prefix(text, shown))
+        keep = len(shown) if text.startswith(shown) else len(common_prefix(text, shown))
         if len(text) > keep:
             yield text[keep:]
 
@@ -328,7 +328,7 @@ def _rows(idx: Prompt) -> list[list[int]] | torch.Tensor:
     return rows
 
 
-def _left_pad(
+def left_pad(
     rows: list[list[int]] | torch.Tensor, context_length: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Crop each prompt to the context window and left-pad them to one length.
@@ -366,7 +366,7 @@ def _dtype_of(model: nn.Module) -> torch.dtype:
     return p.dtype if p is not None else torch.float32
 
 
-def _common_prefix(a: str, b: str) -> str:
+def common_prefix(a: str, b: str) -> str:
     i = 0
     while i < min(len(a), len(b)) and a[i] == b[i]:
         i += 1

@@ -32,7 +32,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from buildllm.errors import UserError
-from buildllm.generation.chat import chat_prompt, stop_ids, stop_strings
+from buildllm.generation.chat import (
+    chat_ids,
+    chat_prompt,
+    prompt_ids,
+    stop_ids,
+    stop_strings,
+)
 from buildllm.serve import batching
 from buildllm.serve.config import ServeConfig
 from buildllm.serve.protocol import (
@@ -74,10 +80,11 @@ class Completions:
                 text = chat_prompt(messages, self.tokenizer, self.prompt_template)
             except UserError as e:
                 raise APIError(400, str(e), param="messages") from None
-            return [self.tokenizer.encode(text)], stops + stop_strings(self.tokenizer, self.prompt_template), "messages"
+            return [chat_ids(text, self.tokenizer)], stops + stop_strings(self.tokenizer, self.prompt_template), "messages"
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        # An empty prompt starts a new document, as buildllm generate does.
-        return [self.tokenizer.encode(p) or [self.tokenizer.eot_id] for p in prompts], stops, "prompt"
+        # As buildllm generate starts them: bos first where the tokenizer has one; an empty prompt
+        # starts a new document.
+        return [prompt_ids(self.tokenizer, p) for p in prompts], stops, "prompt"
 
     def fit(self, ids: list[int], max_tokens: int | None, param: str) -> tuple[list[int], int]:
         """The prompt and max_tokens so that both fit the context: max_tokens is capped; a prompt

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from buildllm.errors import UserError
-from buildllm.generation.sampling import _left_pad, check_sampling, sample_next_token
+from buildllm.generation.sampling import check_sampling, left_pad, sample_next_token
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ class BatchEngine:
         for r in newcomers:
             seed = r.sampling.seed if r.sampling.seed is not None else secrets.randbits(63)
             r.generator = torch.Generator(device=self.device).manual_seed(seed)
-        prompts, padding = _left_pad([r.prompt for r in newcomers], self.capacity, self.device)
+        prompts, padding = left_pad([r.prompt for r in newcomers], self.capacity, self.device)
         n = prompts.shape[1]
         fresh = self.model.new_kv_cache(len(newcomers), n, device=self.device, dtype=self.cache.keys.dtype)
         logits = self.model(prompts, kv_cache=fresh, padding=padding)[:, -1]

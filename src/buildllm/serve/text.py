@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from buildllm.generation.sampling import DETOKENIZE_CONTEXT, _common_prefix
+from buildllm.generation.sampling import DETOKENIZE_CONTEXT, common_prefix
 
 
 class TextOutput:
@@ -49,7 +49,7 @@ class TextOutput:
         """The rest of the text once no token follows (a half character is shown as it is)."""
         if self.pending:
             text = self.tokenizer.decode(self.tail + self.pending)
-            self.held += text[len(self.shown) :] if text.startswith(self.shown) else text[len(_common_prefix(text, self.shown)) :]
+            self.held += text[len(self.shown) :] if text.startswith(self.shown) else text[len(common_prefix(text, self.shown)) :]
             self.pending = []
         out = self._release(final=True)
         self.stopped = self.stopped or stopped
