@@ -12,6 +12,7 @@ The package follows the pipeline, one module per stage:
     evaluate    loss, perplexity, bits per character, multiple choice
     finetune    classification and instruction fine-tuning
     lora        low-rank adapters
+    attention_maps  what each attention head looks at, as numbers and heatmaps
 
 Everything public is importable from ``buildllm`` directly; modules load on first use so that
 ``import buildllm`` (and the CLI's ``--help``) stays fast.
@@ -92,6 +93,9 @@ _EXPORTS = {
     "Int8Linear": "generation.quantization",
     "Int4Linear": "generation.quantization",
     "quantize": "generation.quantization",
+    "attention_weights": "attention_maps",
+    "plot_attention": "attention_maps",
+    "save_attention_map": "attention_maps",
 }
 
 
