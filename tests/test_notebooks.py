@@ -1,5 +1,5 @@
 """The walkthrough notebooks: in the stages' order, stored without outputs, shown in the README, and
-each one runs top to bottom (an error in any cell fails its test)."""
+each one runs top to bottom (an error in any cell fails its test) and draws the pictures it names."""
 
 import os
 import re
@@ -58,7 +58,8 @@ def workdir(tmp_path_factory):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
 def test_runs_top_to_bottom(path, workdir, monkeypatch):
-    monkeypatch.setenv("MPLBACKEND", "Agg")  # draw without a display
+    # Jupyter's own inline backend: headless, and each drawn figure becomes a PNG output to check.
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     # The notebooks' models are tiny: one thread, as in the rest of the suite (conftest.one_thread).
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -68,3 +69,7 @@ def test_runs_top_to_bottom(path, workdir, monkeypatch):
     notebook = nbformat.read(path, as_version=4)
     # Raises CellExecutionError, naming the cell, at the first error.
     NotebookClient(notebook, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}).execute()
+    for cell in notebook.cells:
+        if any(tag.startswith("picture:") for tag in cell.metadata.get("tags", [])):
+            images = [out for out in cell.outputs if "image/png" in out.get("data", {})]
+            assert len(images) == 1, f"{path.name}: the cell tagged {cell.metadata.tags} drew {len(images)} pictures"
