@@ -1,11 +1,12 @@
-# The two commands of the README:
+# The commands of the README:
 #   make run    install, train the default model on the bundled Shakespeare, then generate from it
 #   make test   install with the test extras, then run the test suite
+#   make notebooks  install with Jupyter (the notebooks extra), then open the walkthrough notebooks
 VENV ?= .venv
 BIN := $(VENV)/bin
 RUN ?= runs/shakespeare
 
-.PHONY: run test install install-test bench bench-llamacpp clean
+.PHONY: run test install install-test notebooks bench bench-llamacpp clean
 
 install:
 	VENV=$(VENV) bash scripts/install.sh
@@ -19,6 +20,10 @@ run: install
 
 test: install-test
 	$(BIN)/python -m pytest -q
+
+notebooks:
+	VENV=$(VENV) bash scripts/install.sh notebooks
+	$(BIN)/jupyter lab notebooks/
 
 bench: install-test
 	$(BIN)/python benchmarks/run.py

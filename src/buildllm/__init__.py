@@ -14,6 +14,7 @@ The package follows the pipeline, one module per stage:
     finetune    classification, instruction and preference (DPO) fine-tuning
     lora        low-rank adapters
     serve       an OpenAI-compatible HTTP server with continuous batching, and a chat page
+    attention_maps  what each attention head looks at, as numbers and heatmaps
 
 Everything public is importable from ``buildllm`` directly; modules load on first use so that
 ``import buildllm`` (and the CLI's ``--help``) stays fast.
@@ -108,6 +109,9 @@ _EXPORTS = {
     "create_app": "serve.app",
     "run_server": "serve.server",
     "BatchEngine": "serve.batching",
+    "attention_weights": "attention_maps",
+    "plot_attention": "attention_maps",
+    "save_attention_map": "attention_maps",
 }
 
 

@@ -16,6 +16,7 @@ import argparse
 import sys
 
 from buildllm.cli_options import (
+    AttentionOptions,
     ConvertOptions,
     EvalOptions,
     GenerateOptions,
@@ -397,6 +398,31 @@ def run_eval(args) -> int:
     return 0
 
 
+def add_attention(sub) -> None:
+    p = sub.add_parser("attention", help="draw what each attention head looks at, for a prompt",
+                       description="Run the model once on --prompt and write one layer's attention weights "
+                       "as one heatmap per head (queries down, keys across) to --out.")
+    _model_options(p, AttentionOptions)
+    p.set_defaults(run=run_attention)
+
+
+def run_attention(args) -> int:
+    from buildllm.attention_maps import save_attention_map
+    from buildllm.training.runtime import pick_device
+    from buildllm.weights.loader import load_model
+
+    if not args.prompt:
+        raise UserError('give the text to look at: --prompt "..."')
+    model, tokenizer = load_model(need_model(args), device=pick_device(args.device))
+    if tokenizer is None:
+        raise UserError(f"{args.model} has no tokenizer saved with it: save the tokenizer with the model")
+    fig = save_attention_map(model, tokenizer, args.prompt, args.out, layer=args.layer)
+    heads = sum(1 for ax in fig.axes if ax.images)
+    print(f"{args.out}: layer {args.layer % model.cfg.n_layers}, {heads} heads, "
+          f"{len(tokenizer.encode(args.prompt))} tokens")
+    return 0
+
+
 # TrainConfig fields that have no trailing comment yet. Their help belongs there, as a comment;
 # once it is, delete the entry here (test_cli checks every field has help from one or the other).
 def add_train(sub) -> None:
@@ -465,7 +491,7 @@ def run_serve(args) -> int:
 
 
 SUBCOMMANDS: list = [add_info, add_prepare, add_train, add_tokenize, add_finetune, add_classify, add_generate, add_chat,
-                     add_convert, add_eval, add_serve]
+                     add_convert, add_eval, add_serve, add_attention]
 
 
 def main(argv: list[str] | None = None) -> int:

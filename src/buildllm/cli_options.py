@@ -270,3 +270,10 @@ class PrepareOptions:
 class TokenizeOptions:
     tokenizer: str = "gpt2"  # gpt2 or the path of a saved tokenizer
     allow_special: bool = False  # encode <|endoftext|> as the special token, not as text
+
+
+@dataclasses.dataclass
+class AttentionOptions(ModelOptions):
+    prompt: str = ""  # the text whose attention weights to draw
+    layer: int = -1  # the layer to draw, counted from 0; negative counts back from the last (default: the last)
+    out: str = "attention.png"  # the picture to write: .png, .svg or .pdf, one heatmap per head

@@ -172,6 +172,10 @@ class MultiHeadAttention(nn.Module):
         self.drop_rate = cfg.drop_rate
         self.dropout = nn.Dropout(cfg.drop_rate)
         self.register_buffer("mask", causal_mask(cfg.context_length), persistent=False)
+        # The attention-weights hook (``buildllm.attention_maps``): while a callable is set here,
+        # attention takes the readable path and hands it ``(layer, weights)`` after the softmax,
+        # weights of shape (batch, heads, queries, keys). Any architecture's attention can offer it.
+        self.attention_recorder = None
 
     def forward(
         self,
@@ -192,7 +196,7 @@ class MultiHeadAttention(nn.Module):
             start = kv_cache.length
             keys, values = kv_cache.update(self.layer, keys, values)
 
-        if self.fast:
+        if self.fast and self.attention_recorder is None:
             context = self._attend_fast(queries, keys, values, start, blocked)
         else:
             if blocked is None:
@@ -207,6 +211,8 @@ class MultiHeadAttention(nn.Module):
         attn_scores = queries @ keys.transpose(2, 3)  # (b, heads, tokens, keys)
         attn_scores = attn_scores.masked_fill(blocked, -torch.inf)
         attn_weights = torch.softmax(attn_scores / math.sqrt(self.head_dim), dim=-1)
+        if self.attention_recorder is not None:
+            self.attention_recorder(self.layer, attn_weights)
         attn_weights = self.dropout(attn_weights)
         return attn_weights @ values
 

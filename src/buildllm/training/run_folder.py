@@ -164,16 +164,15 @@ def read_metrics(path: Path) -> list[dict]:
 
 def plot_losses(records: list[dict], path: Path) -> None:
     """Training and validation loss against steps, with tokens seen on a second axis (the book's plot)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure, not pyplot: no global backend to switch (a notebook keeps drawing inline).
+    from matplotlib.figure import Figure
 
     steps = [r for r in records if r.get("kind") == "step"]
     evals = [r for r in records if r.get("kind") == "eval"]
     if not steps and not evals:
         return
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     if steps:
         ax.plot([r["step"] for r in steps], [r["train_loss"] for r in steps], color="tab:blue",
                 alpha=0.3, linewidth=0.8, label="training loss (each step)")
@@ -192,7 +191,6 @@ def plot_losses(records: list[dict], path: Path) -> None:
         top.set_xlabel("tokens seen")
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
-    plt.close(fig)
 
 
 def check_run_folder(cfg) -> Path | None:
