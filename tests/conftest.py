@@ -12,10 +12,10 @@ from buildllm.models.gpt2 import GPTConfig, GPTModel
 from buildllm.tokenizer import WordTokenizer
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def one_thread():
-    """Run every test on one thread: the suite's models are tiny, and a thread pool only adds
-    synchronisation, and much of it when the cores are busy with anything else."""
+    """Run the whole suite on one thread, module fixtures included: the models are tiny, and a
+    thread pool only adds synchronisation, a great deal of it when other work shares the cores."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -23,17 +23,12 @@ TINY = ["--preset", "nano", "--batch-size", "4", "--grad-accum", "2", "--context
 def single(play_corpus):
     """The prepared corpus, and what one process makes of it."""
     root = Path(play_corpus("tempest", 20000, prepared=True)["prepared"]).parent
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(TrainConfig(data=str(root / "prepared"), out=str(root / "single"), preset="nano", batch_size=4,
-                          grad_accum=2, context_length=32, max_steps=5, warmup_steps=1, lr=3e-3, eval_interval=5,
-                          eval_iters=1, dtype="fp32", device="cpu", progress=False, sample_tokens=0,
-                          model={"emb_dim": 32, "n_heads": 2, "n_layers": 2, "context_length": 32,
-                                 # no key bias: its true gradient is 0 and Adam would amplify the noise
-                                 "qkv_bias": False}))
-    finally:
-        torch.set_num_threads(threads)
+    train(TrainConfig(data=str(root / "prepared"), out=str(root / "single"), preset="nano", batch_size=4,
+                      grad_accum=2, context_length=32, max_steps=5, warmup_steps=1, lr=3e-3, eval_interval=5,
+                      eval_iters=1, dtype="fp32", device="cpu", progress=False, sample_tokens=0,
+                      model={"emb_dim": 32, "n_heads": 2, "n_layers": 2, "context_length": 32,
+                             # no key bias: its true gradient is 0 and Adam would amplify the noise
+                             "qkv_bias": False}))
     return root
 
 

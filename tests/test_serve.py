@@ -41,12 +41,7 @@ NAME = "tiny"
 @functools.cache
 def tiny_model():
     """(model, tokenizer): a GPT-2 with two small layers trained on TEXT (cached for every test module)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a model this small gains nothing from threads; on a busy machine their
-    try:                      # barriers cost far more than the work
-        return _train_tiny_model()
-    finally:
-        torch.set_num_threads(threads)
+    return _train_tiny_model()  # on one thread, as the whole suite runs (conftest.one_thread)
 
 
 def _train_tiny_model():
