@@ -54,7 +54,7 @@ def build_model(cfg: TrainConfig, vocab_size: int | None, device: torch.device):
     if cfg.init_from is not None:
         from buildllm.weights.loader import load_pretrained
 
-        model, tokenizer = load_pretrained(cfg.init_from, device=device, **cfg.model)
+        model, tokenizer = load_pretrained(cfg.init_from, device=device, dtype=torch.float32, **cfg.model)
         if tokenizer is None:
             raise UserError(f"{cfg.init_from} has no tokenizer saved with it: save its tokenizer.json")
     else:
