@@ -285,7 +285,7 @@ class GPTModel(nn.Module):
         ``padding``: ``(batch, tokens)`` bool, True at left-padding positions, which no token
         attends to and which do not count as positions.
         """
-        b, num_tokens = idx.shape
+        num_tokens = idx.shape[1]
         start = kv_cache.length if kv_cache is not None else 0
         end = start + num_tokens
         limit = kv_cache.max_length if kv_cache is not None else self.cfg.context_length
