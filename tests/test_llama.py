@@ -200,3 +200,29 @@ def test_train_arch_llama_and_resume(play_corpus, tmp_path):
 
 def test_vocab_is_the_folders(reference):
     assert reference[2].cfg.vocab_size == VOCAB
+
+
+def test_instruction_and_classification_fine_tuning_take_a_llama(tmp_path):
+    from buildllm.finetune.classify import finetune_classifier
+    from buildllm.finetune.instruct import TEMPLATES, finetune_instruct
+    from buildllm.tokenizer import WordTokenizer
+
+    records = [{"instruction": f"add {i % 7} and {i % 5}", "input": "", "output": f"it is {i % 7 + i % 5} ."}
+               for i in range(12)]
+    (tmp_path / "inst.json").write_text(json.dumps(records))
+    rows = [(f"{word} thing {i}", label) for i in range(12) for word, label in [("good", "pos"), ("bad", "neg")]]
+    (tmp_path / "rows.csv").write_text("text,label\n" + "".join(f"{t},{lab}\n" for t, lab in rows))
+    tok = WordTokenizer.from_text([TEMPLATES["alpaca"].format(r["instruction"], "") + r["output"] for r in records]
+                                  + [t for t, _ in rows])
+
+    def llama():
+        torch.manual_seed(0)
+        return LlamaModel(preset("llama-nano", vocab_size=tok.vocab_size, context_length=64))
+
+    result = finetune_instruct(llama(), tmp_path / "inst.json", tmp_path / "inst", tokenizer=tok, epochs=1,
+                               lr=3e-3, lora_rank=2, max_new_tokens=4, device="cpu", log=None)
+    assert result.history[0]["train_loss"] < result.initial_train_loss
+    assert isinstance(load_model(tmp_path / "inst").model, LlamaModel)  # merged: a plain llama
+    clf = finetune_classifier(llama(), tmp_path / "rows.csv", tmp_path / "clf", tokenizer=tok, trainable="all",
+                              epochs=2, lr=3e-3, device="cpu", log=None)
+    assert clf.history[-1]["train_accuracy"] > 0.9

@@ -91,7 +91,7 @@ def save_lm(directory: Path, model: GPTModel, tokenizer) -> None:
 
 
 def pick_model(base, tokenizer, device):
-    if isinstance(base, GPTModel):
+    if isinstance(base, nn.Module):
         if tokenizer is None:
             raise UserError("pass the tokenizer that goes with the model")
         return base.to(device), tokenizer
@@ -104,7 +104,7 @@ def finetune_config(cls, base, data, out_dir, config, options: dict):
     from buildllm.training.config import check_engine
 
     given = dict(options)
-    if base is not None and not isinstance(base, GPTModel):
+    if base is not None and not isinstance(base, nn.Module):
         given["base"] = str(base)
     if data is not None:
         given["data"] = str(data)

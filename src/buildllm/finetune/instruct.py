@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from buildllm.data.sources import ExampleBatches
 from buildllm.errors import UserError
@@ -38,7 +39,6 @@ from buildllm.finetune.labeled_data import open_text
 from buildllm.finetune.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
-    DEFAULT_TARGETS,
     apply_lora,
 )
 from buildllm.models.gpt2 import GPTModel
@@ -315,7 +315,7 @@ class InstructConfig(EngineConfig):
     allowed_max_length: int | None = None  # tokens per training example (default: the context length)
     lora_rank: int | None = None  # train LoRA adapters of this rank instead of the weights
     lora_alpha: float | None = None  # LoRA scale numerator (default: 2 x rank)
-    lora_targets: tuple[str, ...] = DEFAULT_TARGETS  # Linear layers that get adapters
+    lora_targets: tuple[str, ...] = ()  # Linear layers that get adapters (none: the architecture's)
     eval_batches: int | None = None  # evaluate on at most this many batches per split (default: all)
     log_every: int = 0  # print the training loss every N steps (0: never)
     max_new_tokens: int = 256  # longest answer to a test instruction
@@ -381,7 +381,7 @@ def finetune_instruct(
     train_ex, val_ex, test_ex = split_items(examples, cfg.split, cfg.seed)
     if log:
         log(f"{len(examples)} examples: {len(train_ex)} train, {len(val_ex)} validation, {len(test_ex)} test")
-    model, tokenizer = pick_model(base if isinstance(base, GPTModel) else cfg.base, tokenizer, rt.device)
+    model, tokenizer = pick_model(base if isinstance(base, nn.Module) else cfg.base, tokenizer, rt.device)
     context = model.cfg.context_length
     allowed_max_length = cfg.allowed_max_length or context
     if not 2 <= allowed_max_length <= context:
@@ -390,7 +390,7 @@ def finetune_instruct(
 
     torch.manual_seed(cfg.seed)
     if cfg.lora_rank is not None:
-        apply_lora(model, cfg.lora_rank, cfg.lora_alpha or 2 * cfg.lora_rank, cfg.lora_targets)
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha or 2 * cfg.lora_rank, cfg.lora_targets or None)
     else:
         for p in model.parameters():
             p.requires_grad = True

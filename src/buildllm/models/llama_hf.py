@@ -106,8 +106,8 @@ def read_config(hf: dict, source: str, model_type: str, architectures: tuple[str
     """
     named = hf.get("architectures") or []
     if named and not set(named) & set(architectures):
-        raise UserError(f"{source}: architecture {', '.join(named)} is not one buildllm can load as "
-                        f"{model_type} (it reads {', '.join(architectures)})")
+        raise UserError(f"{source}: architecture {', '.join(named)} is not one buildllm can load with "
+                        f"model_type {model_type!r} (it reads {', '.join(architectures)})")
     get = lambda key: hf.get(key, defaults.get(key))
     unsupported = [
         ("hidden_act", get("hidden_act") not in ("silu", None), "silu"),
