@@ -6,8 +6,8 @@ same folder, so they hold the same weights; their logits are checked to agree be
 is timed.
 
 Loading memory: a fresh subprocess per library imports what it needs, then loads the folder; the
-peak resident set (``ru_maxrss``) is reported whole and as the growth over the imports, each
-against the file size.
+peak resident set (``VmHWM``) is reported whole and as the growth over the imports, each against
+the file size.
 
 Decoding: greedy, batch 1, a 32-token prompt, ``--new-tokens`` tokens. The time per token is
 taken between the first and the last new token (the prompt's prefill is left out), for
@@ -27,7 +27,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--quick", action="store_true", help="a tiny Llama instead of the 1B shape")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--memory-only", action="store_true", help="measure loading memory, not decoding")
     p.add_argument("--measure-load", choices=["buildllm", "transformers"], help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -83,7 +83,12 @@ def file_bytes(folder: Path) -> int:
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This process's peak resident set (VmHWM). Not ``ru_maxrss``: Linux carries that over from
+    the parent through fork and exec, so a child would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise SystemExit("no VmHWM in /proc/self/status: the memory figures need Linux")
 
 
 def measure_load(who: str, folder: str) -> None:
@@ -235,8 +240,9 @@ def main(argv=None) -> None:
     report = {"machine": {**machine(), "transformers": transformers.__version__}, "folder": str(folder)}
     report["load_memory"] = load_memory(folder)
     print(json.dumps(report, indent=1), flush=True)
-    report["decoding"] = decoding(folder, args)
-    print(json.dumps(report["decoding"], indent=1))
+    if not args.memory_only:
+        report["decoding"] = decoding(folder, args)
+        print(json.dumps(report["decoding"], indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
 
