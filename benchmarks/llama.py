@@ -92,20 +92,28 @@ def peak_rss_bytes() -> int:
 
 
 def measure_load(who: str, folder: str) -> None:
+    """Peak memory after loading, and after a first forward pass: a memory-mapped file's pages
+    count once they are read, which may be only when the weights are first used."""
     if who == "buildllm":
         from buildllm.weights.loader import load_model
 
         before = peak_rss_bytes()
         start = time.perf_counter()
-        load_model(folder)
+        model = load_model(folder).model
+        forward = model
     else:
         from transformers import AutoModelForCausalLM
         from transformers.models.llama import modeling_llama  # noqa: F401 - imported before, not counted
 
         before = peak_rss_bytes()
         start = time.perf_counter()
-        AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
-    print(json.dumps({"imports_rss": before, "peak_rss": peak_rss_bytes(), "seconds": time.perf_counter() - start}))
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+        forward = lambda ids: model(ids).logits  # noqa: E731
+    seconds, loaded = time.perf_counter() - start, peak_rss_bytes()
+    with torch.inference_mode():
+        forward(torch.zeros(1, 8, dtype=torch.long))
+    print(json.dumps({"imports_rss": before, "peak_rss": loaded, "seconds": seconds,
+                      "peak_rss_after_forward": peak_rss_bytes()}))
 
 
 def load_memory(folder: Path) -> dict:
@@ -119,6 +127,7 @@ def load_memory(folder: Path) -> dict:
         got = json.loads(out.stdout.strip().splitlines()[-1])
         got["peak_over_file"] = got["peak_rss"] / size
         got["growth_over_file"] = (got["peak_rss"] - got["imports_rss"]) / size
+        got["after_forward_over_file"] = got["peak_rss_after_forward"] / size
         rows[who] = got
     return rows
 
