@@ -240,8 +240,10 @@ class GroupedQueryAttention(nn.Module):
     def _attend_fast(self, queries, keys, values, start, blocked):
         dropout_p = self.drop_rate if self.training else 0.0
         num_tokens = queries.shape[2]
-        attend = lambda **mask: F.scaled_dot_product_attention(
-            queries, keys, values, dropout_p=dropout_p, enable_gqa=True, **mask)
+
+        def attend(**mask):  # enable_gqa: each key/value head serves its group of query heads
+            return F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout_p, enable_gqa=True, **mask)
+
         if blocked is None and start == 0:
             return attend(is_causal=True)  # training and a prompt's first pass
         if blocked is None and num_tokens == 1:

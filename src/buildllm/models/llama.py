@@ -78,8 +78,8 @@ class LlamaConfig:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             missing = [k for k in ROPE_SCALING_KEYS if k not in self.rope_scaling]
             if kind != "llama3" or missing:
-                raise UserError(f"rope_scaling must be Llama 3's (rope_type 'llama3' with {', '.join(ROPE_SCALING_KEYS)})"
-                                f", got {self.rope_scaling!r}")
+                raise UserError(f"rope_scaling must be Llama 3's (rope_type 'llama3' with "
+                                f"{', '.join(ROPE_SCALING_KEYS)}), got {self.rope_scaling!r}")
 
     # As GPTConfig: presets and saved configs may be of any registered architecture.
     @classmethod

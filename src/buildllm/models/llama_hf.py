@@ -108,7 +108,10 @@ def read_config(hf: dict, source: str, model_type: str, architectures: tuple[str
     if named and not set(named) & set(architectures):
         raise UserError(f"{source}: architecture {', '.join(named)} is not one buildllm can load with "
                         f"model_type {model_type!r} (it reads {', '.join(architectures)})")
-    get = lambda key: hf.get(key, defaults.get(key))
+
+    def get(key):
+        return hf.get(key, defaults.get(key))
+
     unsupported = [
         ("hidden_act", get("hidden_act") not in ("silu", None), "silu"),
         ("attention_bias", bool(hf.get("attention_bias", False)), False),
