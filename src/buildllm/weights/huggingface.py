@@ -217,10 +217,10 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def download(model_id: str) -> Path:
-    """Fetch a model's config.json and weights from the Hugging Face Hub (or its local cache)."""
+    """Fetch a model's config.json, weights and tokenizer files from the Hugging Face Hub (or its cache)."""
     repo = MODEL_IDS.get(model_id, model_id)
     how = (
-        f"with a network, run `hf download {repo} config.json model.safetensors --local-dir DIR` "
+        f"with a network, run `hf download {repo} --include '*.json' '*.safetensors' '*.jinja' --local-dir DIR` "
         "(pip install huggingface_hub) and pass DIR"
     )
     try:
