@@ -115,3 +115,11 @@ def test_a_left_padded_row_gives_what_it_gives_alone_with_and_without_the_cache(
         step = model(batch[:, 5:], kv_cache=cache)
     assert cache.length == 9 and cache.keys.shape[2] == CFG.n_kv_heads
     torch.testing.assert_close(step[1], alone[0, 2:], atol=1e-5, rtol=1e-5)
+
+
+def test_rope_frequencies_stay_fp32_when_the_model_goes_bf16():
+    model = LlamaModel(CFG).to(torch.bfloat16)
+    assert model.rope.freqs.dtype == torch.float32
+    cos, _ = model.rope(torch.tensor([1000]), torch.bfloat16)
+    expected = torch.cos(1000 * rope_frequencies(CFG.head_dim, CFG.rope_theta, SCALING))
+    torch.testing.assert_close(cos[0, : CFG.head_dim // 2].float(), expected, atol=4e-3, rtol=0)

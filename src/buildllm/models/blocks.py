@@ -87,13 +87,15 @@ class RotaryEmbedding(nn.Module):
     """The cosines and sines of each position's rotation angles (Su et al. 2021, RoFormer).
 
     Angles are computed in fp32 for the positions asked for (a table for Llama 3's 131072
-    positions would be larger than a small model), then rounded to the activations' dtype.
+    positions would be larger than a small model), then rounded to the activations' dtype. The
+    frequencies are a plain fp32 tensor, not a buffer, so that ``model.to(torch.bfloat16)`` cannot
+    round them: in bf16, position 1000 would turn by the angle of position 1000 +- 4.
     """
 
     def __init__(self, cfg):
         super().__init__()
         self.head_dim, self.theta, self.scaling = cfg.head_dim, cfg.rope_theta, cfg.rope_scaling
-        self.register_buffer("freqs", rope_frequencies(self.head_dim, self.theta, self.scaling), persistent=False)
+        self.freqs = rope_frequencies(self.head_dim, self.theta, self.scaling)
 
     def reset_buffers(self, device=None) -> None:
         self.freqs = rope_frequencies(self.head_dim, self.theta, self.scaling).to(device)
@@ -101,6 +103,8 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``positions``: ``(tokens,)`` or ``(batch, tokens)``. Returns cos and sin shaped to
         broadcast over ``(batch, heads, tokens, head_dim)``."""
+        if self.freqs.device != positions.device:  # the model moved (.to(device) skips plain tensors)
+            self.freqs = self.freqs.to(positions.device)
         angles = positions[..., None].float() * self.freqs  # (..., tokens, head_dim / 2)
         angles = torch.cat([angles, angles], dim=-1)  # pair i is (x[i], x[i + head_dim/2])
         if angles.dim() == 3:

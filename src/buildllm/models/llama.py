@@ -192,7 +192,7 @@ class LlamaModel(nn.Module):
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj", "gate", "up", "down")
 
     def init_buffers(self, device: torch.device | str | None = None) -> None:
-        """Remake the non-persistent buffer (RoPE's frequencies), e.g. after a meta-device load."""
+        """Remake RoPE's frequencies (which hold no data on the meta device) after a meta-device load."""
         self.rope.reset_buffers(device)
 
     def new_kv_cache(self, batch_size: int, max_length: int | None = None, device=None, dtype=torch.float32):
