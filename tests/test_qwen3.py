@@ -105,3 +105,10 @@ def test_presets_have_the_published_sizes():
     with torch.device("meta"):
         model = Qwen3Model(preset("qwen3-0.6b"))
     assert sum(p.numel() for p in model.parameters()) == buildllm.count_parameters(preset("qwen3-0.6b"))["total"]
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_generation_is_identical_with_and_without_the_cache(reference, scheme):
+    model = load_model(reference[1], quantize=scheme).model
+    prompts = [row[m.bool()].tolist() for row, m in zip(*left_padded_batch())]
+    assert generate(model, prompts, 12) == generate(model, prompts, 12, use_cache=False)
