@@ -1,4 +1,5 @@
-"""Pieces every architecture shares: the KV cache and the causal mask.
+"""Pieces every architecture shares: the KV cache, the causal mask, and the positions and mask of
+a left-padded batch (``positions_and_mask``, the forward contract every model keeps).
 
 They live apart from any one model so that a new architecture (a model file of its own) reuses
 them without importing another architecture's file.

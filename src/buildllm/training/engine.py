@@ -49,7 +49,8 @@ from buildllm.training.task import LMTask
 
 
 def build_model(cfg: TrainConfig, vocab_size: int | None, device: torch.device):
-    """A new GPTModel (seeded), or the weights of ``init_from``; returns ``(model, tokenizer)``."""
+    """A new model of the preset's architecture (seeded), or the weights of ``init_from`` (in fp32,
+    whatever they are stored in); returns ``(model, tokenizer)``."""
     torch.manual_seed(cfg.seed)
     if cfg.init_from is not None:
         from buildllm.weights.loader import load_pretrained
