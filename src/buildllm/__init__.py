@@ -5,11 +5,11 @@ The package follows the pipeline, one module per stage:
     tokenizer   text to token ids (word-level, GPT-2 BPE, BPE trained on your corpus, Hugging
                 Face tokenizer.json with its chat template)
     data        token ids to (input, target) training pairs; memory-mapped shards for big corpora
-    models      the architectures (GPT-2, ...) behind one registry: build, presets, counts
+    models      the architectures (GPT-2, Llama 3, Qwen3) behind one registry: build, presets, counts
     training    pretraining loop, checkpoints, resume, many GPUs through torchrun
     generation  sampling (temperature, top-k, top-p), stop tokens, KV cache, streaming
     quantize    int8 and int4 weights for faster generation on CPU
-    pretrained  OpenAI's GPT-2 weights in and out (Hugging Face format)
+    pretrained  published weights in and out (Hugging Face format: GPT-2, Llama 3, Qwen3)
     evaluate    loss, perplexity, bits per character, multiple choice
     finetune    classification, instruction and preference (DPO) fine-tuning
     lora        low-rank adapters
@@ -52,6 +52,15 @@ _EXPORTS = {
     "LayerNorm": "models.gpt2",
     "GELU": "models.gpt2",
     "KVCache": "models.gpt2",
+    "LlamaConfig": "models.llama",
+    "LlamaModel": "models.llama",
+    "Qwen3Config": "models.qwen3",
+    "Qwen3Model": "models.qwen3",
+    "RMSNorm": "models.blocks",
+    "RotaryEmbedding": "models.blocks",
+    "SwiGLU": "models.blocks",
+    "GroupedQueryAttention": "models.blocks",
+    "DecoderBlock": "models.blocks",
     "count_parameters": "models.registry",
     "describe": "models.registry",
     "register_arch": "models.registry",

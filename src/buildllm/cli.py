@@ -205,8 +205,8 @@ def _load_for_inference(args):
         print(f"note: PyTorch's {args.quantize} kernels are CPU-only; on {device.type} the weights are "
               "dequantized at every step, which is slower than bf16 weights", file=sys.stderr)
     # The one loader decides what the folder is and whether its vocabulary fits the tokenizer;
-    # weights come as fp32 unless --dtype says otherwise (fp32 is what the int8/int4 kernels take).
-    dtype = {"auto": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    # --dtype auto keeps the dtype the weights are stored in (a bf16 Llama stays bf16).
+    dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     loaded = load_model(args.model, device=device, dtype=dtype, quantize=args.quantize)
     model, tokenizer = loaded
     if tokenizer is None:

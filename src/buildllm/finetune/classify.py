@@ -53,7 +53,6 @@ from buildllm.finetune.labeled_data import (  # noqa: F401  (re-exported: the cl
 from buildllm.finetune.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
-    DEFAULT_TARGETS,
     apply_lora,
 )
 from buildllm.training.config import EngineConfig
@@ -244,7 +243,7 @@ class ClassifyConfig(EngineConfig):
     last_blocks: int = 1  # how many blocks train with trainable=last_blocks
     lora_rank: int | None = None  # train LoRA adapters of this rank instead of the weights
     lora_alpha: float | None = None  # LoRA scale numerator (default: 2 x rank)
-    lora_targets: tuple[str, ...] = DEFAULT_TARGETS  # Linear layers that get adapters
+    lora_targets: tuple[str, ...] = ()  # Linear layers that get adapters (none: the architecture's)
     eval_batches: int | None = None  # evaluate on at most this many batches per split (default: all)
     epochs: int = 5  # passes over the training split
 
@@ -364,7 +363,7 @@ def _prepare(cfg: ClassifyConfig, base, tokenizer, device, log: Log):
     torch.manual_seed(cfg.seed)  # the new head's initialisation and the LoRA matrices
     make_classifier(model, len(label_set), cfg.trainable, cfg.last_blocks)
     if cfg.lora_rank is not None:
-        apply_lora(model, cfg.lora_rank, cfg.lora_alpha or 2 * cfg.lora_rank, cfg.lora_targets)  # freezes all ...
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha or 2 * cfg.lora_rank, cfg.lora_targets or None)  # freezes all ...
         for p in model.out_head.parameters():  # ... but the new head is random: it trains fully
             p.requires_grad = True
     return model, tokenizer, label_set, sets, max_length

@@ -41,7 +41,7 @@ def load_base_model(spec: str | Path, device: torch.device | str = "cpu"):
 
     if (Path(spec) / CLASSIFIER).is_file():
         raise UserError(f"{spec} is a classifier; fine-tune from a language model checkpoint")
-    model, tokenizer = load_model(spec, device=device)
+    model, tokenizer = load_model(spec, device=device, dtype=torch.float32)  # trains fp32 weights
     if tokenizer is None:
         raise UserError(f"{spec} has no tokenizer saved with it and its vocabulary is not GPT-2's; "
                         "save the tokenizer with the model")

@@ -39,7 +39,6 @@ from buildllm.finetune.labeled_data import open_text
 from buildllm.finetune.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
-    DEFAULT_TARGETS,
     apply_lora,
 )
 from buildllm.training.config import EngineConfig
@@ -317,7 +316,7 @@ class InstructConfig(EngineConfig):
     allowed_max_length: int | None = None  # tokens per training example (default: the context length)
     lora_rank: int | None = None  # train LoRA adapters of this rank instead of the weights
     lora_alpha: float | None = None  # LoRA scale numerator (default: 2 x rank)
-    lora_targets: tuple[str, ...] = DEFAULT_TARGETS  # Linear layers that get adapters
+    lora_targets: tuple[str, ...] = ()  # Linear layers that get adapters (none: the architecture's)
     eval_batches: int | None = None  # evaluate on at most this many batches per split (default: all)
     log_every: int = 0  # print the training loss every N steps (0: never)
     max_new_tokens: int = 256  # longest answer to a test instruction
@@ -392,7 +391,7 @@ def finetune_instruct(
 
     torch.manual_seed(cfg.seed)
     if cfg.lora_rank is not None:
-        apply_lora(model, cfg.lora_rank, cfg.lora_alpha or 2 * cfg.lora_rank, cfg.lora_targets)
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha or 2 * cfg.lora_rank, cfg.lora_targets or None)
     else:
         for p in model.parameters():
             p.requires_grad = True

@@ -31,7 +31,7 @@ from torch import nn
 from buildllm.errors import UserError
 from buildllm.files import read_json_object, write_json
 from buildllm.models import gpt2_hf, registry
-from buildllm.models.layers import KVCache, causal_mask
+from buildllm.models.layers import KVCache, causal_mask, positions_and_mask
 
 # Configuration -----------------------------------------------------------------------------------
 
@@ -291,7 +291,7 @@ class GPTModel(nn.Module):
         ``padding``: ``(batch, tokens)`` bool, True at left-padding positions, which no token
         attends to and which do not count as positions.
         """
-        b, num_tokens = idx.shape
+        num_tokens = idx.shape[1]
         start = kv_cache.length if kv_cache is not None else 0
         end = start + num_tokens
         limit = kv_cache.max_length if kv_cache is not None else self.cfg.context_length
@@ -301,25 +301,7 @@ class GPTModel(nn.Module):
                 "crop it to the most recent tokens"
             )
 
-        blocked = None
-        if kv_cache is not None:
-            if padding is not None and padding.any():
-                kv_cache.valid[:, start:end] = ~padding
-                kv_cache.padded = True
-            padding = ~kv_cache.valid[:, :end] if kv_cache.padded else None
-        key_padding = padding if padding is not None and padding.any() else None
-        if key_padding is None:
-            positions = torch.arange(start, end, device=idx.device)
-        else:
-            # Count positions from each row's first real token, so left padding shifts nothing.
-            positions = ((~key_padding).cumsum(dim=1) - 1).clamp(min=0)[:, start:end]
-            # Nobody looks at padding or at the future. A padding query would then see no key at
-            # all (softmax of only -inf is NaN), so every token may see itself; the outputs at
-            # padding positions are never used.
-            future = torch.ones(num_tokens, end, dtype=torch.bool, device=idx.device).triu(start + 1)
-            blocked = future | key_padding[:, None, :]  # (b, tokens, keys)
-            blocked[:, torch.arange(num_tokens), torch.arange(start, end)] = False
-            blocked = blocked[:, None]  # broadcast over heads
+        positions, blocked = positions_and_mask(num_tokens, kv_cache, padding, idx.device)
 
         x = self.wte(idx) + self.wpe(positions)
         x = self.drop_emb(x)
@@ -380,4 +362,4 @@ count_parameters = registry.count_parameters
 describe = registry.describe
 
 
-registry.register("gpt2", GPTModel, GPTConfig, PRESETS, hf_format=gpt2_hf)
+registry.register("gpt2", GPTModel, GPTConfig, PRESETS, hf_format=gpt2_hf, default_preset="shakespeare-cpu")

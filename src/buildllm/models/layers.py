@@ -1,4 +1,5 @@
-"""Pieces every architecture shares: the KV cache and the causal mask.
+"""Pieces every architecture shares: the KV cache, the causal mask, and the positions and mask of
+a left-padded batch (``positions_and_mask``, the forward contract every model keeps).
 
 They live apart from any one model so that a new architecture (a model file of its own) reuses
 them without importing another architecture's file.
@@ -53,3 +54,33 @@ class KVCache:
 def causal_mask(context_length: int, device: torch.device | str | None = None) -> torch.Tensor:
     """mask[i, j] is True where query i may NOT look at key j, because j is in i's future."""
     return torch.ones(context_length, context_length, dtype=torch.bool, device=device).triu(1)
+
+
+def positions_and_mask(num_tokens: int, kv_cache: KVCache | None, padding: torch.Tensor | None,
+                       device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The positions of ``num_tokens`` new tokens and, with left padding, who may attend to whom.
+
+    Every architecture follows the same contract: ``padding`` is ``(batch, tokens)`` bool, True at
+    left-padding positions; with a cache it is recorded in ``kv_cache.valid``, so later steps still
+    see it. Returns ``positions``, ``(tokens,)`` without padding, else ``(batch, tokens)`` counted
+    from each row's first real token (so left padding shifts nothing), and ``blocked``, None
+    without padding (the causal mask is implied), else ``(batch, 1, tokens, keys)`` bool, True
+    where a query may not look at a key: the future, or padding.
+    """
+    start = kv_cache.length if kv_cache is not None else 0
+    end = start + num_tokens
+    if kv_cache is not None:
+        if padding is not None and padding.any():
+            kv_cache.valid[:, start:end] = ~padding
+            kv_cache.padded = True
+        padding = ~kv_cache.valid[:, :end] if kv_cache.padded else None
+    if padding is None or not padding.any():
+        return torch.arange(start, end, device=device), None
+    positions = ((~padding).cumsum(dim=1) - 1).clamp(min=0)[:, start:end]
+    # Nobody looks at padding or at the future. A padding query would then see no key at all
+    # (softmax of only -inf is NaN), so every token may see itself; the outputs at padding
+    # positions are never used.
+    future = torch.ones(num_tokens, end, dtype=torch.bool, device=device).triu(start + 1)
+    blocked = future | padding[:, None, :]  # (b, tokens, keys)
+    blocked[:, torch.arange(num_tokens), torch.arange(start, end)] = False
+    return positions, blocked[:, None]  # broadcast over heads

@@ -26,7 +26,8 @@ Adding an architecture, e.g. Llama 3:
 1. ``models/llama.py``: its config (a frozen dataclass with ``arch = "llama"``; fields the package
    reads: vocab_size, context_length, emb_dim, n_heads, n_layers, head_dim, drop_rate,
    tie_embeddings), its model class with the methods above, its presets, and last
-   ``registry.register("llama", LlamaModel, LlamaConfig, PRESETS, hf_format=llama_hf)``.
+   ``registry.register("llama", LlamaModel, LlamaConfig, PRESETS, hf_format=llama_hf,
+   default_preset="llama-cpu")`` (the preset ``buildllm train --arch llama`` trains).
 2. ``models/llama_hf.py``: its Hugging Face weight map, with the names ``models/gpt2_hf.py`` has.
 3. One import line in ``models/__init__.py`` so the built-in arch registers on import (and, if
    wanted, public names in ``buildllm/__init__.py``'s table).
@@ -49,13 +50,14 @@ class Arch:
     config_class: type
     presets: dict
     hf_format: object = None  # a module like models/gpt2_hf.py: the Hugging Face weight map
+    default_preset: str | None = None  # what `buildllm train --arch NAME` trains: a small CPU preset
 
 
 _ARCHS: dict[str, Arch] = {}
 
 
 def register(arch: str, model_class: type, config_class: type, presets: dict | None = None,
-             hf_format=None) -> None:
+             hf_format=None, default_preset: str | None = None) -> None:
     """Make ``arch`` buildable: configs with ``arch=arch`` build ``model_class``."""
     presets = dict(presets or {})
     for name, cfg in presets.items():
@@ -64,7 +66,9 @@ def register(arch: str, model_class: type, config_class: type, presets: dict | N
             raise ValueError(f"preset {name!r} of {arch} is already a preset of {owner}")
         if getattr(cfg, "arch", None) != arch:
             raise ValueError(f"preset {name!r} has arch {getattr(cfg, 'arch', None)!r}, not {arch!r}")
-    _ARCHS[arch] = Arch(arch, model_class, config_class, presets, hf_format)
+    if default_preset is not None and default_preset not in presets:
+        raise ValueError(f"default preset {default_preset!r} of {arch} is not one of its presets")
+    _ARCHS[arch] = Arch(arch, model_class, config_class, presets, hf_format, default_preset)
 
 
 # Under the names ``buildllm`` exports them by (``buildllm.build_model(cfg)``, ...).
@@ -93,6 +97,14 @@ def hf_format_for(model_type: str):
             return arch.hf_format
     known = [a.hf_format.MODEL_TYPE for a in _ARCHS.values() if a.hf_format is not None]
     raise UserError(f"model_type {model_type!r} is not one buildllm can load; it reads {', '.join(known)}")
+
+
+def default_preset(arch: str) -> str:
+    """The preset ``buildllm train --arch ARCH`` trains when no preset is named."""
+    found = get(arch).default_preset
+    if found is None:
+        raise UserError(f"architecture {arch!r} has no default preset; name one with --preset")
+    return found
 
 
 def model_class(cfg) -> type:

@@ -102,8 +102,9 @@ class TrainConfig(ConfigFile):
     name: str | None = None  # run name (default: the data's name)
     tokenizer: str | None = None  # gpt2, a tokenizer.json, or bpe:VOCAB (learned from the data)
     # The model.
-    preset: str | None = None  # a GPTConfig preset
-    model: dict = field(default_factory=dict)  # GPTConfig overrides, e.g. {"n_layers": 6}
+    arch: str | None = None  # architecture (gpt2, llama, qwen3): trains its small CPU preset unless preset names one
+    preset: str | None = None  # a model preset (gpt2, llama-3.2-1b, qwen3-cpu, ...; `buildllm info` lists them)
+    model: dict = field(default_factory=dict)  # model config overrides, e.g. {"n_layers": 6}
     init_from: str | None = None  # start from these weights (a checkpoint folder or GPT-2) instead
     lora_rank: int | None = None  # train LoRA adapters of this rank (needs init_from)
     lora_alpha: float | None = None  # LoRA scale numerator (default: 2 x rank)
@@ -201,6 +202,7 @@ def data_mode(data: str | None) -> str:
 def resolve(cfg: TrainConfig) -> TrainConfig:
     """Fill every ``None`` with its mode's default and check the values; the result is what runs."""
     mode = data_mode(cfg.data)
+    cfg = _pick_arch(cfg)
     filled = {k: v for k, v in DEFAULTS[mode].items() if getattr(cfg, k) is None}
     if cfg.max_steps is not None:  # a step count given is the budget: no default time limit
         filled.pop("max_minutes", None)
@@ -222,7 +224,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         try:
             model_cfg = GPTConfig.from_preset(cfg.preset, **cfg.model)
         except TypeError as e:
-            known = ", ".join(f.name for f in fields(GPTConfig))
+            known = ", ".join(f.name for f in fields(type(GPTConfig.from_preset(cfg.preset))))
             raise UserError(f"bad model override ({e}); valid keys: {known}") from None
         if cfg.context_length is None:
             cfg = cfg.replace(context_length=model_cfg.context_length)
@@ -234,6 +236,22 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.lora_rank is not None and cfg.lora_alpha is None:
         cfg = cfg.replace(lora_alpha=2.0 * cfg.lora_rank)
     check(cfg)
+    return cfg
+
+
+def _pick_arch(cfg: TrainConfig) -> TrainConfig:
+    """``arch`` without a preset means that architecture's small CPU preset; with one, they must agree."""
+    if cfg.arch is None:
+        return cfg
+    from buildllm.models import registry
+
+    if cfg.init_from is not None:
+        raise UserError("init_from takes the architecture from its weights: drop arch")
+    if cfg.preset is None:
+        return cfg.replace(preset=registry.default_preset(cfg.arch))
+    preset_arch = registry.preset(cfg.preset).arch
+    if preset_arch != cfg.arch:
+        raise UserError(f"preset {cfg.preset!r} is a {preset_arch} model, not {cfg.arch}: drop arch or the preset")
     return cfg
 
 

@@ -49,12 +49,13 @@ from buildllm.training.task import LMTask
 
 
 def build_model(cfg: TrainConfig, vocab_size: int | None, device: torch.device):
-    """A new GPTModel (seeded), or the weights of ``init_from``; returns ``(model, tokenizer)``."""
+    """A new model of the preset's architecture (seeded), or the weights of ``init_from`` (in fp32,
+    whatever they are stored in); returns ``(model, tokenizer)``."""
     torch.manual_seed(cfg.seed)
     if cfg.init_from is not None:
         from buildllm.weights.loader import load_pretrained
 
-        model, tokenizer = load_pretrained(cfg.init_from, device=device, **cfg.model)
+        model, tokenizer = load_pretrained(cfg.init_from, device=device, dtype=torch.float32, **cfg.model)
         if tokenizer is None:
             raise UserError(f"{cfg.init_from} has no tokenizer saved with it: save its tokenizer.json")
     else:

@@ -1,6 +1,9 @@
-"""Stage 7: OpenAI's GPT-2 weights in and out of this codebase.
+"""Stage 7: published weights in and out of this codebase: GPT-2, Llama 3, Qwen3 (Hugging Face folders).
 
-GPT-2 comes in three on-disk forms, and all three lead to the same place:
+A Hugging Face folder is ``config.json`` (its ``model_type`` and ``architectures`` name the
+architecture) and the weights, in ``model.safetensors``, in shards listed by
+``model.safetensors.index.json``, or in a ``pytorch_model.bin``. GPT-2 comes in three on-disk
+forms, and all three lead to the same place:
 
     "gpt2" (a model id) ──► huggingface_hub download ─┐
     Hugging Face folder: config.json + model.safetensors (or pytorch_model.bin)
@@ -14,10 +17,12 @@ or the folder's ``model_type`` (reading).
 
 Loading builds the model on the meta device (no memory) and moves each tensor straight into place
 (``checkpoint.model_from_state_dict``, the one loading path of the package), converting one tensor
-at a time, so peak memory stays near one copy of the weights.
+at a time, so peak memory stays near one copy of the weights. The weights keep the dtype they are
+stored in (a bf16 Llama stays bf16) unless a dtype is asked for.
 
-``save_pretrained`` writes the Hugging Face layout back, so ``transformers.GPT2LMHeadModel
-.from_pretrained(folder)`` reads a model trained here with identical logits.
+``save_pretrained`` writes the Hugging Face layout back, so ``transformers.AutoModelForCausalLM
+.from_pretrained(folder)`` reads a model trained here (GPT2LMHeadModel, LlamaForCausalLM,
+Qwen3ForCausalLM) with identical logits.
 """
 
 from __future__ import annotations
@@ -54,6 +59,10 @@ HF_CONFIG, HF_WEIGHTS, HF_WEIGHTS_BIN = "config.json", "model.safetensors", "pyt
 
 HF_INDEX = "model.safetensors.index.json"  # sharded safetensors: which file holds which tensor
 
+# What a download brings beside the weights: the tokenizer, its chat template and stop tokens.
+HF_TEXT_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                 "chat_template.jinja")
+
 
 TOKENIZER = "buildllm_tokenizer.json"  # ours, next to the HF files (HF's own tokenizer.json differs)
 
@@ -84,10 +93,11 @@ def model_from_hf_state(
     cfg,
     state: dict[str, torch.Tensor],
     device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = torch.float32,
+    dtype: torch.dtype | None = None,
     source: str = "weights",
 ) -> nn.Module:
-    """Turn HF-named tensors into ``cfg``'s model. ``state`` is emptied as it goes (memory)."""
+    """Turn HF-named tensors into ``cfg``'s model, converted to ``dtype`` unless None. ``state`` is
+    emptied as it goes (memory)."""
     fmt = hf_format_of(cfg)
     with torch.device("meta"):  # shapes only, no memory
         reference = registry.build(cfg)
@@ -207,10 +217,10 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def download(model_id: str) -> Path:
-    """Fetch a model's config.json and weights from the Hugging Face Hub (or its local cache)."""
+    """Fetch a model's config.json, weights and tokenizer files from the Hugging Face Hub (or its cache)."""
     repo = MODEL_IDS.get(model_id, model_id)
     how = (
-        f"with a network, run `hf download {repo} config.json model.safetensors --local-dir DIR` "
+        f"with a network, run `hf download {repo} --include '*.json' '*.safetensors' '*.jinja' --local-dir DIR` "
         "(pip install huggingface_hub) and pass DIR"
     )
     try:
@@ -219,13 +229,15 @@ def download(model_id: str) -> Path:
         raise UserError(f"downloading {model_id} needs huggingface_hub (pip install 'buildllm[hub]'), or {how}") from None
     try:
         # Prefer safetensors; fall back to the .bin only for repositories without it.
-        folder = Path(snapshot_download(repo, allow_patterns=[HF_CONFIG, "*.safetensors", HF_INDEX]))
+        folder = Path(snapshot_download(repo, allow_patterns=[HF_CONFIG, "*.safetensors", HF_INDEX, *HF_TEXT_FILES]))
         if not (folder / HF_WEIGHTS).is_file() and not (folder / HF_INDEX).is_file():
-            folder = Path(snapshot_download(repo, allow_patterns=[HF_CONFIG, HF_WEIGHTS_BIN]))
+            folder = Path(snapshot_download(repo, allow_patterns=[HF_CONFIG, HF_WEIGHTS_BIN, *HF_TEXT_FILES]))
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated, server down: all end here
         if type(e).__name__ in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
             reason = "no network or HF_HUB_OFFLINE set, and not in the local cache"
-        elif type(e).__name__ in ("RepositoryNotFoundError", "GatedRepoError"):
+        elif type(e).__name__ == "GatedRepoError":
+            reason = "a gated model: accept its licence on huggingface.co, then `hf auth login`"
+        elif type(e).__name__ == "RepositoryNotFoundError":
             reason = "no such public model on the Hub"
         else:
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:120]
@@ -246,9 +258,9 @@ def hf_state_of(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer=None) -> Path:
-    """Write ``model`` as a Hugging Face GPT-2 folder (config.json + model.safetensors).
+    """Write ``model`` as a Hugging Face folder of its architecture (config.json + model.safetensors).
 
-    ``transformers.GPT2LMHeadModel.from_pretrained(directory)`` loads it with identical logits,
+    ``transformers.AutoModelForCausalLM.from_pretrained(directory)`` loads it with identical logits,
     and so does ``load_pretrained``. A tokenizer is kept as ``buildllm_tokenizer.json``; a
     byte-level BPE one (GPT-2's, or one from ``train_bpe``) is also written in GPT-2's own files,
     vocab.json and merges.txt, which ``transformers.AutoTokenizer`` loads.
@@ -284,7 +296,7 @@ def save_hf_tokenizer(tokenizer: Tokenizer, directory: Path, context_length: int
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> Path:
-    """Turn a buildllm checkpoint folder into a Hugging Face GPT-2 folder (``buildllm convert``)."""
+    """Turn a buildllm checkpoint folder into a Hugging Face folder (``buildllm convert``)."""
     from buildllm.weights.checkpoint import load_model
 
     out = Path(out)

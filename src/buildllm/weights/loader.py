@@ -69,15 +69,16 @@ class LoadedModel(tuple):
 def load_model(
     source: str | os.PathLike,
     device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = torch.float32,
+    dtype: torch.dtype | None = None,
     quantize: str | None = None,
     base: str | os.PathLike | None = None,
     **overrides,
 ) -> LoadedModel:
     """Any model as ``(model, tokenizer)`` in eval mode (see the module docstring for what loads).
 
-    ``dtype``: convert the weights (None keeps the stored dtype). ``quantize``: "int8" or "int4"
-    after loading (CPU kernels). ``base``: the base model a LoRA adapters folder was trained on.
+    ``dtype``: convert the weights; None (the default) keeps the dtype the file stores, so a bf16
+    Llama or Qwen3 folder loads in bf16 (half the memory of fp32). Training asks for fp32.
+    ``quantize``: "int8" or "int4" after loading (CPU kernels). ``base``: the base model a LoRA adapters folder was trained on.
     ``overrides``: config fields that do not change shapes, e.g. ``drop_rate=0.1`` to fine-tune or
     ``attention="readable"``.
 
