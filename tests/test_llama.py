@@ -226,3 +226,10 @@ def test_instruction_and_classification_fine_tuning_take_a_llama(tmp_path):
     clf = finetune_classifier(llama(), tmp_path / "rows.csv", tmp_path / "clf", tokenizer=tok, trainable="all",
                               epochs=2, lr=3e-3, device="cpu", log=None)
     assert clf.history[-1]["train_accuracy"] > 0.9
+
+
+def test_a_folder_without_a_tokenizer_never_gets_gpt2s(tmp_path):
+    """GPT-2's BPE fills in for a GPT-2 folder without tokenizer files, never for another arch,
+    whose ids it would turn into the wrong text, however large the vocabulary."""
+    hf_llama(vocab_size=50304).save_pretrained(tmp_path)
+    assert load_model(tmp_path).tokenizer is None

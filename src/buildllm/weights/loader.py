@@ -117,8 +117,8 @@ def load_model(
             f"{directory} holds no model: expected model.safetensors + config.json (buildllm or Hugging "
             "Face), adapter_config.json (LoRA), or hparams.json + model.ckpt.* (OpenAI)"
         )
-    return _finish(model, tokenizer_for(directory, model.cfg.vocab_size, tokenizer_file), directory, quantize,
-                   prompt_template=template)
+    tokenizer = tokenizer_for(directory, model.cfg.vocab_size, tokenizer_file, model.cfg.arch)
+    return _finish(model, tokenizer, directory, quantize, prompt_template=template)
 
 
 def _resolve(source) -> Path:
@@ -181,7 +181,7 @@ def _load_adapters(directory: Path, base, device, dtype, overrides):
     model, tokenizer = load_model(base, device=device, dtype=dtype, **overrides)
     load_adapters(directory, model)
     if (directory / TOKENIZER).is_file():
-        tokenizer = tokenizer_for(directory, model.cfg.vocab_size, TOKENIZER)
+        tokenizer = tokenizer_for(directory, model.cfg.vocab_size, TOKENIZER, model.cfg.arch)
     return model, tokenizer
 
 
@@ -194,11 +194,12 @@ def _finish(model, tokenizer, directory: Path, quantize, **extra) -> LoadedModel
     return LoadedModel(model.eval(), tokenizer, str(directory), **extra)
 
 
-def tokenizer_for(directory: Path, vocab_size: int | None, name: str = TOKENIZER) -> Tokenizer | None:
+def tokenizer_for(directory: Path, vocab_size: int | None, name: str = TOKENIZER,
+                  arch: str = "gpt2") -> Tokenizer | None:
     """The tokenizer saved with the weights as ``name``; else, in a Hugging Face folder (``name`` is
     buildllm_tokenizer.json), the folder's own tokenizer.json, read with the tokenizer_config.json,
-    generation_config.json and chat template beside it; else GPT-2's when ``vocab_size`` has room
-    for it (the vocabulary rule below), else None."""
+    generation_config.json and chat template beside it; else, for a GPT-2, GPT-2's own when
+    ``vocab_size`` has room for it (the vocabulary rule below); else None."""
     from buildllm.tokenizer import get_tokenizer
     from buildllm.tokenizer.huggingface import TOKENIZER_JSON
 
@@ -206,7 +207,7 @@ def tokenizer_for(directory: Path, vocab_size: int | None, name: str = TOKENIZER
     for candidate in names:
         if (directory / candidate).is_file():
             return get_tokenizer(directory / candidate)  # buildllm's own or Hugging Face's, by its content
-    if vocab_size is None:
+    if vocab_size is None or arch != "gpt2":  # another arch's ids mean nothing to GPT-2's BPE
         return None
     gpt2 = get_tokenizer("gpt2")
     return gpt2 if vocab_size >= gpt2.vocab_size else None
