@@ -233,3 +233,13 @@ def test_a_folder_without_a_tokenizer_never_gets_gpt2s(tmp_path):
     whose ids it would turn into the wrong text, however large the vocabulary."""
     hf_llama(vocab_size=50304).save_pretrained(tmp_path)
     assert load_model(tmp_path).tokenizer is None
+
+
+def test_info_reads_a_hugging_face_folder(reference, capsys):
+    from buildllm.cli import main
+
+    _, folder, ours = reference
+    assert main(["info", "--model", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "(llama): 2 layers, 4 heads (2 key/value)" in out
+    assert f"{sum(p.numel() for p in ours.parameters()):,}" in out

@@ -72,23 +72,30 @@ def add_info(sub) -> None:
 def run_info(args) -> int:
     from pathlib import Path
 
-    from buildllm.models.gpt2 import GPTConfig, describe
+    from buildllm.files import read_json_object
+    from buildllm.models import registry
+    from buildllm.weights.huggingface import config_from_hf
 
     if args.model and args.preset:
         raise UserError("give --model or --preset, not both")
     if args.model:
         path = Path(args.model)
-        cfg = GPTConfig.load(path / "config.json" if path.is_dir() else path)
+        file = path / "config.json" if path.is_dir() else path
+        raw = read_json_object(file, "model config")
+        # A Hugging Face config.json names its model_type; buildllm's own names its arch.
+        cfg = config_from_hf(raw, str(file)) if "model_type" in raw else registry.config_from_dict(raw)
         name = str(path)
     else:
         name = args.preset or "gpt2"
-        cfg = GPTConfig.from_preset(name)
-    info = describe(cfg)
+        cfg = registry.preset(name)
+    info = registry.describe(cfg)
     gib = 2**30
-    print(f"{name}: {cfg.n_layers} layers, {cfg.n_heads} heads, emb_dim {cfg.emb_dim}, "
+    kv_heads = getattr(cfg, "n_kv_heads", None) or cfg.n_heads
+    heads = f"{cfg.n_heads} heads" + (f" ({kv_heads} key/value)" if kv_heads != cfg.n_heads else "")
+    print(f"{name} ({cfg.arch}): {cfg.n_layers} layers, {heads}, emb_dim {cfg.emb_dim}, "
           f"context {cfg.context_length}, vocab {cfg.vocab_size}")
     print(f"  parameters             {info['params_total']:>15,}")
-    print(f"    embeddings (wte+wpe) {info['params_embedding']:>15,}")
+    print(f"    embeddings           {info['params_embedding']:>15,}")
     if info["params_head"]:
         print(f"    output head          {info['params_head']:>15,}")
     print(f"    without embeddings   {info['params_non_embedding']:>15,}")
