@@ -224,3 +224,24 @@ def test_stream_text_stops_at_any_of_the_tokenizers_stop_ids(model, pair, llama_
     assert end <= 3
     assert "".join(stream_text(model, tok, text, 10)) == tok.decode(new[:end])
     assert "".join(stream_text(model, tok, text, 10, stop_at_eot=False)) == tok.decode(new)
+
+
+def test_save_pretrained_writes_the_tokenizer_files_transformers_reads(pair, tmp_path):
+    """A Llama with a Hugging Face tokenizer goes out as a folder whose tokenizer, chat template and
+    stop ids transformers reads as they were, and comes back through the one loader the same."""
+    from buildllm import LlamaConfig, LlamaModel, load_model, save_pretrained
+
+    ours, theirs = pair
+    ours = HFTokenizer(ours.backend.to_str(), ours.config, ours.generation_config, "{{ messages[0]['content'] }}")
+    torch.manual_seed(0)
+    llama = LlamaModel(LlamaConfig(vocab_size=ours.vocab_size, context_length=32, emb_dim=32, n_heads=4,
+                                   n_kv_heads=2, n_layers=1, hidden_dim=64))
+    save_pretrained(llama, tmp_path, ours)
+    reread = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    text = MIXED[0]
+    assert reread.encode(text) == theirs.encode(text)
+    assert reread.chat_template == ours.chat_template
+    generation = transformers.GenerationConfig.from_pretrained(str(tmp_path))
+    assert sorted(generation.eos_token_id) == sorted(ours.stop_ids)
+    loaded = load_model(tmp_path).tokenizer
+    assert loaded.stop_ids == ours.stop_ids and loaded.encode(text) == ours.encode(text)

@@ -263,7 +263,9 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer=No
     ``transformers.AutoModelForCausalLM.from_pretrained(directory)`` loads it with identical logits,
     and so does ``load_pretrained``. A tokenizer is kept as ``buildllm_tokenizer.json``; a
     byte-level BPE one (GPT-2's, or one from ``train_bpe``) is also written in GPT-2's own files,
-    vocab.json and merges.txt, which ``transformers.AutoTokenizer`` loads.
+    vocab.json and merges.txt, and a Hugging Face one (Llama's, Qwen's) as tokenizer.json and
+    tokenizer_config.json with its chat template, plus generation_config.json with its stop ids:
+    what ``transformers.AutoTokenizer`` and ``generate`` read.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -276,8 +278,16 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer=No
         from buildllm.tokenizer import GPT2_PATTERN, BPETokenizer
 
         tokenizer.save(directory / TOKENIZER)  # atomic itself
+        from buildllm.tokenizer.huggingface import GENERATION_CONFIG, HFTokenizer
+
         if isinstance(tokenizer, BPETokenizer) and tokenizer.pat_str == GPT2_PATTERN:
             save_hf_tokenizer(tokenizer, directory, model.cfg.context_length)
+        elif isinstance(tokenizer, HFTokenizer):
+            tokenizer.save_hf_files(directory)
+            generation = {**tokenizer.generation_config, "eos_token_id": list(tokenizer.stop_ids)}
+            if getattr(tokenizer, "bos_id", None) is not None:
+                generation["bos_token_id"] = tokenizer.bos_id
+            write_json(directory / GENERATION_CONFIG, generation)
     return directory
 
 
