@@ -26,7 +26,8 @@ from buildllm.generation.sampling import generate
 from buildllm.models import registry
 from buildllm.models.gpt2 import GPTConfig, MultiHeadAttention
 from buildllm.models.layers import KVCache
-from buildllm.weights.checkpoint import load_model, save_model
+from buildllm.weights.checkpoint import save_model
+from buildllm.weights.loader import load_model
 
 # The toy architecture ------------------------------------------------------------------------------
 

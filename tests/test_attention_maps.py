@@ -7,7 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from buildllm.attention_maps import attention_weights, plot_attention, save_attention_map
+from buildllm.attention_maps import (
+    attention_weights,
+    plot_attention,
+    save_attention_map,
+)
 from buildllm.cli import main
 from buildllm.errors import UserError
 from buildllm.tokenizer import WordTokenizer

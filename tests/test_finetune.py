@@ -5,6 +5,11 @@ from functools import partial
 
 import pytest
 import torch
+from conftest import (  # the suite's synthetic data
+    KEYWORDS,
+    instruction_records,
+    write_csv,
+)
 from safetensors.torch import load_file
 
 from buildllm.cli import main
@@ -29,8 +34,8 @@ from buildllm.finetune.instruct import (
     read_instruction_data,
 )
 from buildllm.finetune.lora import ADAPTER_WEIGHTS, load_adapters
-from buildllm.weights.checkpoint import load_model, save_model
-from conftest import KEYWORDS, instruction_records, write_csv  # the suite's synthetic data
+from buildllm.weights.checkpoint import save_model
+from buildllm.weights.loader import load_model
 
 
 @pytest.fixture
@@ -245,8 +250,7 @@ def test_classifier_reaches_full_train_accuracy(tiny_model, tmp_path, classifica
     predictions = classifier.predict(["it was good", "so awful", "meh"])
     assert [label for label, _ in predictions] == ["pos", "neg", "mid"]
     assert all(0.34 < p <= 1 for _, p in predictions)
-    with pytest.raises(UserError, match="unexpected tensor 'out_head.bias'"):
-        load_model(tmp_path / "clf")  # a classifier is not a language model
+    assert load_model(tmp_path / "clf").classifier["labels"] == ["mid", "neg", "pos"]  # the one loader knows it
 
 
 def test_lora_classifier_saves_adapters_and_head(tiny_model, tmp_path, classification_data):

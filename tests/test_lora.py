@@ -22,7 +22,8 @@ from buildllm.finetune.lora import (
     save_adapters,
 )
 from buildllm.models.gpt2 import GPTConfig, GPTModel
-from buildllm.weights.checkpoint import load_model, save_model
+from buildllm.weights.checkpoint import save_model
+from buildllm.weights.loader import load_model
 
 CFG = GPTConfig.from_preset("nano", vocab_size=97, context_length=16, emb_dim=32, n_heads=2, n_layers=2)
 

@@ -22,7 +22,7 @@ from buildllm.tokenizer import train_bpe
 from buildllm.training.config import DEFAULTS, TrainConfig, cli_config, resolve
 from buildllm.training.engine import train
 from buildllm.training.optim import learning_rate, param_groups
-from buildllm.weights.checkpoint import load_model
+from buildllm.weights.loader import load_model
 
 TEXT = shakespeare_plays()["macbeth"][:24000]
 TINY_MODEL = {"emb_dim": 32, "n_heads": 2, "n_layers": 2, "context_length": 32}

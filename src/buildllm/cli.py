@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from buildllm.cli_finetune import add_finetune
 from buildllm.cli_options import (
     AttentionOptions,
     ConvertOptions,
@@ -30,7 +31,6 @@ from buildllm.cli_options import (
     given,
     need_model,
 )
-from buildllm.cli_finetune import add_finetune
 from buildllm.errors import UserError
 
 OLD_MODEL_FLAGS = ["--checkpoint", "--pretrained"]  # what the inference commands called --model before
@@ -360,7 +360,7 @@ def add_convert(sub) -> None:
 
 
 def run_convert(args) -> int:
-    from buildllm.weights.huggingface import export_checkpoint
+    from buildllm.weights.loader import export_checkpoint
 
     out = export_checkpoint(need_model(args), args.out, force=args.force)
     print(f"{out}: Hugging Face GPT-2 folder (load it with transformers.GPT2LMHeadModel.from_pretrained)")

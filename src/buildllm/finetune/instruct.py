@@ -435,9 +435,9 @@ def _encode(cfg: InstructConfig, tokenizer, template, train_ex, val_ex, allowed_
 
 def _answer_test_split(out_dir: Path, device, tokenizer, template, test_ex, max_new_tokens: int, log: Log) -> Path:
     """The saved (best) model's greedy answers to the test instructions, next to it."""
-    from buildllm.weights.checkpoint import load_model
+    from buildllm.weights.loader import load_model
 
-    best_model, _ = load_model(out_dir, device=device)
+    best_model = load_model(out_dir, device=device).model
     answers = generate_responses(best_model, tokenizer, template, test_ex, max_new_tokens)
     records = [{"instruction": e.instruction, "input": e.input, "output": e.output, "model_response": a}
                for e, a in zip(test_ex, answers)]

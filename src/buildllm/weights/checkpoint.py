@@ -5,7 +5,8 @@
     tokenizer.json      the tokenizer that goes with the weights
 
 Weights load through safetensors, never pickle, and straight into a model built on the meta device,
-so loading needs about one copy of the weights in memory.
+so loading needs about one copy of the weights in memory. `weights/loader.py` reads these folders
+(and every other kind) through `read_model`; this module only writes them and reads their parts.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from buildllm.errors import UserError
-from buildllm.files import atomic_write, read_json_object, write_safetensors
+from buildllm.files import atomic_write, write_safetensors
 from buildllm.generation.quantization import refuse_quantized
 from buildllm.models import registry
 
@@ -102,26 +103,3 @@ def read_model(directory: Path, cfg, device: torch.device | str = "cpu", dtype: 
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     return model_from_state_dict(cfg, state, device=device, source=str(directory / WEIGHTS))
-
-
-def load_model(directory: str | Path, device: torch.device | str = "cpu", with_tokenizer: bool = True):
-    """Load a folder written by ``save_model``: returns ``(model, tokenizer)`` (tokenizer may be None).
-
-    ``buildllm.load_model`` (weights/loader.py) loads this and every other kind of model folder."""
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise UserError(f"{directory} is a file; give the checkpoint folder (with {WEIGHTS} and {CONFIG})")
-    if not directory.is_dir():
-        raise UserError(f"checkpoint folder {directory} does not exist")
-    for name in (WEIGHTS, CONFIG):
-        if not (directory / name).is_file():
-            raise UserError(f"{directory} is not a buildllm checkpoint: {name} is missing")
-    # Any architecture: the file's "arch" key picks the config class (and so the model class).
-    cfg = registry.config_from_dict(read_json_object(directory / CONFIG, "model config"))
-    model = read_model(directory, cfg, device)
-    tokenizer = None
-    if with_tokenizer and (directory / TOKENIZER).is_file():
-        from buildllm.tokenizer import get_tokenizer
-
-        tokenizer = get_tokenizer(directory / TOKENIZER)
-    return model, tokenizer

@@ -303,16 +303,3 @@ def save_hf_tokenizer(tokenizer: Tokenizer, directory: Path, context_length: int
     merges_text = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
     atomic_write(directory / "merges.txt", lambda tmp: Path(tmp).write_text(merges_text, encoding="utf-8"))
     write_json(directory / "tokenizer_config.json", config)
-
-
-def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> Path:
-    """Turn a buildllm checkpoint folder into a Hugging Face folder (``buildllm convert``)."""
-    from buildllm.weights.checkpoint import load_model
-
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} is a file; give a folder to write the Hugging Face model into")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise UserError(f"{out} is not empty; choose another folder or add --force to overwrite its files")
-    model, tokenizer = load_model(checkpoint)
-    return save_pretrained(model, out, tokenizer)

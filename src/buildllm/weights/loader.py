@@ -44,6 +44,7 @@ from buildllm.weights.huggingface import (
     download,
     model_from_hf_state,
     read_hf_weights,
+    save_pretrained,
 )
 from buildllm.weights.huggingface import TOKENIZER as HF_TOKENIZER
 from buildllm.weights.openai import read_tf_checkpoint
@@ -128,6 +129,8 @@ def _resolve(source) -> Path:
         return path
     if path.exists():
         raise UserError(f"{path} is a file: pass the folder that holds config.json and the weights")
+    if path.is_absolute() or str(source).startswith(".") or str(source).count("/") > 1:  # a path, not an id
+        raise UserError(f"{path} is neither a folder nor a model id: the folder does not exist")
     if str(source) in MODEL_IDS or re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
         return download(str(source))
     raise UserError(f"{source} is neither a folder nor a model id; use {', '.join(MODEL_IDS)} or a model folder")
@@ -223,3 +226,15 @@ def check_vocabulary(vocab_size: int, tokenizer: Tokenizer | None, source) -> No
 
 # The name this function had when it loaded GPT-2 weights only; it is the same function.
 load_pretrained = load_model
+
+
+def export_checkpoint(source: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> Path:
+    """Any model the loader reads, written as a Hugging Face folder of its architecture
+    (``buildllm convert``). An existing folder with files in it is kept unless ``force``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file; give a folder to write the Hugging Face model into")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"{out} is not empty; choose another folder or add --force to overwrite its files")
+    model, tokenizer = load_model(source)
+    return save_pretrained(model, out, tokenizer)
