@@ -351,9 +351,10 @@ def run_chat(args) -> int:
 
 
 def add_convert(sub) -> None:
-    p = sub.add_parser("convert", help="export a checkpoint as a Hugging Face GPT-2 folder",
-                       description="Write a buildllm checkpoint as config.json + model.safetensors that "
-                       "transformers.GPT2LMHeadModel.from_pretrained(OUT) loads with identical logits.")
+    p = sub.add_parser("convert", help="export a model as a Hugging Face folder of its architecture",
+                       description="Write any model buildllm loads as config.json + model.safetensors (and "
+                       "its tokenizer's files) that transformers.AutoModelForCausalLM.from_pretrained(OUT) "
+                       "loads with identical logits.")
     p.add_argument("out", metavar="OUT", help="the folder to write")
     _model_options(p, ConvertOptions)
     p.set_defaults(run=run_convert)
@@ -363,7 +364,7 @@ def run_convert(args) -> int:
     from buildllm.weights.loader import export_checkpoint
 
     out = export_checkpoint(need_model(args), args.out, force=args.force)
-    print(f"{out}: Hugging Face GPT-2 folder (load it with transformers.GPT2LMHeadModel.from_pretrained)")
+    print(f"{out}: Hugging Face folder (load it with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
 
 
