@@ -414,3 +414,25 @@ def test_buildllm_generate_on_a_hugging_face_folder_starts_with_bos(tmp_path, fo
     model.resize_token_embeddings(50257)
     model.save_pretrained(folder)
     assert load_model(folder).tokenizer is get_tokenizer("gpt2")
+
+
+def test_the_server_answers_with_the_models_template_and_stops_at_end_of_turn(tmp_path, folders):
+    """`buildllm serve`'s chat completions lay a conversation out with the folder's chat template
+    and end at its end-of-turn token: the answer transformers gives, with finish_reason "stop"."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from buildllm.serve.app import create_app
+    from buildllm.serve.config import ServeConfig
+    from buildllm.weights.loader import load_model
+
+    model, hf_tok, stops = hf_chat_folder(tmp_path / "model", folders["qwen"])
+    messages = [{"role": "user", "content": "Héllo! What is 2+2?"}]
+    answer, length = hf_answer(model, hf_tok, messages, stops)
+    with TestClient(create_app(load_model(tmp_path / "model"), ServeConfig(), model_name="qwenish")) as http:
+        body = {"model": "qwenish", "messages": messages, "max_tokens": 12, "temperature": 0}
+        reply = http.post("/v1/chat/completions", json=body).json()
+    prompt = hf_tok.encode(rendered(hf_tok, messages), add_special_tokens=False)
+    assert reply["usage"]["prompt_tokens"] == len(prompt)
+    assert reply["choices"][0]["message"]["content"] == answer
+    assert reply["choices"][0]["finish_reason"] == "stop" and length <= 3
