@@ -28,6 +28,7 @@ Qwen3ForCausalLM) with identical logits.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -187,31 +188,36 @@ SAFETENSORS_DTYPES = {
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Read a .safetensors file into ordinary memory, one tensor at a time.
+    """The tensors of a .safetensors file, memory-mapped: each is a view of the file's pages.
 
     The format is simple: 8 bytes giving the header's length, a JSON header (name -> dtype,
-    shape, byte range), then the raw little-endian bytes. ``safetensors.torch.load_file`` memory
-    maps the file instead; the pages it touches then count as resident on top of the transposed
-    copies we make, well above one copy of the weights at peak. Plain reads into each tensor's own
-    buffer keep the peak near one copy of the weights (the page cache is the kernel's, not ours).
+    shape, byte range), then the raw little-endian bytes. The file is mapped privately
+    (copy-on-write) and never copied, so a page becomes resident only when a tensor on it is first
+    used, and loading holds one copy of the weights at most; a tensor the model changes in place
+    (a LoRA merge, say) gets its own pages, and the file stays as it was. (``safetensors``' own
+    ``load_file`` copies every tensor out of its mapping, holding the file twice at the peak.)
     """
     state = {}
     try:
         with open(path, "rb") as f:
             header_length = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(header_length))
-            header.pop("__metadata__", None)
-            for name, info in header.items():
-                begin, end = info["data_offsets"]
-                tensor = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
-                raw = tensor.view(-1).view(torch.uint8).numpy()  # the tensor's bytes, writable
-                if end - begin != raw.nbytes:
-                    raise ValueError(f"tensor {name!r}: {end - begin} bytes for shape {info['shape']}")
-                f.seek(8 + header_length + begin)
-                if f.readinto(raw) != raw.nbytes:
-                    raise ValueError(f"tensor {name!r} is cut short")
-                state[name] = tensor
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
+        header.pop("__metadata__", None)
+        size = path.stat().st_size
+        data = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8) if size else None
+        start = 8 + header_length
+        for name, info in header.items():
+            begin, end = info["data_offsets"]
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            raw = data[start + begin : start + end] if end > begin else torch.empty(0, dtype=torch.uint8)
+            if start + end > size:
+                raise ValueError(f"tensor {name!r} is cut short")
+            if raw.numel() != math.prod(info["shape"]) * dtype.itemsize:
+                raise ValueError(f"tensor {name!r}: {end - begin} bytes for shape {info['shape']}")
+            if raw.storage_offset() % dtype.itemsize:  # not aligned to its type (rare): copy it
+                raw = raw.clone()
+            state[name] = raw.view(dtype).view(info["shape"])
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"cannot read {path} ({e}); it is damaged or not safetensors, re-download it") from None
     return state
 
