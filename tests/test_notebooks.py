@@ -14,7 +14,8 @@ import buildllm
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 STAGES = ["01_tokenizing_text", "02_embeddings_and_windows", "03_attention", "04_gpt_architecture",
-          "05_pretraining", "06_randomness_control", "07_openai_gpt2_weights", "08_finetuning"]
+          "05_pretraining", "06_randomness_control", "07_openai_gpt2_weights", "08_finetuning",
+          "09_llama_and_qwen"]
 
 
 def pictures_of(notebook: nbformat.NotebookNode) -> list[str]:

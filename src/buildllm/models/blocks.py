@@ -200,6 +200,10 @@ class GroupedQueryAttention(nn.Module):
         self.qk_norm = cfg.qk_norm
         self.drop_rate = cfg.drop_rate
         self.dropout = nn.Dropout(cfg.drop_rate)
+        # The attention-weights hook (``buildllm.attention_maps``), as in GPT-2's attention: while a
+        # callable is set, the readable path runs and hands it ``(layer, weights)`` after the softmax,
+        # one map per query head, (batch, n_heads, queries, keys).
+        self.attention_recorder = None
 
     def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: KVCache | None = None,
                 blocked: torch.Tensor | None = None) -> torch.Tensor:
@@ -221,7 +225,7 @@ class GroupedQueryAttention(nn.Module):
             start = kv_cache.length
             keys, values = kv_cache.update(self.layer, keys, values)
 
-        if self.fast:
+        if self.fast and self.attention_recorder is None:
             context = self._attend_fast(queries, keys, values, start, blocked)
         else:
             if blocked is None:
@@ -238,6 +242,8 @@ class GroupedQueryAttention(nn.Module):
         attn_scores = queries @ keys.transpose(2, 3)  # (b, heads, tokens, keys)
         attn_scores = attn_scores.masked_fill(blocked, -torch.inf)
         attn_weights = torch.softmax(attn_scores / math.sqrt(self.head_dim), dim=-1)
+        if self.attention_recorder is not None:
+            self.attention_recorder(self.layer, attn_weights)
         attn_weights = self.dropout(attn_weights)
         return attn_weights @ values
 
