@@ -155,8 +155,11 @@ def weight_bytes(model) -> int:
     for module in model.modules():
         if isinstance(module, torch.nn.Embedding):
             continue
-        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
-            if t.data_ptr() in seen or t.dtype == torch.bool:  # bool: attention masks
+        tensors = {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
+        if tensors.get("_kernel_weight") is not None:  # int4: the kernel reads its own packed copy only
+            tensors = {k: v for k, v in tensors.items() if k.startswith("_kernel") or k == "bias"}
+        for t in tensors.values():
+            if t is None or t.data_ptr() in seen or t.dtype == torch.bool:  # bool: attention masks
                 continue
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
