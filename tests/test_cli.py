@@ -270,13 +270,14 @@ def test_the_generator_reads_types_defaults_and_trailing_comments(capsys):
 
 def test_stop_string_cuts_the_text_even_when_split_over_pieces(monkeypatch, capsys):
     import buildllm.generation.sampling as sampling
+    from buildllm.cli_generate import _print_continuation
 
     monkeypatch.setattr(sampling, "stream_text", lambda *a, **kw: iter(["ab", "c<", "|st", "op|>", "zz"]))
-    cli._print_continuation(None, None, "", {}, stop="<|stop|>")
+    _print_continuation(None, None, "", {}, stop="<|stop|>")
     assert capsys.readouterr().out == "abc\n"
-    cli._print_continuation(None, None, "", {}, stop="never")
+    _print_continuation(None, None, "", {}, stop="never")
     assert capsys.readouterr().out == "abc<|stop|>zz\n"
-    cli._print_continuation(None, None, "", {})
+    _print_continuation(None, None, "", {})
     assert capsys.readouterr().out == "abc<|stop|>zz\n"
 
 

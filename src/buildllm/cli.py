@@ -16,24 +16,24 @@ import argparse
 import sys
 
 from buildllm.cli_finetune import add_finetune
+from buildllm.cli_generate import add_chat, add_generate
 from buildllm.cli_options import (
     AttentionOptions,
     ConvertOptions,
     EvalOptions,
-    GenerateOptions,
     InfoOptions,
     ModelOptions,
     PrepareOptions,
-    SamplingOptions,
     TokenizeOptions,
     add_options,
     complete,
     given,
+    load_for_inference,
+    model_options,
     need_model,
+    options,
 )
 from buildllm.errors import UserError
-
-OLD_MODEL_FLAGS = ["--checkpoint", "--pretrained"]  # what the inference commands called --model before
 
 
 class Parser(argparse.ArgumentParser):
@@ -41,12 +41,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def options(parser, cls, **kw) -> None:
-    """Add ``cls``'s fields as options; the parsed namespace is completed from ``cls`` in ``main``."""
-    add_options(parser, cls, **kw)
-    parser.set_defaults(options=cls)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,7 +162,7 @@ def add_classify(sub) -> None:
     p = sub.add_parser("classify", help="label texts with a fine-tuned classifier",
                        description="Print the predicted label and its probability, one line per text.")
     p.add_argument("texts", nargs="+", metavar="TEXT", help="texts to classify; - reads one text per line from stdin")
-    _model_options(p, ModelOptions, model_help="a folder written by `buildllm finetune classify`")
+    model_options(p, ModelOptions, model_help="a folder written by `buildllm finetune classify`")
     p.set_defaults(run=run_classify)
 
 
@@ -190,173 +184,13 @@ def run_classify(args) -> int:
     return 0
 
 
-def _model_options(p, cls, model_help: str | None = None) -> None:
-    """``cls``'s options, with ``--model`` also answering to its old names and given at most once."""
-    options(p, cls, aliases={"model": OLD_MODEL_FLAGS}, once={"model"}, metavars={"model": "PATH_OR_ID"},
-            extra_help={"model": model_help} if model_help else None)
-
-
-def _load_for_inference(args):
-    """The one loader's ``(model, tokenizer)`` (with what else the folder held, e.g. its prompt
-    template) for the inference commands, in eval mode on ``args.device``."""
-    import torch
-
-    from buildllm.training.runtime import pick_device
-    from buildllm.weights.loader import load_model
-
-    need_model(args)
-    if args.dtype != "auto" and args.quantize:
-        raise UserError(f"--quantize {args.quantize} chooses how the weights are stored: drop --dtype {args.dtype}")
-    device = pick_device(args.device)
-    if args.quantize and device.type != "cpu":
-        print(f"note: PyTorch's {args.quantize} kernels are CPU-only; on {device.type} the weights are "
-              "dequantized at every step, which is slower than bf16 weights", file=sys.stderr)
-    # The one loader decides what the folder is and whether its vocabulary fits the tokenizer;
-    # --dtype auto keeps the dtype the weights are stored in (a bf16 Llama stays bf16).
-    dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    loaded = load_model(args.model, device=device, dtype=dtype, quantize=args.quantize)
-    model, tokenizer = loaded
-    if tokenizer is None:
-        raise UserError(f"{args.model} has no tokenizer saved with it and its vocabulary ({model.cfg.vocab_size}) "
-                        "is smaller than GPT-2's: save the tokenizer with the model")
-    model.eval()
-    return loaded
-
-
-def _sampler(args, model):
-    """Keyword arguments for ``generate.stream_text`` from the command line's options."""
-    import torch
-
-    generator = None
-    if args.seed is not None:
-        generator = torch.Generator(device=model.device).manual_seed(args.seed)
-    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
-            "top_p": args.top_p, "use_cache": args.cache, "generator": generator}
-
-
-def _print_continuation(model, tokenizer, prompt, sampler: dict, stop=None) -> str:
-    """Print the model's continuation of ``prompt`` (text or token ids) as it is produced, then a
-    newline; return the text printed.
-
-    With ``stop`` (a string or several), the text is cut where a stop string first appears. A stop
-    string can arrive split over several pieces, so the last characters (one fewer than the longest
-    stop string has) are held back until it is clear they do not begin one.
-    """
-    import warnings
-
-    from buildllm.generation.sampling import stream_text
-
-    def plain(message, category, *rest, **kw):  # like errors: one line, no source location
-        print(f"warning: {message}", file=sys.stderr)
-
-    stops = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
-    hold = max((len(s) for s in stops), default=1) - 1
-    pending, printed = "", []
-    with warnings.catch_warnings():
-        warnings.showwarning = plain
-        for piece in stream_text(model, tokenizer, prompt, **sampler):
-            pending += piece
-            found = [pending.index(s) for s in stops if s in pending]
-            if found:
-                pending = pending[: min(found)]
-                break
-            cut = max(0, len(pending) - hold)
-            printed.append(pending[:cut])
-            print(pending[:cut], end="", flush=True)
-            pending = pending[cut:]
-    print(pending, flush=True)
-    return "".join(printed) + pending
-
-
-def add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="continue a prompt, printing the text as it is produced",
-                       description="Continue --prompt with a trained model, streaming the new text to "
-                       "stdout; stops at <|endoftext|>. An empty prompt starts a new document.")
-    _model_options(p, GenerateOptions)
-    p.set_defaults(run=run_generate)
-
-
-def run_generate(args) -> int:
-    from buildllm.generation.sampling import check_sampling
-
-    check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
-    if args.num_samples < 1:
-        raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
-    if args.num_samples > 1 and args.temperature == 0:
-        print("note: --temperature 0 is greedy, so every sample is the same; try --temperature 0.8",
-              file=sys.stderr)
-    model, tokenizer = _load_for_inference(args)
-    sampler = _sampler(args, model)  # one generator for all samples: different yet reproducible
-    for i in range(args.num_samples):
-        if args.num_samples > 1:
-            print(f"--- sample {i + 1} ---")
-        print(args.prompt, end="", flush=True)
-        _print_continuation(model, tokenizer, args.prompt, sampler, args.stop)
-    return 0
-
-
-def add_chat(sub) -> None:
-    p = sub.add_parser("chat", help="an interactive conversation (type /reset to start over, /quit or end "
-                       "input to leave)",
-                       description="Read one message per line from stdin and print the model's answer. A chat "
-                       "model (a tokenizer with a chat template, e.g. Llama 3 or Qwen3 Instruct) and an "
-                       "instruction-tuned model (buildllm finetune instruct) keep the conversation, lay it out "
-                       "in their template and print only the answer, which ends at the model's end-of-turn "
-                       "token; base models continue each line's text.")
-    _model_options(p, SamplingOptions)
-    p.set_defaults(run=run_chat)
-
-
-def run_chat(args) -> int:
-    from buildllm.finetune.instruct import PromptTemplate
-    from buildllm.generation.chat import chat_ids, chat_prompt, stop_strings
-    from buildllm.generation.sampling import check_sampling
-
-    check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
-    loaded = _load_for_inference(args)
-    model, tokenizer = loaded
-    template = None
-    if loaded.prompt_template is not None:  # an instruction model: its template wraps each turn
-        template = PromptTemplate.from_dict(loaded.prompt_template, f"{args.model}/prompt_template.json")
-    # A base model has learned no turns: chat continues the text as it is typed, one line at a time.
-    conversational = tokenizer.chat_template is not None or template is not None
-    stops = [*stop_strings(tokenizer, template), args.stop] if conversational else [args.stop]
-    sampler = _sampler(args, model)
-    interactive = sys.stdin.isatty()
-    if interactive:
-        kind = ("chat model (its chat template)" if tokenizer.chat_template is not None
-                else f"instruction model ({template.name} template)" if template
-                else "base model: it continues your text")
-        print(f"{kind}; /reset starts over, /quit or Ctrl-D leaves", file=sys.stderr)
-    messages: list[dict] = []
-    while True:
-        if interactive:
-            print("> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line or line.strip() == "/quit":  # "" is end of input
-            return 0
-        line = line.rstrip("\r\n")
-        if line.strip() == "/reset":
-            messages = []
-            continue
-        if not line.strip():
-            continue
-        if not conversational:
-            _print_continuation(model, tokenizer, line, sampler, stops)
-            continue
-        messages.append({"role": "user", "content": line})
-        prompt = chat_ids(chat_prompt(messages, tokenizer, template), tokenizer)
-        answer = _print_continuation(model, tokenizer, prompt, sampler, stops)
-        messages.append({"role": "assistant", "content": answer})
-
-
 def add_convert(sub) -> None:
     p = sub.add_parser("convert", help="export a model as a Hugging Face folder of its architecture",
                        description="Write any model buildllm loads as config.json + model.safetensors (and "
                        "its tokenizer's files) that transformers.AutoModelForCausalLM.from_pretrained(OUT) "
                        "loads with identical logits.")
     p.add_argument("out", metavar="OUT", help="the folder to write")
-    _model_options(p, ConvertOptions)
+    model_options(p, ConvertOptions)
     p.set_defaults(run=run_convert)
 
 
@@ -372,7 +206,7 @@ def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="perplexity and bits per character on a text; HellaSwag-style accuracy",
                        description="Score a model on a text file (sliding-window perplexity, bits per "
                        "character) and/or on multiple-choice items in HellaSwag's JSONL format.")
-    _model_options(p, EvalOptions)
+    model_options(p, EvalOptions)
     p.set_defaults(run=run_eval)
 
 
@@ -383,7 +217,7 @@ def run_eval(args) -> int:
         raise UserError("nothing to evaluate: add --data FILE (perplexity) and/or --hellaswag FILE")
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be at least 1, got {args.limit}")
-    model, tokenizer = _load_for_inference(args)
+    model, tokenizer = load_for_inference(args)
     if args.data:
         try:
             with open(args.data, encoding="utf-8") as f:
@@ -410,7 +244,7 @@ def add_attention(sub) -> None:
     p = sub.add_parser("attention", help="draw what each attention head looks at, for a prompt",
                        description="Run the model once on --prompt and write one layer's attention weights "
                        "as one heatmap per head (queries down, keys across) to --out.")
-    _model_options(p, AttentionOptions)
+    model_options(p, AttentionOptions)
     p.set_defaults(run=run_attention)
 
 
@@ -484,7 +318,7 @@ def add_serve(sub) -> None:
                        description="Load the model once and serve it until Ctrl-C: POST /v1/chat/completions "
                        "and /v1/completions in OpenAI's format (streaming too), GET /v1/models, GET /health, and "
                        "a chat page at /. Requests that arrive while others decode join the running batch.")
-    _model_options(p, ServeOptions)
+    model_options(p, ServeOptions)
     p.set_defaults(run=run_serve)
 
 
@@ -494,7 +328,7 @@ def run_serve(args) -> int:
 
     config = ServeConfig(**given(args, ServeConfig))
     config.check()  # before the model loads: a bad option fails fast
-    run_server(_load_for_inference(args), config, model_name=config.model_name or served_name(args.model))
+    run_server(load_for_inference(args), config, model_name=config.model_name or served_name(args.model))
     return 0
 
 

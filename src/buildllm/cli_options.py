@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import inspect
 import io
+import sys
 import textwrap
 import tokenize
 import types
@@ -200,6 +201,48 @@ def need_model(args: argparse.Namespace) -> str:
     if not args.model:
         raise UserError(MODEL_HELP)
     return args.model
+
+
+OLD_MODEL_FLAGS = ["--checkpoint", "--pretrained"]  # what the inference commands called --model before
+
+
+def options(parser, cls, **kw) -> None:
+    """Add ``cls``'s fields as options; the parsed namespace is completed from ``cls`` in ``main``."""
+    add_options(parser, cls, **kw)
+    parser.set_defaults(options=cls)
+
+
+def model_options(p, cls, model_help: str | None = None) -> None:
+    """``cls``'s options, with ``--model`` also answering to its old names and given at most once."""
+    options(p, cls, aliases={"model": OLD_MODEL_FLAGS}, once={"model"}, metavars={"model": "PATH_OR_ID"},
+            extra_help={"model": model_help} if model_help else None)
+
+
+def load_for_inference(args):
+    """The one loader's ``(model, tokenizer)`` (with what else the folder held, e.g. its prompt
+    template) for the inference commands, in eval mode on ``args.device``."""
+    import torch
+
+    from buildllm.training.runtime import pick_device
+    from buildllm.weights.loader import load_model
+
+    need_model(args)
+    if args.dtype != "auto" and args.quantize:
+        raise UserError(f"--quantize {args.quantize} chooses how the weights are stored: drop --dtype {args.dtype}")
+    device = pick_device(args.device)
+    if args.quantize and device.type != "cpu":
+        print(f"note: PyTorch's {args.quantize} kernels are CPU-only; on {device.type} the weights are "
+              "dequantized at every step, which is slower than bf16 weights", file=sys.stderr)
+    # The one loader decides what the folder is and whether its vocabulary fits the tokenizer;
+    # --dtype auto keeps the dtype the weights are stored in (a bf16 Llama stays bf16).
+    dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    loaded = load_model(args.model, device=device, dtype=dtype, quantize=args.quantize)
+    model, tokenizer = loaded
+    if tokenizer is None:
+        raise UserError(f"{args.model} has no tokenizer saved with it: save the tokenizer with the model "
+                        "(a GPT-2 with GPT-2's vocabulary needs none)")
+    model.eval()
+    return loaded
 
 
 # The options of the commands that run a model ---------------------------------------------------
