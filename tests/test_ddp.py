@@ -14,9 +14,11 @@ from buildllm.cli import main
 COMMON = ["--batch-size", "4", "--grad-accum", "2", "--context-length", "32", "--max-steps", "5", "--warmup-steps", "1",
           "--lr", "3e-3", "--eval-interval", "5", "--eval-iters", "1", "--dtype", "fp32", "--device", "cpu",
           "--no-progress", "--set", "sample_tokens=0", "--set", "model.context_length=32"]
-MODELS = {  # tiny shapes of each arch; GPT-2 without a key bias: its true gradient is 0, Adam amplifies the noise
+MODELS = {  # tiny shapes of each arch (and GPT-2 with Muon); GPT-2 without a key bias: its true gradient is 0, Adam amplifies the noise
     "gpt2": ["--preset", "nano", "--set", "model.emb_dim=32", "--set", "model.n_heads=2", "--set", "model.n_layers=2",
              "--set", "model.qkv_bias=false"],
+    "gpt2-muon": ["--preset", "nano", "--set", "model.emb_dim=32", "--set", "model.n_heads=2", "--set", "model.n_layers=2",
+                  "--set", "model.qkv_bias=false", "--set", "optimizer=muon"],
     "llama": ["--arch", "llama", "--set", "model.emb_dim=32", "--set", "model.n_heads=4", "--set", "model.n_kv_heads=2",
               "--set", "model.n_layers=2", "--set", "model.hidden_dim=64"],
 }
@@ -32,7 +34,7 @@ def single(play_corpus):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch, parallel", [("gpt2", "ddp"), ("gpt2", "fsdp"), ("llama", "fsdp")])
+@pytest.mark.parametrize("arch, parallel", [("gpt2", "ddp"), ("gpt2", "fsdp"), ("gpt2-muon", "ddp"), ("llama", "fsdp")])
 def test_two_processes_match_one(single, arch, parallel):
     out = single / f"{arch}-{parallel}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -45,6 +47,11 @@ def test_two_processes_match_one(single, arch, parallel):
     assert one.keys() == two.keys()
     # Equal but for the order of float sums (one process sums all 8 rows, two sum 4 and all-reduce),
     # which Adam amplifies where a gradient is near 0 (SwiGLU's gate early in training, say).
+    # Muon amplifies it further: orthogonalizing an update lifts its smallest singular directions,
+    # where that noise lives, to full size. So with Muon the test is relative, matrix by matrix.
     for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=0, atol=3e-5, msg=name)
+        if arch.endswith("muon"):
+            assert (two[name] - one[name]).norm() <= 0.02 * one[name].norm(), name
+        else:
+            torch.testing.assert_close(two[name], one[name], rtol=0, atol=3e-5, msg=name)
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000005"]

@@ -204,12 +204,15 @@ def test_resume_in_process_across_an_epoch_boundary(files, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_is_bit_identical(files, tmp_path):
-    """Kill -9 a CLI run mid-training, resume it: same weights and losses as a run never killed."""
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_sigkill_then_resume_is_bit_identical(files, tmp_path, optimizer):
+    """Kill -9 a CLI run mid-training, resume it: same weights and losses as a run never killed
+    (with Muon too: its momentum buffers are part of the checkpoint)."""
     args = ["--data", files["prepared"], "--preset", "nano", "--batch-size", "4", "--context-length", "32",
             "--max-steps", "150", "--warmup-steps", "10", "--eval-interval", "25", "--eval-iters", "2",
             "--save-interval", "10", "--dtype", "fp32", "--device", "cpu", "--no-progress",
-            "--set", "sample_tokens=0", "--set", "model.drop_rate=0.1", "--grad-accum", "2"]
+            "--set", "sample_tokens=0", "--set", "model.drop_rate=0.1", "--grad-accum", "2",
+            "--set", f"optimizer={optimizer}"]
     args += [a for k, v in TINY_MODEL.items() for a in ("--set", f"model.{k}={v}")]
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "buildllm.cli", "train", *args, "--out", str(killed)],
@@ -331,3 +334,44 @@ def test_buildllm_train_is_the_function_in_any_import_order():
     import buildllm.training.engine as module
 
     assert buildllm.train is module.train and buildllm.TrainConfig is config_module.TrainConfig
+
+
+# Muon ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(arch):
+    from buildllm.models import registry
+    from buildllm.training.optim import Optimizers, make_optimizer
+
+    cfg = registry.preset("nano" if arch == "gpt2" else "llama-nano", vocab_size=50, tie_embeddings=arch == "gpt2")
+    torch.manual_seed(0)
+    model = registry.build(cfg)
+    optimizer = make_optimizer(model, TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.02), torch.device("cpu"))
+    assert isinstance(optimizer, Optimizers)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for g in optimizer.named["muon"].param_groups for p in g["params"]}
+    adamw = {names[id(p)] for g in optimizer.named["adamw"].param_groups for p in g["params"]}
+    assert muon | adamw == set(names.values()) and not muon & adamw
+    assert muon == {n for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2}
+    assert {"wte.weight", "final_norm.weight" if arch == "llama" else "final_norm.scale"} <= adamw
+    assert ("out_head.weight" in adamw) == (arch == "llama")  # untied: its own matrix, AdamW's; tied: it is wte
+    # each group its own learning rate: the schedule scales Muon's peak by the same factor
+    assert [g["lr_scale"] for g in optimizer.named["muon"].param_groups] == [20.0]
+
+
+def test_muon_trains_and_resumes_in_process(files, tmp_path):
+    common = dict(optimizer="muon", muon_lr=0.02, max_steps=6, eval_interval=3, lr_schedule="constant")  # 3 + 3 == 6
+    straight = train(tiny(files, tmp_path / "a", **common))
+    train(tiny(files, tmp_path / "b", **{**common, "max_steps": 3}))
+    train(tiny(files, tmp_path / "b", resume=True, **common))
+    assert (tmp_path / "a/model.safetensors").read_bytes() == (tmp_path / "b/model.safetensors").read_bytes()
+    losses = [r["train_loss"] for r in records(tmp_path / "a", "step")]
+    assert losses[-1] < losses[0] and straight.val_loss < 6.0
+
+
+@pytest.mark.parametrize("changes, message", [({"parallel": "fsdp"}, "FSDP shards them"),
+                                              ({"dtype": "fp16"}, "not combined with fp16")])
+def test_muon_refuses_what_it_cannot_do_in_one_line(files, tmp_path, changes, message):
+    with pytest.raises(UserError, match=message):
+        train(tiny(files, tmp_path / "x", optimizer="muon", **changes))

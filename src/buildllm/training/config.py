@@ -78,6 +78,10 @@ class EngineConfig(ConfigFile):
     no_decay: tuple[str, ...] = ()  # and never on these parameters (name or module prefix)
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.999  # AdamW second-moment decay
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for the blocks' weight matrices, AdamW for the rest
+    muon_lr: float = 0.02  # Muon's peak learning rate (the schedule scales it as it scales lr)
+    muon_momentum: float = 0.95  # Muon's momentum (Nesterov)
+    muon_weight_decay: float = 0.0  # Muon's decoupled weight decay
     grad_clip: float = 0.0  # max global gradient norm; 0 turns clipping off
     eval_interval: int | None = None  # steps between evaluations and checkpoints (default: one epoch)
     save_interval: int | None = None  # steps between checkpoints (default: eval_interval)
@@ -127,6 +131,10 @@ class TrainConfig(ConfigFile):
     no_decay: tuple[str, ...] = ("wpe",)  # and never on these parameters (name or module prefix)
     beta1: float = 0.9  # AdamW's first-moment decay
     beta2: float = 0.95  # AdamW's second-moment decay
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for the blocks' weight matrices, AdamW for the rest
+    muon_lr: float = 0.02  # Muon's peak learning rate (the schedule scales it as it scales lr)
+    muon_momentum: float = 0.95  # Muon's momentum (Nesterov)
+    muon_weight_decay: float = 0.0  # Muon's decoupled weight decay
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
     # Evaluation, samples and checkpoints.
     eval_interval: int | None = None  # steps between evaluations (and checkpoints)
@@ -299,13 +307,19 @@ def check_engine(cfg: EngineConfig) -> None:
     _positive(cfg, ("epochs", "max_steps", "batch_size", "grad_accum", "eval_interval", "save_interval", "keep_last"))
     _positive(cfg, ("lr", "max_minutes"), integer=False)
     _count(cfg, ("warmup_steps",), allow_none=False)  # resolve() has filled it in by now
-    _between(cfg, ("min_lr_ratio", "beta1", "beta2"), 0, 1)
-    _non_negative(cfg, ("weight_decay", "grad_clip"))
+    _positive(cfg, ("muon_lr",), integer=False)
+    _between(cfg, ("min_lr_ratio", "beta1", "beta2", "muon_momentum"), 0, 1)
+    _non_negative(cfg, ("weight_decay", "grad_clip", "muon_weight_decay"))
     choices = {"dtype": ("auto", "bf16", "fp16", "fp32"), "parallel": ("ddp", "fsdp"),
-               "lr_schedule": ("cosine", "constant"), "resume": (True, False, "auto")}
+               "lr_schedule": ("cosine", "constant"), "resume": (True, False, "auto"), "optimizer": ("adamw", "muon")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise UserError(f"{name} must be one of {', '.join(map(str, allowed))}, got {getattr(cfg, name)!r}")
+    if cfg.optimizer == "muon" and cfg.parallel == "fsdp":
+        raise UserError("Muon orthogonalizes each weight matrix whole and FSDP shards them: use parallel=ddp "
+                        "with optimizer=muon, or optimizer=adamw with FSDP")
+    if cfg.optimizer == "muon" and cfg.dtype == "fp16":
+        raise UserError("optimizer=muon is not combined with fp16 loss scaling: use dtype bf16 or fp32")
 
 
 def _is_int(v) -> bool:

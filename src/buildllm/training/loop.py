@@ -328,7 +328,7 @@ def step_once(run: Run) -> None:
     cfg, step_start = run.cfg, time.perf_counter()
     lr = learning_rate(run.step + 1, cfg, run.max_steps, run.time_fraction)
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's group has its own peak
     tokens_before = run.tokens_seen
     train_loss = train_step(run)
     run.step += 1
