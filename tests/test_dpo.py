@@ -5,6 +5,7 @@ import copy
 import json
 import math
 import random
+from functools import partial
 
 import pytest
 import torch
@@ -20,7 +21,6 @@ from buildllm.finetune.preference_data import (
     encode_preferences,
     read_preference_data,
 )
-from buildllm.models.gpt2 import GPTConfig, GPTModel
 from buildllm.tokenizer import WordTokenizer
 from buildllm.weights.checkpoint import save_model
 from buildllm.weights.loader import load_model
@@ -49,10 +49,9 @@ def tokenizer_for(texts) -> WordTokenizer:
     return WordTokenizer.from_text(list(texts))
 
 
-def tiny_gpt(vocab_size: int, seed: int = 0, context_length: int = 32) -> GPTModel:
-    torch.manual_seed(seed)
-    return GPTModel(GPTConfig.from_preset("nano", vocab_size=vocab_size, context_length=context_length, emb_dim=32,
-                                          n_heads=2, n_layers=1, drop_rate=0.0))
+@pytest.fixture
+def tiny_model(tiny_gpt):
+    return partial(tiny_gpt, context_length=32, n_layers=1)
 
 
 @pytest.fixture
@@ -75,13 +74,13 @@ def answer_logprob_by_hand(model, prompt: list[int], answer: list[int]) -> float
     return sum(logprobs[t - 1, ids[t]].item() for t in range(len(prompt), len(ids)))
 
 
-def test_loss_on_a_fixed_batch_equals_a_hand_computation(parity):
+def test_loss_on_a_fixed_batch_equals_a_hand_computation(tiny_model, parity):
     """sum over pairs of -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), each log pi summed
     over the answer's tokens (end-of-text included) with the prompt and the padding left out."""
     path, tok = parity
     pairs = read_preference_data(path)[:5]
     encoded = encode_preferences(pairs, tok, TEMPLATES["alpaca"], max_length=32)
-    policy = tiny_gpt(tok.vocab_size)
+    policy = tiny_model(tok.vocab_size)
     reference = Reference(policy)  # the start, copied; then the policy moves away from it
     with torch.no_grad():
         for p in policy.parameters():
@@ -108,11 +107,11 @@ def test_loss_on_a_fixed_batch_equals_a_hand_computation(parity):
 # Learning ----------------------------------------------------------------------------------------
 
 
-def test_dpo_learns_to_prefer_the_answers_that_follow_the_rule(tmp_path, parity):
+def test_dpo_learns_to_prefer_the_answers_that_follow_the_rule(tiny_model, tmp_path, parity):
     """Held-out preference accuracy from 0.5 (policy = reference: every reward ties) to >= 0.9, while
     the chosen answers' log-probability does not collapse (it stays within 1 nat of the start)."""
     path, tok = parity
-    result = finetune_dpo(tiny_gpt(tok.vocab_size), path, tmp_path / "dpo", tokenizer=tok, epochs=2, lr=3e-3,
+    result = finetune_dpo(tiny_model(tok.vocab_size), path, tmp_path / "dpo", tokenizer=tok, epochs=2, lr=3e-3,
                           batch_size=16, val_fraction=0.2, **ENGINE)
     first, last = result.initial, result.history[-1]
     assert (first["val_accuracy"], first["val_margin"]) == (0.5, 0.0)
@@ -137,8 +136,8 @@ def storage_bytes(*modules) -> int:
     return sum(storages.values())
 
 
-def test_lora_reference_holds_no_second_copy_of_the_weights():
-    base = tiny_gpt(50)
+def test_lora_reference_holds_no_second_copy_of_the_weights(tiny_model):
+    base = tiny_model(50)
     lora = apply_lora(copy.deepcopy(base), rank=2, alpha=4)
     with torch.no_grad():  # trained adapters: the policy now differs from the base
         for name, p in lora.named_parameters():
@@ -188,11 +187,25 @@ def test_bad_records_are_one_line_naming_the_file_and_record(tmp_path, record, m
 # Resume ------------------------------------------------------------------------------------------
 
 
-def test_resumed_run_matches_an_uninterrupted_one(tmp_path, parity):
+def test_lora_dpo_adapts_another_architectures_own_layers(tmp_path, parity):
+    """LoRA's default targets are the architecture's: a Llama's seven projections, not GPT-2's names."""
+    from buildllm import LlamaConfig, LlamaModel
+    from buildllm.finetune.lora import lora_layers
+
+    path, tok = parity
+    torch.manual_seed(0)
+    llama = LlamaModel(LlamaConfig(vocab_size=tok.vocab_size, context_length=32, emb_dim=32, n_heads=4, n_kv_heads=2,
+                                   n_layers=1, hidden_dim=64))
+    finetune_dpo(llama, path, tmp_path / "dpo", tokenizer=tok, epochs=1, lora_rank=2, batch_size=16, **ENGINE)
+    assert {name.rpartition(".")[2] for name in lora_layers(llama)} == set(llama.lora_targets)
+    assert (tmp_path / "dpo" / "adapter.safetensors").is_file()
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tiny_model, tmp_path, parity):
     """One epoch, then --resume with two: the same weights as two epochs straight. Without LoRA the
     reference is a frozen copy taken before the checkpoint loads, so it is the starting model in both."""
     path, tok = parity
-    save_model(tmp_path / "base", tiny_gpt(tok.vocab_size), tok)
+    save_model(tmp_path / "base", tiny_model(tok.vocab_size), tok)
     run = dict(batch_size=16, lr=3e-3, **ENGINE)
     finetune_dpo(tmp_path / "base", path, tmp_path / "resumed", epochs=1, **run)
     resumed = finetune_dpo(tmp_path / "base", path, tmp_path / "resumed", epochs=2, resume=True, **run)
@@ -212,14 +225,14 @@ def book_records(n: int = 24) -> list[dict]:
              "rejected": "no idea"} for i in range(n)]
 
 
-def test_cli_dpo_with_lora_on_the_books_format(tmp_path, capsys):
+def test_cli_dpo_with_lora_on_the_books_format(tiny_model, tmp_path, capsys):
     records = book_records()
     data = tmp_path / "instruction-data-with-preference.json"
     data.write_text(json.dumps(records, indent=1))
     template = TEMPLATES["alpaca"]
     tok = tokenizer_for(template.format(r["instruction"], r["input"]) + r["chosen"] + " " + r["rejected"]
                         for r in records)
-    save_model(tmp_path / "base", tiny_gpt(tok.vocab_size, context_length=64), tok)
+    save_model(tmp_path / "base", tiny_model(tok.vocab_size, context_length=64), tok)
     out = tmp_path / "dpo"
     assert main(["finetune", "dpo", "--model", str(tmp_path / "base"), "--data", str(data), "--out", str(out),
                  "--epochs", "1", "--batch-size", "4", "--lr", "1e-3", "--beta", "0.5", "--lora-rank", "2",

@@ -308,7 +308,7 @@ def finetune_classifier(
     log = log if rt.dist.main else None
     resume_from = check_run_folder(cfg)
     model, tokenizer, label_set, (train_set, val_set, test_set), max_length = _prepare(
-        cfg, base if isinstance(base, nn.Module) else cfg.base, tokenizer, rt.device, log)
+        cfg, base, tokenizer, rt.device, log)
     trainable_count, _ = log_trainable(model, log)
 
     pad_to = max_length if cfg.representation == "last_position" else None
@@ -351,7 +351,7 @@ def _prepare(cfg: ClassifyConfig, base, tokenizer, device, log: Log):
             + ", ".join(f"{label} {counts.get(label, 0)}" for label in label_set))
     parts = split_items(rows, cfg.split, cfg.seed)
 
-    model, tokenizer = pick_model(base, tokenizer, device)
+    model, tokenizer = pick_model(base, cfg, tokenizer, device)
     context, max_length = model.cfg.context_length, cfg.max_length
     if max_length is None:
         # The book's rule: as long as the longest training text, capped by the context window.

@@ -18,6 +18,7 @@ from torch import nn
 
 from buildllm.errors import UserError
 from buildllm.finetune.lora import (
+    apply_lora,
     count_parameters,
     merge_lora,
     save_adapters,
@@ -89,12 +90,23 @@ def save_lm(directory: Path, model: nn.Module, tokenizer) -> None:
     save_model(directory, without_adapters(directory, model), tokenizer)
 
 
-def pick_model(base, tokenizer, device):
+def pick_model(base, cfg, tokenizer, device):
+    """``(model, tokenizer)``: ``base`` itself when it is a model object (with ``tokenizer``), else
+    the one the config names (``cfg.base``: a folder or model id, loaded by the one loader)."""
     if isinstance(base, nn.Module):
         if tokenizer is None:
             raise UserError("pass the tokenizer that goes with the model")
         return base.to(device), tokenizer
-    return load_base_model(base, device)
+    return load_base_model(cfg.base, device)
+
+
+def make_trainable(model: nn.Module, cfg) -> None:
+    """What a fine-tune trains: LoRA adapters when ``cfg.lora_rank`` is set (on the architecture's
+    own targets unless ``cfg.lora_targets`` names others), else every weight."""
+    if cfg.lora_rank is not None:
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha or 2 * cfg.lora_rank, cfg.lora_targets or None)
+    else:
+        model.requires_grad_(True)
 
 
 def finetune_config(cls, base, data, out_dir, config, options: dict):

@@ -47,6 +47,7 @@ from buildllm.finetune.common import (
     finetune_config,
     initial_metrics,
     log_trainable,
+    make_trainable,
     pick_model,
     run_finetune,
     save_lm,
@@ -60,9 +61,7 @@ from buildllm.finetune.instruct import (
 from buildllm.finetune.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
-    DEFAULT_TARGETS,
     adapters_disabled,
-    apply_lora,
     lora_layers,
 )
 from buildllm.finetune.preference_data import (
@@ -149,7 +148,7 @@ class DPOConfig(EngineConfig):
     allowed_max_length: int | None = None  # tokens per prompt + answer (default: the context length); answers are cut to fit
     lora_rank: int | None = None  # train LoRA adapters of this rank instead of the weights (reference: adapters off)
     lora_alpha: float | None = None  # LoRA scale numerator (default: 2 x rank)
-    lora_targets: tuple[str, ...] = DEFAULT_TARGETS  # Linear layers that get adapters
+    lora_targets: tuple[str, ...] = ()  # Linear layers that get adapters (none: the architecture's)
     eval_batches: int | None = None  # evaluate on at most this many batches per split (default: all)
     log_every: int = 0  # print the training loss every N steps (0: never)
     epochs: int = 1  # passes over the training pairs
@@ -258,7 +257,7 @@ def finetune_dpo(
     log = log if rt.dist.main else None
     resume_from = check_run_folder(cfg)
     pairs = read_preference_data(cfg.data)
-    model, tokenizer = pick_model(base if isinstance(base, nn.Module) else cfg.base, tokenizer, rt.device)
+    model, tokenizer = pick_model(base, cfg, tokenizer, rt.device)
     own = load_prompt_template(cfg.base) if cfg.base and Path(cfg.base).is_dir() else None
     template = spec if isinstance(spec, PromptTemplate) else get_prompt_template(cfg.template or own or "alpaca")
     context = model.cfg.context_length
@@ -272,10 +271,7 @@ def finetune_dpo(
         log(f"{len(pairs)} preference pairs: {len(train_set)} train, {len(val_set)} held out")
 
     torch.manual_seed(cfg.seed)
-    if cfg.lora_rank is not None:
-        apply_lora(model, cfg.lora_rank, cfg.lora_alpha or 2 * cfg.lora_rank, cfg.lora_targets)
-    else:
-        model.requires_grad_(True)
+    make_trainable(model, cfg)
     reference = Reference(model)  # the start: taken before any step (and before a resumed run's weights load)
     trainable_count, _ = log_trainable(model, log)
     collate = partial(collate_preference, pad_id=tokenizer.eot_id, allowed_max_length=max_length)

@@ -30,6 +30,7 @@ from buildllm.finetune.common import (
     finetune_config,
     initial_metrics,
     log_trainable,
+    make_trainable,
     pick_model,
     run_finetune,
     save_lm,
@@ -39,7 +40,6 @@ from buildllm.finetune.labeled_data import open_text
 from buildllm.finetune.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
-    apply_lora,
 )
 from buildllm.training.config import EngineConfig
 from buildllm.training.loop import start_runtime
@@ -382,7 +382,7 @@ def finetune_instruct(
     train_ex, val_ex, test_ex = split_items(examples, cfg.split, cfg.seed)
     if log:
         log(f"{len(examples)} examples: {len(train_ex)} train, {len(val_ex)} validation, {len(test_ex)} test")
-    model, tokenizer = pick_model(base if isinstance(base, nn.Module) else cfg.base, tokenizer, rt.device)
+    model, tokenizer = pick_model(base, cfg, tokenizer, rt.device)
     context = model.cfg.context_length
     allowed_max_length = cfg.allowed_max_length or context
     if not 2 <= allowed_max_length <= context:
@@ -390,11 +390,7 @@ def finetune_instruct(
     train_set, val_set = _encode(cfg, tokenizer, template, train_ex, val_ex, allowed_max_length, log)
 
     torch.manual_seed(cfg.seed)
-    if cfg.lora_rank is not None:
-        apply_lora(model, cfg.lora_rank, cfg.lora_alpha or 2 * cfg.lora_rank, cfg.lora_targets or None)
-    else:
-        for p in model.parameters():
-            p.requires_grad = True
+    make_trainable(model, cfg)
     trainable_count, _ = log_trainable(model, log)
     collate = partial(collate_instruction, pad_id=tokenizer.eot_id, allowed_max_length=allowed_max_length,
                       mask_prompt=cfg.mask_prompt)
