@@ -292,16 +292,7 @@ class GPTModel(nn.Module):
         attends to and which do not count as positions.
         """
         num_tokens = idx.shape[1]
-        start = kv_cache.length if kv_cache is not None else 0
-        end = start + num_tokens
-        limit = kv_cache.max_length if kv_cache is not None else self.cfg.context_length
-        if end > min(limit, self.cfg.context_length):
-            raise UserError(
-                f"input of {end} tokens exceeds the context length {self.cfg.context_length}; "
-                "crop it to the most recent tokens"
-            )
-
-        positions, blocked = positions_and_mask(num_tokens, kv_cache, padding, idx.device)
+        positions, blocked = positions_and_mask(num_tokens, kv_cache, padding, self.cfg.context_length, idx.device)
 
         x = self.wte(idx) + self.wpe(positions)
         x = self.drop_emb(x)
@@ -309,7 +300,7 @@ class GPTModel(nn.Module):
             x = block(x, kv_cache, blocked)
         x = self.final_norm(x)
         if kv_cache is not None:
-            kv_cache.length = end
+            kv_cache.length += num_tokens
         return self.out_head(x)
 
     @property

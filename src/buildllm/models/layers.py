@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from buildllm.errors import UserError
+
 
 class KVCache:
     """Keys and values of the positions seen so far, for every layer, preallocated once.
@@ -57,8 +59,12 @@ def causal_mask(context_length: int, device: torch.device | str | None = None) -
 
 
 def positions_and_mask(num_tokens: int, kv_cache: KVCache | None, padding: torch.Tensor | None,
-                       device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                       context_length: int, device: torch.device | str | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The positions of ``num_tokens`` new tokens and, with left padding, who may attend to whom.
+
+    The new tokens must fit the model's ``context_length`` (and the cache, with one): a longer
+    input is a UserError asking to crop it.
 
     Every architecture follows the same contract: ``padding`` is ``(batch, tokens)`` bool, True at
     left-padding positions; with a cache it is recorded in ``kv_cache.valid``, so later steps still
@@ -69,6 +75,9 @@ def positions_and_mask(num_tokens: int, kv_cache: KVCache | None, padding: torch
     """
     start = kv_cache.length if kv_cache is not None else 0
     end = start + num_tokens
+    if end > min(kv_cache.max_length if kv_cache is not None else context_length, context_length):
+        raise UserError(f"input of {end} tokens exceeds the context length {context_length}; "
+                        "crop it to the most recent tokens")
     if kv_cache is not None:
         if padding is not None and padding.any():
             kv_cache.valid[:, start:end] = ~padding
