@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from buildllm.errors import UserError
+from buildllm.generation.fast_decode import fast_decoder
 
 Prompt = torch.Tensor | Sequence[Sequence[int]]
 StopIds = int | Collection[int]  # one token that ends a text, or several (Llama 3 Instruct has three)
@@ -101,6 +102,7 @@ def stream(
     eos_id: StopIds | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    fast: bool = True,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, a ``(batch,)`` LongTensor per step.
 
@@ -111,7 +113,8 @@ def stream(
     one keeps yielding that token, and the stream ends once every row has. Settings are checked
     here, before the first token is asked for. The model runs in eval mode under
     ``torch.inference_mode`` while the stream does; its training mode comes back when the stream
-    ends or is closed.
+    ends or is closed. ``fast``: the one-token steps run in C++ (``generation/fast_decode.py``)
+    where that applies to the model and machine; False runs every step through the model.
     """
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     tokens, padding = left_pad(_rows(idx), model.cfg.context_length, _device_of(model))
@@ -120,11 +123,11 @@ def stream(
     stops = _stop_set(eos_id)
     stops = torch.tensor(sorted(stops), device=tokens.device) if stops else None
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "generator": generator}
-    return _decode(model, tokens, padding, max_new_tokens, sampling, stops, use_cache)
+    return _decode(model, tokens, padding, max_new_tokens, sampling, stops, use_cache, fast)
 
 
 @torch.inference_mode()  # wraps a generator: active only while the loop runs, not in the caller
-def _decode(model, prompt, padding, max_new_tokens, sampling, stops, use_cache) -> Iterator[torch.Tensor]:
+def _decode(model, prompt, padding, max_new_tokens, sampling, stops, use_cache, use_fast) -> Iterator[torch.Tensor]:
     """The loop behind ``stream``: prefill, then sample, append and step one token at a time.
 
     Past the context window. GPT-2 learns an embedding per *absolute* position (wpe), and the
@@ -149,11 +152,12 @@ def _decode(model, prompt, padding, max_new_tokens, sampling, stops, use_cache) 
         tokens[:, :prompt_length] = prompt
         if padding is not None:
             padding = torch.cat([padding, padding.new_zeros(batch, max_new_tokens)], dim=1)
-        cache = None
+        cache = fast = None
         if use_cache:
             # The last pass with the cache reads position prompt_length + max_new_tokens - 2.
             max_length = min(context_length, prompt_length + max_new_tokens - 1)
             cache = model.new_kv_cache(batch, max_length, device=prompt.device, dtype=_dtype_of(model))
+            fast = fast_decoder(model) if use_fast else None  # the one-token steps in C++, where it applies
 
         def window_logits(n: int) -> torch.Tensor:
             """Logits after the last ``context_length`` of the first ``n`` tokens, from scratch."""
@@ -177,8 +181,8 @@ def _decode(model, prompt, padding, max_new_tokens, sampling, stops, use_cache) 
             yield next_token
             if step + 1 == max_new_tokens or (finished is not None and bool(finished.all())):
                 return  # (the only host sync per step, and only with stop tokens)
-            if cache is not None and n <= cache.max_length:
-                logits = model(tokens[:, n - 1 : n], kv_cache=cache)[:, -1]  # one new position
+            if cache is not None and n <= cache.max_length:  # one new position
+                logits = fast.step(tokens[:, n - 1], cache) if fast else model(tokens[:, n - 1 : n], kv_cache=cache)[:, -1]
             else:
                 cache = None  # the window slides from now on (see above): recompute it
                 logits = window_logits(n)
@@ -196,6 +200,7 @@ def generate(
     eos_id: StopIds | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    fast: bool = True,
 ) -> torch.Tensor | list[list[int]]:
     """The prompt followed by up to ``max_new_tokens`` generated tokens.
 
@@ -206,7 +211,7 @@ def generate(
     stop token, with no padding. The prompt comes back whole even when the model only saw its last
     ``context_length`` tokens.
     """
-    steps = list(stream(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator))
+    steps = list(stream(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator, fast))
     batch = len(idx)
     new = torch.stack(steps, dim=1) if steps else torch.empty(batch, 0, dtype=torch.long)
     if isinstance(idx, torch.Tensor):
@@ -282,6 +287,7 @@ def stream_text(
     stop_at_eot: bool = True,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    fast: bool = True,
 ) -> Iterator[str]:
     """Continue ``prompt``, yielding the new text piece by piece as the model produces it.
 
@@ -291,7 +297,7 @@ def stream_text(
     """
     ids = prompt_ids(tokenizer, prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
     stops = stop_ids(tokenizer) if stop_at_eot else None
-    steps = stream(model, [ids], max_new_tokens, temperature, top_k, top_p, stops, use_cache, generator)
+    steps = stream(model, [ids], max_new_tokens, temperature, top_k, top_p, stops, use_cache, generator, fast)
     new_ids = (int(step[0]) for step in steps)
     if stops is not None:
         new_ids = takewhile(lambda t: t not in stops, new_ids)

@@ -1,0 +1,522 @@
+// One decoding step of a decoder-only transformer, in C++: buildllm.generation.fast_decode.
+//
+// The step the readable model takes for one new token per row (``model(tokens, kv_cache=cache)``),
+// computed with the model's own weight tensors, in one parallel region: the threads split every
+// matrix-vector product by rows and meet at a barrier between the stages, where PyTorch would pay
+// its per-operation overhead about 200 times per token. The numbers follow the readable model's
+// at its precision: fp32 throughout for an fp32 model; for a bf16 model every stage's output is
+// rounded to bf16 where PyTorch's would be; int8 and int4 products take bf16 inputs and give bf16
+// outputs, as PyTorch's int8/int4 kernels do.
+//
+// The Python side (fast_decode.py) reads a model into a Decoder: per layer its norms, the linear
+// layers that make queries, keys and values (one fused, as GPT-2's, or three), the output
+// projection, and the feed-forward's linear layers (GELU or ReLU^2 after one, SwiGLU over two).
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "fast_decode_kernels.h"
+
+namespace buildllm {
+
+enum Format { F32 = 0, BF16 = 1, INT8 = 2, INT4 = 3 };
+enum Activation { GELU_TANH = 0, SWIGLU = 1, RELU2 = 2 };
+enum NormKind { LAYER_NORM = 0, RMS_NORM = 1 };
+
+inline float activation_round(float v, bool bf16) { return bf16 ? round_bf16(v) : v; }
+
+struct Norm {
+    int64_t kind;
+    float eps;
+    std::vector<float> weight, bias;
+
+    Norm(int64_t kind, double eps, torch::Tensor weight, std::optional<torch::Tensor> bias)
+        : kind(kind), eps(float(eps)) {
+        auto w = weight.to(torch::kFloat).contiguous();
+        this->weight.assign(w.data_ptr<float>(), w.data_ptr<float>() + w.numel());
+        if (bias) {
+            auto b = bias->to(torch::kFloat).contiguous();
+            this->bias.assign(b.data_ptr<float>(), b.data_ptr<float>() + b.numel());
+        }
+    }
+
+    // y = norm(x) over n features, rounded as the readable model rounds (see RMSNorm in blocks.py).
+    void apply(const float* x, float* y, int64_t n, bool bf16) const {
+        if (kind == LAYER_NORM) {
+            float mean = 0.f, var = 0.f;
+            for (int64_t i = 0; i < n; ++i) mean += x[i];
+            mean /= n;
+            for (int64_t i = 0; i < n; ++i) var += (x[i] - mean) * (x[i] - mean);
+            float rstd = 1.f / std::sqrt(var / n + eps);
+            for (int64_t i = 0; i < n; ++i)
+                y[i] = activation_round((x[i] - mean) * rstd * weight[i] + (bias.empty() ? 0.f : bias[i]), bf16);
+        } else {
+            float squares = 0.f;
+            for (int64_t i = 0; i < n; ++i) squares += x[i] * x[i];
+            float rrms = 1.f / std::sqrt(squares / n + eps);
+            for (int64_t i = 0; i < n; ++i)
+                y[i] = activation_round(weight[i] * activation_round(x[i] * rrms, bf16), bf16);
+        }
+    }
+};
+
+struct Linear {
+    int64_t format, in, out, group;
+    torch::Tensor weight, scale, zero;  // the model's own tensors, not copies
+    const void* w = nullptr;
+    const uint16_t *s = nullptr, *z = nullptr;
+    std::vector<float> bias;
+    bool bf16_activations;
+
+    Linear(int64_t format, torch::Tensor weight, std::optional<torch::Tensor> scale, std::optional<torch::Tensor> zero,
+           std::optional<torch::Tensor> bias, int64_t group, bool bf16_activations)
+        : format(format), group(group), weight(weight), bf16_activations(bf16_activations) {
+        TORCH_CHECK(weight.is_contiguous() && weight.dim() == 2, "fast_decode: a weight must be a contiguous matrix");
+        out = weight.size(0);
+        in = format == INT4 ? weight.size(1) * 2 : weight.size(1);
+        if (scale) this->scale = scale->contiguous(), s = (const uint16_t*)this->scale.data_ptr();
+        if (zero) this->zero = zero->contiguous(), z = (const uint16_t*)this->zero.data_ptr();
+        w = weight.data_ptr();
+        TORCH_CHECK(format != INT4 || (group >= 32 && group % 32 == 0 && in % group == 0),
+                    "fast_decode: int4 groups must be a multiple of 32 inputs");
+        if (bias) {
+            auto b = bias->to(torch::kFloat).contiguous();
+            this->bias.assign(b.data_ptr<float>(), b.data_ptr<float>() + b.numel());
+            if (bf16_activations)  // the quantized layers add their fp32 bias in the activations' dtype
+                for (auto& v : this->bias) v = round_bf16(v);
+        }
+    }
+
+    // The layer's output from a dot product, rounded where PyTorch rounds.
+    float finish(float v, int64_t row) const {
+        if (format == INT8 || format == INT4) v = round_bf16(v);  // the kernels' bf16 output
+        if (!bias.empty()) v += bias[row];
+        return activation_round(v, bf16_activations || format == BF16);
+    }
+};
+
+// Up to 8 rows of the batch share each pass over a weight row. The weight rows are read one after
+// another: one sequential stream per thread is what the processor's prefetcher follows best
+// (several rows at once, or software prefetches, measured slower).
+constexpr int64_t MAX_M = 8;
+constexpr int64_t BLOCK_ROWS = 16;
+
+// 16 bf16 numbers (fewer under `mask`, zeros elsewhere) as fp32.
+inline __m512 widen16(const uint16_t* p, __mmask16 mask) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+
+// Rows [r0, r1) of L for M inputs: out[(r - r0) * M + m]. `scratch`: room for a row's int4 scales.
+template <int M>
+void rows_of(const Linear& L, int64_t r0, int64_t r1, const Inputs& in, float* out, float* scratch) {
+    const int64_t n = L.in;
+    for (int64_t r = r0; r < r1; ++r) {
+        float* o = out + (r - r0) * M;
+        switch (L.format) {
+            case F32: dot_f32<M>((const float*)L.w + r * n, in, o); break;
+            case BF16: dot_bf16<M>((const uint16_t*)L.w + r * n, in, o); break;
+            case INT8: dot_int8<M>((const int8_t*)L.w + r * n, bf16_to_f32(L.s[r]), in, o); break;
+            default: {
+                const int64_t groups = n / L.group;
+                const uint16_t *s = L.s + r * groups, *z = L.z + r * groups;
+                __m512 zero_term[M];
+                for (int m = 0; m < M; ++m) zero_term[m] = _mm512_setzero_ps();
+                for (int64_t g = 0; g < groups; g += 16) {
+                    __mmask16 mask = groups - g >= 16 ? __mmask16(0xffff) : __mmask16((1u << (groups - g)) - 1);
+                    _mm512_storeu_ps(scratch + g, widen16(s + g, mask));
+                    __m512 zeros = widen16(z + g, mask);
+                    for (int m = 0; m < M; ++m)
+                        zero_term[m] = _mm512_fmadd_ps(zeros, _mm512_maskz_loadu_ps(mask, in.group_sums + m * groups + g), zero_term[m]);
+                }
+                scratch[groups] = 0.f;  // the pair of an odd last group
+                float zeros[M];
+                for (int m = 0; m < M; ++m) zeros[m] = _mm512_reduce_add_ps(zero_term[m]);
+                dot_int4<M>((const uint8_t*)L.w + r * (n / 2), scratch, zeros, L.group, in, o);
+            }
+        }
+    }
+}
+
+void rows_of(int64_t M, const Linear& L, int64_t r0, int64_t r1, const Inputs& in, float* out, float* scratch) {
+    switch (M) {
+        case 1: rows_of<1>(L, r0, r1, in, out, scratch); break;
+        case 2: rows_of<2>(L, r0, r1, in, out, scratch); break;
+        case 3: rows_of<3>(L, r0, r1, in, out, scratch); break;
+        case 4: rows_of<4>(L, r0, r1, in, out, scratch); break;
+        case 5: rows_of<5>(L, r0, r1, in, out, scratch); break;
+        case 6: rows_of<6>(L, r0, r1, in, out, scratch); break;
+        case 7: rows_of<7>(L, r0, r1, in, out, scratch); break;
+        default: rows_of<8>(L, r0, r1, in, out, scratch);
+    }
+}
+
+// Where a linear layer's output goes: stored, or added to the residual stream.
+struct Destination {
+    float* data;
+    int64_t stride;  // between rows of the batch
+    bool add;
+};
+
+struct Layer {
+    Norm norm1;
+    std::vector<Linear> attn_in;  // [qkv] or [q, k, v]
+    Linear attn_out;
+    std::optional<Norm> q_norm, k_norm;
+    Norm norm2;
+    std::vector<Linear> mlp_in;  // [fc] or [gate, up]
+    Linear mlp_out;
+};
+
+class Decoder {
+   public:
+    Decoder(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t activation, bool bf16_activations,
+            torch::Tensor wte, std::optional<torch::Tensor> wpe, std::optional<torch::Tensor> rope_freqs, Norm final_norm,
+            Linear head)
+        : n_heads(n_heads), n_kv_heads(n_kv_heads), head_dim(head_dim), activation(activation), bf16(bf16_activations),
+          wte(wte.contiguous()), final_norm(std::move(final_norm)), head(std::move(head)) {
+        TORCH_CHECK(wte.scalar_type() == torch::kFloat || wte.scalar_type() == torch::kBFloat16,
+                    "fast_decode: the token embedding must be fp32 or bf16");
+        if (wpe) this->wpe = wpe->contiguous();
+        if (rope_freqs) {
+            auto f = rope_freqs->to(torch::kFloat).contiguous();
+            freqs.assign(f.data_ptr<float>(), f.data_ptr<float>() + f.numel());
+        }
+        emb_dim = wte.size(1);
+    }
+
+    void add_layer(Norm norm1, std::vector<Linear> attn_in, Linear attn_out, std::optional<Norm> q_norm,
+                   std::optional<Norm> k_norm, Norm norm2, std::vector<Linear> mlp_in, Linear mlp_out) {
+        layers.push_back(Layer{std::move(norm1), std::move(attn_in), std::move(attn_out), std::move(q_norm),
+                               std::move(k_norm), std::move(norm2), std::move(mlp_in), std::move(mlp_out)});
+        int64_t hidden = layers.back().mlp_out.in;
+        hidden_dim = std::max(hidden_dim, hidden);
+        if (layers.back().mlp_in.size() == 2) hidden_dim = std::max(hidden_dim, 2 * hidden);
+    }
+
+    // Logits (batch, vocab) for one new token per row; the cache's keys and values at position
+    // `length` are written. keys, values: (layers, batch, kv_heads, positions, head_dim); valid:
+    // (batch, positions), False at left padding (read only when `padded`).
+    torch::Tensor step(torch::Tensor tokens, torch::Tensor keys, torch::Tensor values, torch::Tensor valid,
+                       int64_t length, bool padded) {
+        TORCH_CHECK(tokens.dim() == 1 && tokens.scalar_type() == torch::kLong, "fast_decode: tokens must be (batch,) int64");
+        TORCH_CHECK(keys.dim() == 5 && keys.stride(4) == 1 && values.stride(4) == 1 && keys.strides() == values.strides(),
+                    "fast_decode: the cache must be (layers, batch, heads, positions, head_dim) with contiguous heads");
+        TORCH_CHECK(length < keys.size(3), "fast_decode: the cache is full");
+        batch = tokens.size(0);
+        auto tok = tokens.contiguous();
+        auto ok = valid.to(torch::kBool).contiguous();
+        positions.assign(batch, length);
+        if (padded) {  // a row's position counts its real tokens only (models/layers.positions_and_mask)
+            const bool* rows = ok.data_ptr<bool>();
+            for (int64_t b = 0; b < batch; ++b) {
+                int64_t seen = 0;
+                for (int64_t j = 0; j <= length; ++j) seen += rows[b * ok.size(1) + j];
+                positions[b] = std::max<int64_t>(seen - 1, 0);
+            }
+        }
+        threads = std::max(1, at::get_num_threads());
+        allocate(keys.size(3));
+        auto logits = torch::empty({batch, head.out}, torch::kFloat);
+        const int64_t* ids = tok.data_ptr<int64_t>();
+        const bool* valid_ptr = ok.data_ptr<bool>();
+#pragma omp parallel num_threads(threads)
+        {
+            embed(ids);
+            for (size_t l = 0; l < layers.size(); ++l) {
+                const Layer& layer = layers[l];
+                normalize(layer.norm1, x.data(), h.data(), emb_dim);
+                attention_inputs(layer);
+                place_keys_and_values(layer, keys, values, l, length);
+                attend(keys, values, l, length, padded, valid_ptr, ok.size(1));
+                run_linears({&layer.attn_out}, context.data(), {{x.data(), emb_dim, true}});
+                normalize(layer.norm2, x.data(), h.data(), emb_dim);
+                feed_forward(layer);
+            }
+            normalize(final_norm, x.data(), h.data(), emb_dim);
+            run_linears({&head}, h.data(), {{logits.data_ptr<float>(), head.out, false}});
+        }
+        return logits;
+    }
+
+   private:
+    int64_t n_heads, n_kv_heads, head_dim, activation, emb_dim, hidden_dim = 0, batch = 0;
+    int threads = 1;  // of the parallel region (asked of PyTorch outside it: inside, it answers 1)
+    bool bf16;
+    torch::Tensor wte, wpe;
+    std::vector<float> freqs;
+    Norm final_norm;
+    Linear head;
+    std::vector<Layer> layers;
+    // Work space, reused across steps.
+    std::vector<int64_t> positions;
+    std::vector<float> x, h, qkv, context, hidden, activated, partial, scores;
+    std::vector<uint16_t> input_b, input_even_odd;  // the input of a linear layer, as Inputs has it
+    std::vector<int16_t> input_q;
+    std::vector<float> input_q_scale, group_sums, int4_scales;
+    int64_t int4_scale_room = 0;
+
+    int64_t qkv_width() const { return (n_heads + 2 * n_kv_heads) * head_dim; }
+
+    void allocate(int64_t max_positions) {
+        int64_t widest = std::max({emb_dim, hidden_dim, n_heads * head_dim});
+        x.resize(batch * emb_dim);
+        h.resize(batch * emb_dim);
+        qkv.resize(batch * qkv_width());
+        context.resize(batch * n_heads * head_dim);
+        hidden.resize(batch * std::max<int64_t>(hidden_dim, 1));
+        activated.resize(batch * std::max<int64_t>(hidden_dim, 1));
+        input_b.resize(batch * widest);
+        input_q.resize(batch * widest);
+        input_q_scale.resize(batch);
+        input_even_odd.resize(batch * ((widest + 63) / 64 * 64));
+        group_sums.resize(batch * widest);
+        int4_scale_room = widest / 32 + 32;
+        int4_scales.resize(threads * int4_scale_room);
+        partial.resize(threads * BLOCK_ROWS * MAX_M);
+        scores.resize(threads * max_positions);
+    }
+
+    static int thread_id() {
+#ifdef _OPENMP
+        return omp_get_thread_num();
+#else
+        return 0;
+#endif
+    }
+
+    void embed(const int64_t* ids) {
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < batch; ++b) {
+            float* row = x.data() + b * emb_dim;
+            for (int64_t i = 0; i < emb_dim; ++i) row[i] = value_at(wte, ids[b], i);
+            if (wpe.defined())
+                for (int64_t i = 0; i < emb_dim; ++i) row[i] = activation_round(row[i] + value_at(wpe, positions[b], i), bf16);
+        }
+    }
+
+    static float value_at(const torch::Tensor& t, int64_t row, int64_t col) {
+        int64_t at = row * t.size(1) + col;
+        return t.scalar_type() == torch::kFloat ? t.data_ptr<float>()[at] : bf16_to_f32(((const uint16_t*)t.data_ptr())[at]);
+    }
+
+    void normalize(const Norm& norm, const float* in, float* out, int64_t n) {
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < batch; ++b) norm.apply(in + b * n, out + b * n, n, bf16);
+    }
+
+    // Several linear layers over the same input (queries, keys and values; gate and up), their
+    // rows shared out among the threads in blocks.
+    void run_linears(std::vector<const Linear*> linears, const float* input, std::vector<Destination> outs) {
+        const int64_t n = linears[0]->in, padded = (n + 63) / 64 * 64;
+        int64_t group = 0;
+        bool int8 = false;
+        for (auto* L : linears) {
+            if (L->format == INT4) group = L->group;
+            int8 |= L->format == INT8;
+        }
+        prepare_inputs(input, n, int8, group);
+        std::vector<int64_t> first_block{0};
+        for (auto* L : linears) first_block.push_back(first_block.back() + (L->out + BLOCK_ROWS - 1) / BLOCK_ROWS);
+        float* out = partial.data() + thread_id() * BLOCK_ROWS * MAX_M;
+        for (int64_t m0 = 0; m0 < batch; m0 += MAX_M) {
+            const int64_t M = std::min(MAX_M, batch - m0);
+            Inputs in{n, input + m0 * n, input_b.data() + m0 * n, input_q.data() + m0 * n, input_q_scale.data() + m0,
+                      input_even_odd.data() + m0 * padded, group ? group_sums.data() + m0 * (n / group) : nullptr};
+#pragma omp for schedule(static)
+            for (int64_t blk = 0; blk < first_block.back(); ++blk) {
+                size_t i = std::upper_bound(first_block.begin(), first_block.end(), blk) - first_block.begin() - 1;
+                const Linear& L = *linears[i];
+                const Destination& d = outs[i];
+                int64_t r0 = (blk - first_block[i]) * BLOCK_ROWS, r1 = std::min(L.out, r0 + BLOCK_ROWS);
+                rows_of(M, L, r0, r1, in, out, int4_scales.data() + thread_id() * int4_scale_room);
+                for (int64_t r = r0; r < r1; ++r)
+                    for (int64_t m = 0; m < M; ++m) {
+                        float v = L.finish(out[(r - r0) * M + m], r);
+                        float& y = d.data[(m0 + m) * d.stride + r];
+                        y = d.add ? activation_round(y + v, bf16) : v;
+                    }
+            }
+        }
+    }
+
+    // The input in the forms the kernels multiply (see Inputs), made once for all the rows that read it.
+    void prepare_inputs(const float* input, int64_t n, bool int8, int64_t group) {
+        const int64_t padded = (n + 63) / 64 * 64;
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < batch; ++b) {
+            const float* x = input + b * n;
+            uint16_t* xb = input_b.data() + b * n;
+            for (int64_t k = 0; k < n; ++k) xb[k] = f32_to_bf16(x[k]);
+            if (int8) {
+                float top = 0.f;
+                for (int64_t k = 0; k < n; ++k) top = std::max(top, std::fabs(x[k]));
+                float scale = top > 0.f ? top / 16383.f : 1.f;
+                input_q_scale[b] = scale;
+                for (int64_t k = 0; k < n; ++k) input_q[b * n + k] = int16_t(std::lrint(x[k] / scale));
+            }
+            if (group) {
+                uint16_t* arranged = input_even_odd.data() + b * padded;
+                for (int64_t j = 0; j < padded; ++j) {
+                    int64_t i = j % 64, k = j - i + (i < 32 ? 2 * i : 2 * (i - 32) + 1);
+                    arranged[j] = k < n ? xb[k] : 0;
+                }
+                for (int64_t g = 0; g < n / group; ++g) {
+                    float sum = 0.f;
+                    for (int64_t k = g * group; k < (g + 1) * group; ++k) sum += bf16_to_f32(xb[k]);
+                    group_sums[b * (n / group) + g] = sum;
+                }
+            }
+        }
+    }
+
+    void attention_inputs(const Layer& layer) {
+        const int64_t q = n_heads * head_dim, kv = n_kv_heads * head_dim, w = qkv_width();
+        std::vector<const Linear*> linears;
+        std::vector<Destination> outs;
+        if (layer.attn_in.size() == 1) {
+            linears = {&layer.attn_in[0]};
+            outs = {{qkv.data(), w, false}};
+        } else {
+            linears = {&layer.attn_in[0], &layer.attn_in[1], &layer.attn_in[2]};
+            outs = {{qkv.data(), w, false}, {qkv.data() + q, w, false}, {qkv.data() + q + kv, w, false}};
+        }
+        run_linears(linears, h.data(), outs);
+    }
+
+    // RMSNorm of each head's queries and keys (Qwen3), the rotation (RoPE), and the new keys and
+    // values into the cache at `length`.
+    void place_keys_and_values(const Layer& layer, torch::Tensor& keys, torch::Tensor& values, size_t l, int64_t length) {
+        const int64_t heads = n_heads + n_kv_heads, w = qkv_width(), D = head_dim;
+        std::vector<float> tmp(D);
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < batch * heads; ++i) {
+            int64_t b = i / heads, hd = i % heads;
+            bool is_query = hd < n_heads;
+            float* v = qkv.data() + b * w + hd * D;
+            const std::optional<Norm>& norm = is_query ? layer.q_norm : layer.k_norm;
+            if (norm) {
+                std::copy(v, v + D, tmp.begin());
+                norm->apply(tmp.data(), v, D, bf16);
+            }
+            if (!freqs.empty()) rotate(v, positions[b]);
+            if (is_query) continue;
+            int64_t kvh = hd - n_heads;
+            const float* value = qkv.data() + b * w + (n_heads + n_kv_heads + kvh) * D;
+            int64_t at = l * keys.stride(0) + b * keys.stride(1) + kvh * keys.stride(2) + length * keys.stride(3);
+            if (keys.scalar_type() == torch::kFloat) {
+                std::copy(v, v + D, keys.data_ptr<float>() + at);
+                std::copy(value, value + D, values.data_ptr<float>() + at);
+            } else {
+                uint16_t* kp = (uint16_t*)keys.data_ptr() + at;
+                uint16_t* vp = (uint16_t*)values.data_ptr() + at;
+                for (int64_t d = 0; d < D; ++d) kp[d] = f32_to_bf16(v[d]), vp[d] = f32_to_bf16(value[d]);
+            }
+        }
+    }
+
+    // Pair (i, i + D/2) turns by position * freqs[i] (blocks.apply_rope), cos and sin rounded to
+    // the activations' dtype, and each product and the sum rounded as PyTorch's bf16 ops round.
+    void rotate(float* v, int64_t position) const {
+        const int64_t half = head_dim / 2;
+        for (int64_t i = 0; i < half; ++i) {
+            float angle = float(position) * freqs[i];
+            float c = activation_round(std::cos(angle), bf16), s = activation_round(std::sin(angle), bf16);
+            float a = v[i], b = v[i + half];
+            v[i] = activation_round(activation_round(a * c, bf16) + activation_round(-b * s, bf16), bf16);
+            v[i + half] = activation_round(activation_round(b * c, bf16) + activation_round(a * s, bf16), bf16);
+        }
+    }
+
+    void attend(const torch::Tensor& keys, const torch::Tensor& values, size_t l, int64_t length, bool padded,
+                const bool* valid, int64_t valid_stride) {
+        const int64_t D = head_dim, group = n_heads / n_kv_heads, w = qkv_width();
+        const float scale = 1.f / std::sqrt(float(D));
+        const bool f32 = keys.scalar_type() == torch::kFloat;
+        const void *key_data = keys.data_ptr(), *value_data = values.data_ptr();
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < batch * n_heads; ++i) {
+            int64_t b = i / n_heads, hd = i % n_heads, kvh = hd / group;
+            const float* q = qkv.data() + b * w + hd * D;
+            float* p = scores.data() + thread_id() * (length + 1);
+            int64_t base = l * keys.stride(0) + b * keys.stride(1) + kvh * keys.stride(2), step = keys.stride(3);
+            float top = -std::numeric_limits<float>::infinity();
+            for (int64_t j = 0; j <= length; ++j) {
+                if (padded && j != length && !valid[b * valid_stride + j]) {
+                    p[j] = -std::numeric_limits<float>::infinity();
+                    continue;
+                }
+                p[j] = scale * (f32 ? dot(q, (const float*)key_data + base + j * step, D)
+                                    : dot(q, (const uint16_t*)key_data + base + j * step, D));
+                top = std::max(top, p[j]);
+            }
+            float total = 0.f;
+            for (int64_t j = 0; j <= length; ++j) total += (p[j] = std::exp(p[j] - top));
+            float* out = context.data() + b * n_heads * D + hd * D;
+            std::fill(out, out + D, 0.f);
+            for (int64_t j = 0; j <= length; ++j) {
+                if (p[j] == 0.f) continue;
+                if (f32) axpy(out, p[j] / total, (const float*)value_data + base + j * step, D);
+                else axpy(out, p[j] / total, (const uint16_t*)value_data + base + j * step, D);
+            }
+            for (int64_t d = 0; d < D; ++d) out[d] = activation_round(out[d], bf16);
+        }
+    }
+
+    void feed_forward(const Layer& layer) {
+        const int64_t F = layer.mlp_out.in;
+        if (layer.mlp_in.size() == 1) {
+            run_linears({&layer.mlp_in[0]}, h.data(), {{hidden.data(), F, false}});
+        } else {  // gate and up side by side in `hidden`: (batch, 2F)
+            run_linears({&layer.mlp_in[0], &layer.mlp_in[1]}, h.data(),
+                        {{hidden.data(), 2 * F, false}, {hidden.data() + F, 2 * F, false}});
+        }
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < batch; ++b) {
+            float* out = activated.data() + b * F;
+            if (activation == SWIGLU) {
+                const float* g = hidden.data() + b * 2 * F;
+                for (int64_t k = 0; k < F; ++k) {
+                    float gate = g[k], up = g[F + k];
+                    float silu = activation_round(gate / (1.f + std::exp(-gate)), bf16);
+                    out[k] = activation_round(silu * up, bf16);
+                }
+            } else {
+                const float* v = hidden.data() + b * F;
+                for (int64_t k = 0; k < F; ++k) {
+                    float a = v[k];
+                    float y = activation == GELU_TANH
+                                  ? 0.5f * a * (1.f + std::tanh(0.7978845608028654f * (a + 0.044715f * a * a * a)))
+                                  : (a > 0.f ? a * a : 0.f);
+                    out[k] = activation_round(y, bf16);
+                }
+            }
+        }
+        run_linears({&layer.mlp_out}, activated.data(), {{x.data(), emb_dim, true}});
+    }
+};
+
+}  // namespace buildllm
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    using namespace buildllm;
+    namespace py = pybind11;
+    py::class_<Norm>(m, "Norm").def(py::init<int64_t, double, torch::Tensor, std::optional<torch::Tensor>>());
+    py::class_<Linear>(m, "Linear")
+        .def(py::init<int64_t, torch::Tensor, std::optional<torch::Tensor>, std::optional<torch::Tensor>,
+                      std::optional<torch::Tensor>, int64_t, bool>());
+    py::class_<Decoder>(m, "Decoder")
+        .def(py::init<int64_t, int64_t, int64_t, int64_t, bool, torch::Tensor, std::optional<torch::Tensor>,
+                      std::optional<torch::Tensor>, Norm, Linear>())
+        .def("add_layer", &Decoder::add_layer)
+        .def("step", &Decoder::step, py::call_guard<py::gil_scoped_release>());
+}

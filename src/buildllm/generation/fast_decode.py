@@ -1,0 +1,228 @@
+"""Stage 6, at the memory-bandwidth limit: one decoding step in C++ (``fast_decode.cpp``).
+
+A decoding step multiplies every weight matrix by one vector per row of the batch: each weight
+is read from memory once and used once, so the step can go no faster than memory streams the
+weights. PyTorch spends most of a small model's step elsewhere: about 200 operations per token,
+each with its dispatch overhead, and matrix-vector kernels that read the ``(out, in)`` weights at
+well under the machine's bandwidth. The C++ step reads the model's own weight tensors (fp32,
+bf16, or the int8/int4 codes of ``quantization.py``, turned into numbers in registers) in one
+parallel region, with the threads splitting every product by rows and meeting between stages.
+``benchmarks/llamacpp.py`` measures it against llama.cpp on the same weights.
+
+The readable model stays the definition: ``tests/test_fast_decode.py`` proves the C++ step gives
+the same tokens (fp32) or the same logits within a stated tolerance (bf16, int8, int4: it rounds
+where PyTorch's ops round, but sums in another order). The prompt's pass (the prefill) stays the
+model's own forward, as fast as training's; only the one-token steps come here.
+
+    decoder = fast_decoder(model)          # None where the fast path does not apply
+    logits = decoder.step(tokens, cache)   # == model(tokens[:, None], kv_cache=cache)[:, -1]
+
+The step is compiled on first use for this machine's processor with PyTorch's extension builder
+(``scripts/install.sh`` does it at install time, ``python -m buildllm.generation.fast_decode``
+does it by hand) and cached across runs. It needs a C++ compiler and AVX-512 with BF16 (the
+kernels are written with its instructions); anywhere else, and for model parts it does not know
+(LoRA layers, fp16, a GPU), generation takes the readable model's path, as it always did.
+``BUILDLLM_FAST_DECODE=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from buildllm.errors import UserError
+from buildllm.generation.quantization import Int4Linear, Int8Linear
+from buildllm.models.layers import KVCache
+
+SOURCES = [Path(__file__).with_name("fast_decode.cpp"), Path(__file__).with_name("fast_decode_kernels.h")]
+CPU_FEATURES = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")  # the kernels' instructions
+F32, BF16, INT8, INT4 = range(4)  # weight formats, as fast_decode.cpp numbers them
+GELU_TANH, SWIGLU, RELU2 = range(3)
+LAYER_NORM, RMS_NORM = range(2)
+
+
+class FastDecoder:
+    """One model's decoding step in C++; ``step`` is ``model(tokens[:, None], kv_cache=cache)[:, -1]``."""
+
+    def __init__(self, native, context_length: int):
+        self.native = native
+        self.context_length = context_length
+
+    def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits ``(batch, vocab)`` fp32 after one new token per row; the cache gains its position."""
+        if cache.length + 1 > min(cache.max_length, self.context_length):
+            raise UserError(f"input of {cache.length + 1} tokens exceeds the context length "
+                            f"{min(cache.max_length, self.context_length)}; crop it to the most recent tokens")
+        logits = self.native.step(tokens, cache.keys, cache.values, cache.valid, cache.length, cache.padded)
+        cache.length += 1
+        return logits
+
+
+def fast_decoder(model: nn.Module) -> FastDecoder | None:
+    """The C++ step for ``model`` as its weights are now, or None where it does not apply (see above).
+
+    Cheap to make (the weights are shared, not copied): make one per generation, so that a model
+    trained or changed since is read as it is.
+    """
+    if getattr(model, "device", torch.device("cpu")).type != "cpu":
+        return None
+    native = extension()
+    if native is None:
+        return None
+    from buildllm.models.gpt2 import GPTModel
+    from buildllm.models.llama import LlamaModel
+
+    read = {GPTModel: _read_gpt2, LlamaModel: _read_llama}.get(type(model))
+    try:
+        return FastDecoder(read(native, model), model.cfg.context_length) if read else None
+    except _Unsupported:
+        return None
+
+
+# Reading a model into the C++ decoder ------------------------------------------------------------
+
+
+class _Unsupported(Exception):
+    """A part the C++ step does not implement: the readable model decodes instead."""
+
+
+def _activations_bf16(model: nn.Module) -> bool:
+    dtype = model.wte.weight.dtype
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise _Unsupported(dtype)
+    return dtype == torch.bfloat16
+
+
+def _linear(native, layer: nn.Module, bf16: bool):
+    if type(layer) is nn.Linear:  # not subclasses (LoRA), whose forward does more
+        kind = {torch.float32: F32, torch.bfloat16: BF16}.get(layer.weight.dtype)
+        if kind is None or (kind == BF16) != bf16:
+            raise _Unsupported(layer.weight.dtype)
+        return native.Linear(kind, layer.weight.detach(), None, None, _detached(layer.bias), 0, bf16)
+    if type(layer) is Int8Linear:
+        return native.Linear(INT8, layer.weight, layer.scale, None, layer.bias, 0, bf16)
+    if type(layer) is Int4Linear:
+        return native.Linear(INT4, layer.weight, layer.scale, layer.zero, layer.bias, layer.group_size, bf16)
+    raise _Unsupported(type(layer).__name__)
+
+
+def _norm(native, norm: nn.Module):
+    from buildllm.models.blocks import RMSNorm
+    from buildllm.models.gpt2 import LayerNorm
+
+    if type(norm) is LayerNorm:
+        return native.Norm(LAYER_NORM, norm.eps, norm.scale.detach(), norm.shift.detach())
+    if type(norm) is RMSNorm:
+        return native.Norm(RMS_NORM, norm.eps, norm.weight.detach(), None)
+    raise _Unsupported(type(norm).__name__)
+
+
+def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.detach() if t is not None else None
+
+
+def _read_gpt2(native, model: nn.Module):
+    from buildllm.models.gpt2 import GELU, FeedForward, MultiHeadAttention, TransformerBlock
+
+    cfg, bf16 = model.cfg, _activations_bf16(model)
+    decoder = native.Decoder(cfg.n_heads, cfg.n_heads, cfg.head_dim, GELU_TANH, bf16, model.wte.weight.detach(),
+                             model.wpe.weight.detach(), None, _norm(native, model.final_norm),
+                             _linear(native, model.out_head, bf16))
+    for block in model.blocks:
+        att, ff = block.att, block.ff
+        if (type(block), type(att), type(ff), type(ff.gelu)) != (TransformerBlock, MultiHeadAttention, FeedForward, GELU):
+            raise _Unsupported(type(block).__name__)
+        if att.attention_recorder is not None:
+            raise _Unsupported("attention recorder")
+        decoder.add_layer(_norm(native, block.norm1), [_linear(native, att.qkv, bf16)], _linear(native, att.out_proj, bf16),
+                          None, None, _norm(native, block.norm2), [_linear(native, ff.fc, bf16)],
+                          _linear(native, ff.proj, bf16))
+    return decoder
+
+
+def _read_llama(native, model: nn.Module):
+    from buildllm.models.blocks import DecoderBlock, GroupedQueryAttention, SwiGLU
+
+    cfg, bf16 = model.cfg, _activations_bf16(model)
+    decoder = native.Decoder(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, SWIGLU, bf16, model.wte.weight.detach(), None,
+                             model.rope.freqs, _norm(native, model.final_norm), _linear(native, model.out_head, bf16))
+    for block in model.blocks:
+        att, ff = block.att, block.ff
+        if (type(block), type(att), type(ff)) != (DecoderBlock, GroupedQueryAttention, SwiGLU):
+            raise _Unsupported(type(block).__name__)
+        if att.attention_recorder is not None:
+            raise _Unsupported("attention recorder")
+        qk = [_norm(native, att.q_norm), _norm(native, att.k_norm)] if att.qk_norm else [None, None]
+        decoder.add_layer(_norm(native, block.norm1), [_linear(native, p, bf16) for p in (att.q_proj, att.k_proj, att.v_proj)],
+                          _linear(native, att.out_proj, bf16), *qk, _norm(native, block.norm2),
+                          [_linear(native, ff.gate, bf16), _linear(native, ff.up, bf16)], _linear(native, ff.down, bf16))
+    return decoder
+
+
+# Building the extension --------------------------------------------------------------------------
+
+
+def cpu_supported() -> bool:
+    """Whether this processor has the instructions the kernels are written with (Linux's cpuinfo)."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return set(CPU_FEATURES) <= set(flags.split(":", 1)[1].split())
+
+
+@functools.cache
+def extension():
+    """The compiled step, built once per machine into PyTorch's extension cache; None where it
+    cannot be (no AVX-512 BF16, no compiler: a warning says why) or is turned off."""
+    if os.environ.get("BUILDLLM_FAST_DECODE", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    if not cpu_supported():
+        return None
+    try:
+        import ninja  # PyTorch's extension builder runs the ninja program: use the one pip installed
+        from torch.utils.cpp_extension import load
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        flags = ["-O3", "-march=native", "-fopenmp"]
+        # -march=native: one build per kind of processor (a home folder may be shared by several).
+        key = hashlib.sha256(" ".join([platform.processor(), *flags, _cpu_flags()]).encode()).hexdigest()[:10]
+        return load(f"buildllm_fast_decode_{key}", [str(p) for p in SOURCES if p.suffix == ".cpp"],
+                    extra_cflags=flags, extra_ldflags=["-fopenmp"], extra_include_paths=[str(SOURCES[0].parent)])
+    except Exception as e:  # no compiler, no ninja, a compile error: the readable path still works
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        warnings.warn(f"buildllm's fast decoding step could not be built ({reason}); generation uses the "
+                      "readable model (install a C++ compiler for the fast path)", stacklevel=2)
+        return None
+
+
+def _cpu_flags() -> str:
+    try:
+        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return ""
+
+
+def main() -> int:
+    """``python -m buildllm.generation.fast_decode``: build the step now (install does this)."""
+    start = time.perf_counter()
+    native = extension()
+    if native is None:
+        print("fast decoding step: not available here (needs x86-64 with AVX-512 BF16 and a C++ compiler); "
+              "generation uses the readable model", file=sys.stderr)
+        return 0
+    print(f"fast decoding step: ready ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+// The matrix-vector products of one decoding step, one kernel per weight format.
+//
+// A batch-1 step multiplies every weight matrix by one vector: each weight is read once and used
+// once, so the speed is set by how fast the weights stream from memory. These kernels read each
+// weight row exactly once per step for up to 8 rows of the batch together, keep everything else in
+// registers, and turn int8 and int4 codes into numbers in registers (nothing dequantized is ever
+// written to memory).
+//
+// Every kernel computes dot products of weight rows r0..r0+R with M input vectors and writes
+// out[r * M + m]. Row-major (out, in) weights, as PyTorch stores them: the fast path reads the
+// model's own tensors.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && defined(__AVX512VL__))
+#error "the fast decoding step is written for AVX-512 with BF16; elsewhere generation uses the readable model"
+#endif
+#include <immintrin.h>
+
+namespace buildllm {
+
+inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = uint32_t(h) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest, ties to even: what PyTorch does
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // NaN stays NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return uint16_t(u >> 16);
+}
+
+inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+// What a kernel reads: the M input vectors in the forms the kernels multiply, made once per input
+// (fast_decode.cpp, prepare_inputs) and shared by every row of every layer that reads that input.
+struct Inputs {
+    int64_t in;                  // their length
+    const float* x;              // fp32, (M, in)
+    const uint16_t* xb;          // rounded to bf16, (M, in)
+    const int16_t* xq;           // as int16 numbers times xq_scale[m] (int8 weights), (M, in)
+    const float* xq_scale;       // (M,)
+    const uint16_t* x_even_odd;  // bf16, each 64 inputs as their 32 even then 32 odd ones (int4), (M, in rounded up to 64)
+    const float* group_sums;     // the sum of each group of the bf16 inputs (int4's zeros multiply it), (M, groups)
+};
+
+// Independent sums per input vector: enough of them hide the latency of the multiply-adds.
+template <int M>
+constexpr int unroll() { return M == 1 ? 4 : M == 2 ? 2 : 1; }
+
+template <int U, int M>
+inline void store_sums(__m512 (&acc)[U][M], float* out) {
+    for (int m = 0; m < M; ++m) {
+        __m512 total = acc[0][m];
+        for (int u = 1; u < U; ++u) total = _mm512_add_ps(total, acc[u][m]);
+        out[m] = _mm512_reduce_add_ps(total);
+    }
+}
+
+// Each kernel: the dot products of one weight row with the M inputs, into out[0..M).
+
+template <int M>
+void dot_f32(const float* w, const Inputs& in, float* out) {
+    constexpr int U = unroll<M>();
+    const int64_t n = in.in;
+    __m512 acc[U][M];
+    for (int u = 0; u < U; ++u)
+        for (int m = 0; m < M; ++m) acc[u][m] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 * U <= n; k += 16 * U)
+        for (int u = 0; u < U; ++u) {
+            __m512 wv = _mm512_loadu_ps(w + k + 16 * u);
+            for (int m = 0; m < M; ++m)
+                acc[u][m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(in.x + m * n + k + 16 * u), acc[u][m]);
+        }
+    for (; k < n; k += 16) {
+        __mmask16 mask = n - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - k)) - 1);
+        __m512 wv = _mm512_maskz_loadu_ps(mask, w + k);
+        for (int m = 0; m < M; ++m)
+            acc[0][m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, in.x + m * n + k), acc[0][m]);
+    }
+    store_sums<U, M>(acc, out);
+}
+
+inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
+
+template <int M>
+void dot_bf16(const uint16_t* w, const Inputs& in, float* out) {
+    constexpr int U = unroll<M>();
+    const int64_t n = in.in;
+    __m512 acc[U][M];
+    for (int u = 0; u < U; ++u)
+        for (int m = 0; m < M; ++m) acc[u][m] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 * U <= n; k += 32 * U)  // 32 products per instruction, summed pairwise into 16 lanes
+        for (int u = 0; u < U; ++u) {
+            __m512i wv = _mm512_loadu_si512(w + k + 32 * u);
+            for (int m = 0; m < M; ++m)
+                acc[u][m] = _mm512_dpbf16_ps(acc[u][m], as_bh(wv), as_bh(_mm512_loadu_si512(in.xb + m * n + k + 32 * u)));
+        }
+    for (; k < n; k += 32) {
+        __mmask32 mask = n - k >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << (n - k)) - 1);
+        __m512i wv = _mm512_maskz_loadu_epi16(mask, w + k);
+        for (int m = 0; m < M; ++m)
+            acc[0][m] = _mm512_dpbf16_ps(acc[0][m], as_bh(wv), as_bh(_mm512_maskz_loadu_epi16(mask, in.xb + m * n + k)));
+    }
+    store_sums<U, M>(acc, out);
+}
+
+// int8 (q * scale, one scale per row): the codes widened to int16 and multiplied by the inputs as
+// int16 numbers (scaled to +-16383), 32 products per instruction summed exactly in int32; the
+// sums move to fp32 every 8192 inputs, before they could overflow.
+constexpr int64_t INT16_SPAN = 8192;
+
+template <int M>
+void dot_int8(const int8_t* w, float scale, const Inputs& in, float* out) {
+    constexpr int U = unroll<M>();
+    const int64_t n = in.in;
+    __m512 total[1][M];
+    for (int m = 0; m < M; ++m) total[0][m] = _mm512_setzero_ps();
+    for (int64_t k0 = 0; k0 < n; k0 += INT16_SPAN) {
+        const int64_t end = k0 + INT16_SPAN < n ? k0 + INT16_SPAN : n;
+        __m512i acc[U][M];
+        for (int u = 0; u < U; ++u)
+            for (int m = 0; m < M; ++m) acc[u][m] = _mm512_setzero_si512();
+        int64_t k = k0;
+        for (; k + 32 * U <= end; k += 32 * U)
+            for (int u = 0; u < U; ++u) {
+                __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + k + 32 * u)));
+                for (int m = 0; m < M; ++m)
+                    acc[u][m] = _mm512_dpwssd_epi32(acc[u][m], wv, _mm512_loadu_si512(in.xq + m * n + k + 32 * u));
+            }
+        for (; k < end; k += 32) {
+            __mmask32 mask = end - k >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << (end - k)) - 1);
+            __m512i wv = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, w + k));
+            for (int m = 0; m < M; ++m)
+                acc[0][m] = _mm512_dpwssd_epi32(acc[0][m], wv, _mm512_maskz_loadu_epi16(mask, in.xq + m * n + k));
+        }
+        for (int m = 0; m < M; ++m) {
+            __m512i sum = acc[0][m];
+            for (int u = 1; u < U; ++u) sum = _mm512_add_epi32(sum, acc[u][m]);
+            total[0][m] = _mm512_add_ps(total[0][m], _mm512_cvtepi32_ps(sum));
+        }
+    }
+    store_sums<1, M>(total, out);
+    for (int m = 0; m < M; ++m) out[m] *= scale * in.xq_scale[m];
+}
+
+// int4: byte j of a row holds inputs 2j (low 4 bits) and 2j + 1 (high 4 bits); a group of `group`
+// inputs is (q - 8) * scale + zero. 64 inputs at a time: their 32 bytes widened to 16 bits, the
+// low and high codes split apart, and a 16-entry table lookup turns each code into the bf16 of
+// q - 8, exact. Their products with the bf16 inputs (the even ones with the low codes, the odd
+// ones with the high) are exact and summed in fp32, lanes 0-7 over the first 32 inputs and lanes
+// 8-15 over the next 32, so that each lane's group scale multiplies its sum. The zeros multiply
+// the inputs' group sums: sum (q - 8) s x + sum z x. `scales` are the row's, widened to fp32 and
+// padded to an even count; `zero_term[m]` is the zeros' part.
+template <int M>
+void dot_int4(const uint8_t* w, const float* scales, const float* zero_term, int64_t group, const Inputs& in, float* out) {
+    constexpr int U = unroll<M>();
+    const int64_t n = in.in, padded = (n + 63) / 64 * 64;
+    alignas(64) static const uint16_t table_values[32] = {
+        0xc100, 0xc0e0, 0xc0c0, 0xc0a0, 0xc080, 0xc040, 0xc000, 0xbf80,  // -8 .. -1
+        0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,  //  0 .. 7
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+    const __m512i table = _mm512_load_si512(table_values);
+    const __m512i low_bits = _mm512_set1_epi16(0x000f);
+    const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    __m512 acc[U][M];
+    for (int u = 0; u < U; ++u)
+        for (int m = 0; m < M; ++m) acc[u][m] = _mm512_setzero_ps();
+    auto block = [&](int64_t k, int u) {  // inputs k .. k + 63
+        __mmask32 mask = n - k >= 64 ? __mmask32(0xffffffffu) : __mmask32((1u << ((n - k) / 2)) - 1);
+        __m512i bytes = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(mask, w + k / 2));
+        __m512i low = _mm512_permutexvar_epi16(_mm512_and_si512(bytes, low_bits), table);
+        __m512i high = _mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), table);
+        __m512 s = group == 32 ? _mm512_permutexvar_ps(pair, _mm512_castpd_ps(_mm512_set1_pd(*(const double*)(scales + k / 32))))
+                               : _mm512_set1_ps(scales[k / group]);
+        for (int m = 0; m < M; ++m) {
+            const uint16_t* x = in.x_even_odd + m * padded + k;
+            __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(low), as_bh(_mm512_loadu_si512(x)));
+            d = _mm512_dpbf16_ps(d, as_bh(high), as_bh(_mm512_loadu_si512(x + 32)));
+            acc[u][m] = _mm512_fmadd_ps(d, s, acc[u][m]);
+        }
+    };
+    int64_t k = 0;
+    for (; k + 64 * U <= padded; k += 64 * U)
+        for (int u = 0; u < U; ++u) block(k + 64 * u, u);
+    for (; k < padded; k += 64) block(k, 0);
+    store_sums<U, M>(acc, out);
+    for (int m = 0; m < M; ++m) out[m] += zero_term[m];
+}
+
+}  // namespace buildllm
+
+namespace buildllm {
+
+// Small vector helpers for attention over the KV cache (float or bf16 keys and values).
+
+inline float dot(const float* a, const float* b, int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), acc);
+    float s = _mm512_reduce_add_ps(acc);
+    for (; k < n; ++k) s += a[k] * b[k];
+    return s;
+}
+
+inline float dot(const float* a, const uint16_t* b, int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16) {
+        __m512 bv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(b + k))), 16));
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), bv, acc);
+    }
+    float s = _mm512_reduce_add_ps(acc);
+    for (; k < n; ++k) s += a[k] * bf16_to_f32(b[k]);
+    return s;
+}
+
+inline void axpy(float* y, float a, const float* x, int64_t n) {
+    for (int64_t k = 0; k < n; ++k) y[k] += a * x[k];
+}
+
+inline void axpy(float* y, float a, const uint16_t* x, int64_t n) {
+    for (int64_t k = 0; k < n; ++k) y[k] += a * bf16_to_f32(x[k]);
+}
+
+}  // namespace buildllm
