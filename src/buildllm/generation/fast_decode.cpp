@@ -134,9 +134,9 @@ void rows_of(const Linear& L, int64_t r0, int64_t r1, const Inputs& in, float* o
                 for (int64_t g = 0; g < groups; g += 16) {
                     __mmask16 mask = groups - g >= 16 ? __mmask16(0xffff) : __mmask16((1u << (groups - g)) - 1);
                     _mm512_storeu_ps(scratch + g, widen16(s + g, mask));
-                    __m512 zeros = widen16(z + g, mask);
+                    __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(136.f), widen16(s + g, mask), widen16(z + g, mask));
                     for (int m = 0; m < M; ++m)
-                        zero_term[m] = _mm512_fmadd_ps(zeros, _mm512_maskz_loadu_ps(mask, in.group_sums + m * groups + g), zero_term[m]);
+                        zero_term[m] = _mm512_fmadd_ps(offset, _mm512_maskz_loadu_ps(mask, in.group_sums + m * groups + g), zero_term[m]);
                 }
                 scratch[groups] = 0.f;  // the pair of an odd last group
                 float zeros[M];
@@ -356,24 +356,42 @@ class Decoder {
         for (int64_t b = 0; b < batch; ++b) {
             const float* x = input + b * n;
             uint16_t* xb = input_b.data() + b * n;
-            for (int64_t k = 0; k < n; ++k) xb[k] = f32_to_bf16(x[k]);
-            if (int8) {
-                float top = 0.f;
-                for (int64_t k = 0; k < n; ++k) top = std::max(top, std::fabs(x[k]));
-                float scale = top > 0.f ? top / 16383.f : 1.f;
-                input_q_scale[b] = scale;
-                for (int64_t k = 0; k < n; ++k) input_q[b * n + k] = int16_t(std::lrint(x[k] / scale));
+            __m512 top = _mm512_setzero_ps();
+            for (int64_t k = 0; k < n; k += 16) {
+                __mmask16 mask = n - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - k)) - 1);
+                __m512 v = _mm512_maskz_loadu_ps(mask, x + k);
+                _mm256_mask_storeu_epi16(xb + k, mask, (__m256i)_mm512_cvtneps_pbh(v));
+                top = _mm512_max_ps(top, _mm512_abs_ps(v));
             }
-            if (group) {
+            if (int8) {  // int16 numbers times one scale per input: +-16383 (see dot_int8)
+                float largest = _mm512_reduce_max_ps(top);
+                float scale = largest > 0.f ? largest / 16383.f : 1.f;
+                input_q_scale[b] = scale;
+                __m512 inverse = _mm512_set1_ps(1.f / scale);
+                for (int64_t k = 0; k < n; k += 16) {
+                    __mmask16 mask = n - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - k)) - 1);
+                    __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, x + k), inverse));
+                    _mm256_mask_storeu_epi16(input_q.data() + b * n + k, mask, _mm512_cvtsepi32_epi16(q));
+                }
+            }
+            if (group) {  // each 64 inputs as their even then their odd ones; the sum of each group
+                static const __m512i even = _mm512_set_epi16(62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 42, 40, 38, 36, 34, 32,
+                                                             30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+                const __m512i odd = _mm512_add_epi16(even, _mm512_set1_epi16(1));
                 uint16_t* arranged = input_even_odd.data() + b * padded;
-                for (int64_t j = 0; j < padded; ++j) {
-                    int64_t i = j % 64, k = j - i + (i < 32 ? 2 * i : 2 * (i - 32) + 1);
-                    arranged[j] = k < n ? xb[k] : 0;
+                for (int64_t k = 0; k < padded; k += 64) {
+                    auto words = [&](int64_t at) {
+                        __mmask32 mask = at >= n ? 0 : n - at >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << (n - at)) - 1);
+                        return _mm512_maskz_loadu_epi16(mask, xb + at);
+                    };
+                    __m512i a = words(k), c = words(k + 32);
+                    _mm512_storeu_si512(arranged + k, _mm512_permutex2var_epi16(a, even, c));
+                    _mm512_storeu_si512(arranged + k + 32, _mm512_permutex2var_epi16(a, odd, c));
                 }
                 for (int64_t g = 0; g < n / group; ++g) {
-                    float sum = 0.f;
-                    for (int64_t k = g * group; k < (g + 1) * group; ++k) sum += bf16_to_f32(xb[k]);
-                    group_sums[b * (n / group) + g] = sum;
+                    __m512 sum = _mm512_setzero_ps();
+                    for (int64_t k = g * group; k < (g + 1) * group; k += 16) sum = _mm512_add_ps(sum, widen16(xb + k, 0xffff));
+                    group_sums[b * (n / group) + g] = _mm512_reduce_add_ps(sum);
                 }
             }
         }
@@ -480,25 +498,31 @@ class Decoder {
             run_linears({&layer.mlp_in[0], &layer.mlp_in[1]}, h.data(),
                         {{hidden.data(), 2 * F, false}, {hidden.data() + F, 2 * F, false}});
         }
+        // GELU (tanh form) is x * sigmoid(2u) with u = sqrt(2/pi) (x + 0.044715 x^3): the same number
+        // as 0.5 x (1 + tanh u), with one exponential. SiLU is x * sigmoid(x).
+        const int64_t chunks = (F + 255) / 256;
 #pragma omp for schedule(static)
-        for (int64_t b = 0; b < batch; ++b) {
+        for (int64_t i = 0; i < batch * chunks; ++i) {
+            const int64_t b = i / chunks, start = (i % chunks) * 256, end = std::min(F, start + 256);
             float* out = activated.data() + b * F;
-            if (activation == SWIGLU) {
-                const float* g = hidden.data() + b * 2 * F;
-                for (int64_t k = 0; k < F; ++k) {
-                    float gate = g[k], up = g[F + k];
-                    float silu = activation_round(gate / (1.f + std::exp(-gate)), bf16);
-                    out[k] = activation_round(silu * up, bf16);
+            const float* in = hidden.data() + b * (activation == SWIGLU ? 2 * F : F);
+            for (int64_t k = start; k < end; k += 16) {
+                __mmask16 mask = end - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (end - k)) - 1);
+                __m512 a = _mm512_maskz_loadu_ps(mask, in + k), y;
+                const __m512 one = _mm512_set1_ps(1.f);
+                if (activation == SWIGLU) {
+                    __m512 silu = _mm512_div_ps(a, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), a))));
+                    if (bf16) silu = round16_bf16(silu);
+                    y = _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(mask, in + F + k));
+                } else if (activation == GELU_TANH) {
+                    __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
+                                             _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), _mm512_mul_ps(a, a)), a, a));
+                    y = _mm512_div_ps(a, _mm512_add_ps(one, exp16(_mm512_mul_ps(_mm512_set1_ps(-2.f), u))));
+                } else {
+                    __m512 r = _mm512_max_ps(a, _mm512_setzero_ps());
+                    y = _mm512_mul_ps(r, r);
                 }
-            } else {
-                const float* v = hidden.data() + b * F;
-                for (int64_t k = 0; k < F; ++k) {
-                    float a = v[k];
-                    float y = activation == GELU_TANH
-                                  ? 0.5f * a * (1.f + std::tanh(0.7978845608028654f * (a + 0.044715f * a * a * a)))
-                                  : (a > 0.f ? a * a : 0.f);
-                    out[k] = activation_round(y, bf16);
-                }
+                _mm512_mask_storeu_ps(out + k, mask, bf16 ? round16_bf16(y) : y);
             }
         }
         run_linears({&layer.mlp_out}, activated.data(), {{x.data(), emb_dim, true}});

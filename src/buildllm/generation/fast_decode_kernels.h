@@ -154,23 +154,19 @@ void dot_int8(const int8_t* w, float scale, const Inputs& in, float* out) {
 }
 
 // int4: byte j of a row holds inputs 2j (low 4 bits) and 2j + 1 (high 4 bits); a group of `group`
-// inputs is (q - 8) * scale + zero. 64 inputs at a time: their 32 bytes widened to 16 bits, the
-// low and high codes split apart, and a 16-entry table lookup turns each code into the bf16 of
-// q - 8, exact. Their products with the bf16 inputs (the even ones with the low codes, the odd
-// ones with the high) are exact and summed in fp32, lanes 0-7 over the first 32 inputs and lanes
-// 8-15 over the next 32, so that each lane's group scale multiplies its sum. The zeros multiply
-// the inputs' group sums: sum (q - 8) s x + sum z x. `scales` are the row's, widened to fp32 and
-// padded to an even count; `zero_term[m]` is the zeros' part.
+// inputs is (q - 8) * scale + zero. 64 inputs at a time: their 32 bytes widened to 16 bits and the
+// low and high codes split apart. Or-ing 0x4300 into a code q makes the bf16 number 128 + q
+// (exact: bf16 holds every integer from 128 to 255), so no table is needed; the products with
+// the bf16 inputs (the even ones with the low codes, the odd ones with the high) are exact and
+// summed in fp32, lanes 0-7 over the first 32 inputs and lanes 8-15 over the next 32, so that each
+// lane's group scale multiplies its sum. Per group, sum w x = s sum (128 + q) x + (z - 136 s) sum x:
+// `zero_term[m]` is the second part (rows_of computes it from the inputs' group sums). `scales`
+// are the row's, widened to fp32 and padded with a zero to an even count.
 template <int M>
 void dot_int4(const uint8_t* w, const float* scales, const float* zero_term, int64_t group, const Inputs& in, float* out) {
     constexpr int U = unroll<M>();
     const int64_t n = in.in, padded = (n + 63) / 64 * 64;
-    alignas(64) static const uint16_t table_values[32] = {
-        0xc100, 0xc0e0, 0xc0c0, 0xc0a0, 0xc080, 0xc040, 0xc000, 0xbf80,  // -8 .. -1
-        0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,  //  0 .. 7
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
-    const __m512i table = _mm512_load_si512(table_values);
-    const __m512i low_bits = _mm512_set1_epi16(0x000f);
+    const __m512i low_bits = _mm512_set1_epi16(0x000f), bf16_128 = _mm512_set1_epi16(0x4300);
     const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     __m512 acc[U][M];
     for (int u = 0; u < U; ++u)
@@ -178,8 +174,8 @@ void dot_int4(const uint8_t* w, const float* scales, const float* zero_term, int
     auto block = [&](int64_t k, int u) {  // inputs k .. k + 63
         __mmask32 mask = n - k >= 64 ? __mmask32(0xffffffffu) : __mmask32((1u << ((n - k) / 2)) - 1);
         __m512i bytes = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(mask, w + k / 2));
-        __m512i low = _mm512_permutexvar_epi16(_mm512_and_si512(bytes, low_bits), table);
-        __m512i high = _mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), table);
+        __m512i low = _mm512_ternarylogic_epi32(bytes, low_bits, bf16_128, 0xea);  // (bytes & 15) | 0x4300
+        __m512i high = _mm512_or_si512(_mm512_srli_epi16(bytes, 4), bf16_128);
         __m512 s = group == 32 ? _mm512_permutexvar_ps(pair, _mm512_castpd_ps(_mm512_set1_pd(*(const double*)(scales + k / 32))))
                                : _mm512_set1_ps(scales[k / group]);
         for (int m = 0; m < M; ++m) {
@@ -222,6 +218,29 @@ inline float dot(const float* a, const uint16_t* b, int64_t n) {
     float s = _mm512_reduce_add_ps(acc);
     for (; k < n; ++k) s += a[k] * bf16_to_f32(b[k]);
     return s;
+}
+
+// e^x for 16 numbers, within about an ulp: x = k ln 2 + r with |r| <= ln(2) / 2, Cephes' degree-6
+// polynomial for e^r, and 2^k applied exactly (scalef also overflows to inf and underflows to 0).
+inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.8f)), _mm512_set1_ps(-104.f));
+    __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, k);
+}
+
+// 16 numbers rounded to bf16 (to nearest, ties to even) and back.
+inline __m512 round16_bf16(__m512 v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
 }
 
 inline void axpy(float* y, float a, const float* x, int64_t n) {
