@@ -81,7 +81,8 @@ def fast_decoder(model: nn.Module) -> FastDecoder | None:
     from buildllm.models.gpt2 import GPTModel
     from buildllm.models.llama import LlamaModel
 
-    read = {GPTModel: _read_gpt2, LlamaModel: _read_llama}.get(type(model))
+    # Qwen3's model is Llama's with QK-norm (a subclass); each block's parts are checked as read.
+    read = _read_gpt2 if isinstance(model, GPTModel) else _read_llama if isinstance(model, LlamaModel) else None
     try:
         return FastDecoder(read(native, model), model.cfg.context_length) if read else None
     except _Unsupported:

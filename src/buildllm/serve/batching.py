@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from buildllm.errors import UserError
+from buildllm.generation.fast_decode import fast_decoder
 from buildllm.generation.sampling import check_sampling, left_pad, sample_next_token
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class BatchEngine:
         self.device = param.device
         self.cache = model.new_kv_cache(max_batch, self.capacity, device=self.device, dtype=param.dtype)
         self.cache.padded = True  # rows start at different positions from the first step on
+        self.fast = fast_decoder(self.model)  # the decoding steps in C++ where that applies (generation/fast_decode.py)
         self.slots: list[Request | None] = [None] * max_batch
         self.waiting: collections.deque[Request] = collections.deque()
         self.counts = collections.Counter()  # finished requests by reason, for /health
@@ -250,7 +252,8 @@ class BatchEngine:
             last[r.slot] = r.tokens[-1]
         view = copy.copy(self.cache)  # the same storage, the first `rows` rows
         view.keys, view.values, view.valid = self.cache.keys[:, :rows], self.cache.values[:, :rows], self.cache.valid[:rows]
-        logits = self.model(torch.tensor(last, device=self.device)[:, None], kv_cache=view)[:, -1]
+        last = torch.tensor(last, device=self.device)
+        logits = self.fast.step(last, view) if self.fast else self.model(last[:, None], kv_cache=view)[:, -1]
         self.cache.length = view.length
         for r in busy:
             r.cached += 1
