@@ -138,7 +138,6 @@ void rows_of(const Linear& L, int64_t r0, int64_t r1, const Inputs& in, float* o
                     for (int m = 0; m < M; ++m)
                         zero_term[m] = _mm512_fmadd_ps(offset, _mm512_maskz_loadu_ps(mask, in.group_sums + m * groups + g), zero_term[m]);
                 }
-                scratch[groups] = 0.f;  // the pair of an odd last group
                 float zeros[M];
                 for (int m = 0; m < M; ++m) zeros[m] = _mm512_reduce_add_ps(zero_term[m]);
                 dot_int4<M>((const uint8_t*)L.w + r * (n / 2), scratch, zeros, L.group, in, o);
@@ -260,7 +259,7 @@ class Decoder {
     // Work space, reused across steps.
     std::vector<int64_t> positions;
     std::vector<float> x, h, qkv, context, hidden, activated, partial, scores;
-    std::vector<uint16_t> input_b, input_even_odd;  // the input of a linear layer, as Inputs has it
+    std::vector<uint16_t> input_b;  // the input of a linear layer, as Inputs has it
     std::vector<int16_t> input_q;
     std::vector<float> input_q_scale, group_sums, int4_scales;
     int64_t int4_scale_room = 0;
@@ -278,7 +277,6 @@ class Decoder {
         input_b.resize(batch * widest);
         input_q.resize(batch * widest);
         input_q_scale.resize(batch);
-        input_even_odd.resize(batch * ((widest + 63) / 64 * 64));
         group_sums.resize(batch * widest);
         int4_scale_room = widest / 32 + 32;
         int4_scales.resize(threads * int4_scale_room);
@@ -317,7 +315,7 @@ class Decoder {
     // Several linear layers over the same input (queries, keys and values; gate and up), their
     // rows shared out among the threads in blocks.
     void run_linears(std::vector<const Linear*> linears, const float* input, std::vector<Destination> outs) {
-        const int64_t n = linears[0]->in, padded = (n + 63) / 64 * 64;
+        const int64_t n = linears[0]->in;
         int64_t group = 0;
         bool int8 = false;
         for (auto* L : linears) {
@@ -331,7 +329,7 @@ class Decoder {
         for (int64_t m0 = 0; m0 < batch; m0 += MAX_M) {
             const int64_t M = std::min(MAX_M, batch - m0);
             Inputs in{n, input + m0 * n, input_b.data() + m0 * n, input_q.data() + m0 * n, input_q_scale.data() + m0,
-                      input_even_odd.data() + m0 * padded, group ? group_sums.data() + m0 * (n / group) : nullptr};
+                      group ? group_sums.data() + m0 * (n / group) : nullptr};
 #pragma omp for schedule(static)
             for (int64_t blk = 0; blk < first_block.back(); ++blk) {
                 size_t i = std::upper_bound(first_block.begin(), first_block.end(), blk) - first_block.begin() - 1;
@@ -339,6 +337,10 @@ class Decoder {
                 const Destination& d = outs[i];
                 int64_t r0 = (blk - first_block[i]) * BLOCK_ROWS, r1 = std::min(L.out, r0 + BLOCK_ROWS);
                 rows_of(M, L, r0, r1, in, out, int4_scales.data() + thread_id() * int4_scale_room);
+                if (M == 1) {
+                    finish_row_block(L, d, out, r0, r1, m0);
+                    continue;
+                }
                 for (int64_t r = r0; r < r1; ++r)
                     for (int64_t m = 0; m < M; ++m) {
                         float v = L.finish(out[(r - r0) * M + m], r);
@@ -349,9 +351,23 @@ class Decoder {
         }
     }
 
+    // Linear::finish and the store, for the outputs r0..r1 (at most 16) of one input, at once.
+    void finish_row_block(const Linear& L, const Destination& d, const float* out, int64_t r0, int64_t r1, int64_t m) {
+        __mmask16 mask = __mmask16((1u << (r1 - r0)) - 1);
+        __m512 v = _mm512_maskz_loadu_ps(mask, out);
+        if (L.format == INT8 || L.format == INT4) v = round16_bf16(v);
+        if (!L.bias.empty()) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, L.bias.data() + r0));
+        if (L.bf16_activations || L.format == BF16) v = round16_bf16(v);
+        float* y = d.data + m * d.stride + r0;
+        if (d.add) {
+            v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, y));
+            if (bf16) v = round16_bf16(v);
+        }
+        _mm512_mask_storeu_ps(y, mask, v);
+    }
+
     // The input in the forms the kernels multiply (see Inputs), made once for all the rows that read it.
     void prepare_inputs(const float* input, int64_t n, bool int8, int64_t group) {
-        const int64_t padded = (n + 63) / 64 * 64;
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < batch; ++b) {
             const float* x = input + b * n;
@@ -374,20 +390,7 @@ class Decoder {
                     _mm256_mask_storeu_epi16(input_q.data() + b * n + k, mask, _mm512_cvtsepi32_epi16(q));
                 }
             }
-            if (group) {  // each 64 inputs as their even then their odd ones; the sum of each group
-                static const __m512i even = _mm512_set_epi16(62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 42, 40, 38, 36, 34, 32,
-                                                             30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-                const __m512i odd = _mm512_add_epi16(even, _mm512_set1_epi16(1));
-                uint16_t* arranged = input_even_odd.data() + b * padded;
-                for (int64_t k = 0; k < padded; k += 64) {
-                    auto words = [&](int64_t at) {
-                        __mmask32 mask = at >= n ? 0 : n - at >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << (n - at)) - 1);
-                        return _mm512_maskz_loadu_epi16(mask, xb + at);
-                    };
-                    __m512i a = words(k), c = words(k + 32);
-                    _mm512_storeu_si512(arranged + k, _mm512_permutex2var_epi16(a, even, c));
-                    _mm512_storeu_si512(arranged + k + 32, _mm512_permutex2var_epi16(a, odd, c));
-                }
+            if (group) {  // the sum of each group (int4's zeros multiply it)
                 for (int64_t g = 0; g < n / group; ++g) {
                     __m512 sum = _mm512_setzero_ps();
                     for (int64_t k = g * group; k < (g + 1) * group; k += 16) sum = _mm512_add_ps(sum, widen16(xb + k, 0xffff));

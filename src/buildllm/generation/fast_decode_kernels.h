@@ -47,7 +47,6 @@ struct Inputs {
     const uint16_t* xb;          // rounded to bf16, (M, in)
     const int16_t* xq;           // as int16 numbers times xq_scale[m] (int8 weights), (M, in)
     const float* xq_scale;       // (M,)
-    const uint16_t* x_even_odd;  // bf16, each 64 inputs as their 32 even then 32 odd ones (int4), (M, in rounded up to 64)
     const float* group_sums;     // the sum of each group of the bf16 inputs (int4's zeros multiply it), (M, groups)
 };
 
@@ -153,42 +152,62 @@ void dot_int8(const int8_t* w, float scale, const Inputs& in, float* out) {
     for (int m = 0; m < M; ++m) out[m] *= scale * in.xq_scale[m];
 }
 
-// int4: byte j of a row holds inputs 2j (low 4 bits) and 2j + 1 (high 4 bits); a group of `group`
-// inputs is (q - 8) * scale + zero. 64 inputs at a time: their 32 bytes widened to 16 bits and the
-// low and high codes split apart. Or-ing 0x4300 into a code q makes the bf16 number 128 + q
-// (exact: bf16 holds every integer from 128 to 255), so no table is needed; the products with
-// the bf16 inputs (the even ones with the low codes, the odd ones with the high) are exact and
-// summed in fp32, lanes 0-7 over the first 32 inputs and lanes 8-15 over the next 32, so that each
-// lane's group scale multiplies its sum. Per group, sum w x = s sum (128 + q) x + (z - 136 s) sum x:
-// `zero_term[m]` is the second part (rows_of computes it from the inputs' group sums). `scales`
-// are the row's, widened to fp32 and padded with a zero to an even count.
+// int4 (packed by quantization.pack_codes): each 64 inputs are 32 bytes, byte i holding input i in
+// its low 4 bits and input i + 32 in its high 4 bits; a group of `group` inputs is
+// (q - 8) * scale + zero. The 32 bytes widened to 16 bits hold 32 consecutive inputs' codes in their
+// low 4 bits and the next 32 in their high 4 bits. Or-ing 0x4300 into a code q makes the bf16
+// number 128 + q (exact: bf16 holds every integer from 128 to 255), so the codes become bf16 in two
+// instructions; their products with the bf16 inputs are exact and summed in fp32, one group of 32
+// per instruction, and the group's scale multiplies the sum. Per group,
+// sum w x = s sum (128 + q) x + (z - 136 s) sum x: `zero_term[m]` is the second part (rows_of
+// computes it from the inputs' group sums); `scales` are the row's, widened to fp32.
 template <int M>
 void dot_int4(const uint8_t* w, const float* scales, const float* zero_term, int64_t group, const Inputs& in, float* out) {
     constexpr int U = unroll<M>();
-    const int64_t n = in.in, padded = (n + 63) / 64 * 64;
+    const int64_t n = in.in, full = n / 64 * 64;
     const __m512i low_bits = _mm512_set1_epi16(0x000f), bf16_128 = _mm512_set1_epi16(0x4300);
-    const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     __m512 acc[U][M];
     for (int u = 0; u < U; ++u)
         for (int m = 0; m < M; ++m) acc[u][m] = _mm512_setzero_ps();
+    auto as_bf16 = [&](__m512i bytes, __m512i& low, __m512i& high) {
+        low = _mm512_ternarylogic_epi32(bytes, low_bits, bf16_128, 0xea);  // (bytes & 15) | 0x4300
+        high = _mm512_or_si512(_mm512_srli_epi16(bytes, 4), bf16_128);
+    };
     auto block = [&](int64_t k, int u) {  // inputs k .. k + 63
-        __mmask32 mask = n - k >= 64 ? __mmask32(0xffffffffu) : __mmask32((1u << ((n - k) / 2)) - 1);
-        __m512i bytes = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(mask, w + k / 2));
-        __m512i low = _mm512_ternarylogic_epi32(bytes, low_bits, bf16_128, 0xea);  // (bytes & 15) | 0x4300
-        __m512i high = _mm512_or_si512(_mm512_srli_epi16(bytes, 4), bf16_128);
-        __m512 s = group == 32 ? _mm512_permutexvar_ps(pair, _mm512_castpd_ps(_mm512_set1_pd(*(const double*)(scales + k / 32))))
-                               : _mm512_set1_ps(scales[k / group]);
-        for (int m = 0; m < M; ++m) {
-            const uint16_t* x = in.x_even_odd + m * padded + k;
-            __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(low), as_bh(_mm512_loadu_si512(x)));
-            d = _mm512_dpbf16_ps(d, as_bh(high), as_bh(_mm512_loadu_si512(x + 32)));
-            acc[u][m] = _mm512_fmadd_ps(d, s, acc[u][m]);
+        __m512i low, high;
+        as_bf16(_mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(w + k / 2))), low, high);
+        if (group == 32) {
+            __m512 s0 = _mm512_set1_ps(scales[k / 32]), s1 = _mm512_set1_ps(scales[k / 32 + 1]);
+            for (int m = 0; m < M; ++m) {
+                const uint16_t* x = in.xb + m * n + k;
+                __m512 d0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(low), as_bh(_mm512_loadu_si512(x)));
+                __m512 d1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(high), as_bh(_mm512_loadu_si512(x + 32)));
+                acc[u][m] = _mm512_fmadd_ps(d1, s1, _mm512_fmadd_ps(d0, s0, acc[u][m]));
+            }
+        } else {
+            __m512 s = _mm512_set1_ps(scales[k / group]);
+            for (int m = 0; m < M; ++m) {
+                const uint16_t* x = in.xb + m * n + k;
+                __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(low), as_bh(_mm512_loadu_si512(x)));
+                d = _mm512_dpbf16_ps(d, as_bh(high), as_bh(_mm512_loadu_si512(x + 32)));
+                acc[u][m] = _mm512_fmadd_ps(d, s, acc[u][m]);
+            }
         }
     };
     int64_t k = 0;
-    for (; k + 64 * U <= padded; k += 64 * U)
+    for (; k + 64 * U <= full; k += 64 * U)
         for (int u = 0; u < U; ++u) block(k + 64 * u, u);
-    for (; k < padded; k += 64) block(k, 0);
+    for (; k < full; k += 64) block(k, 0);
+    if (n > full) {  // a last 32 inputs: 16 bytes, byte i holding inputs i and i + 16
+        __m512i low, high;
+        as_bf16(_mm512_cvtepu8_epi16(_mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)(w + full / 2)))), low, high);
+        __m512i codes = _mm512_inserti64x4(low, _mm512_castsi512_si256(high), 1);
+        __m512 s = _mm512_set1_ps(scales[full / group]);
+        for (int m = 0; m < M; ++m) {
+            __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(codes), as_bh(_mm512_loadu_si512(in.xb + m * n + full)));
+            acc[0][m] = _mm512_fmadd_ps(d, s, acc[0][m]);
+        }
+    }
     store_sums<U, M>(acc, out);
     for (int m = 0; m < M; ++m) out[m] += zero_term[m];
 }

@@ -119,7 +119,7 @@ class Int4Linear(QuantizedLinear):
         super().__init__(in_features, out_features, bias, device)
         self.group_size = group_size
         groups = in_features // group_size
-        # weight[:, j] holds inputs 2j (low 4 bits) and 2j + 1 (high 4 bits).
+        # Two weights per byte, in the order the fast decoding step reads them (see pack_codes).
         self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer("scale", torch.ones(out_features, groups, dtype=torch.bfloat16, device=device))
         self.register_buffer("zero", torch.zeros(out_features, groups, dtype=torch.bfloat16, device=device))
@@ -138,8 +138,7 @@ class Int4Linear(QuantizedLinear):
         scale = ((high - low) / 15).clamp(min=1e-12).to(torch.bfloat16)
         zero = (low + 8 * scale.float()).to(torch.bfloat16)
         codes = torch.round((groups - zero.float()[..., None]) / scale.float()[..., None] + 8).clamp(0, 15)
-        codes = codes.to(torch.uint8).view(q.out_features, q.in_features)
-        q.weight.copy_(codes[:, 0::2] | (codes[:, 1::2] << 4))
+        q.weight.copy_(pack_codes(codes.to(torch.uint8).view(q.out_features, q.in_features)))
         q.scale.copy_(scale)
         q.zero.copy_(zero)
         if linear.bias is not None:
@@ -148,7 +147,7 @@ class Int4Linear(QuantizedLinear):
 
     def codes(self) -> torch.Tensor:
         """The 4-bit numbers, one per weight, as a ``(out, in)`` uint8 tensor."""
-        return torch.stack([self.weight & 15, self.weight >> 4], dim=-1).view(self.out_features, self.in_features)
+        return unpack_codes(self.weight)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight matrix the codes stand for: ``(q - 8) * scale + zero``, group by group."""
@@ -170,6 +169,33 @@ class Int4Linear(QuantizedLinear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}"
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """``(out, in)`` 4-bit codes, two per byte: each 64 inputs are 32 bytes, byte ``i`` holding
+    input ``i`` in its low 4 bits and input ``i + 32`` in its high 4 bits (a last 32 inputs: byte
+    ``i`` holds inputs ``i`` and ``i + 16``). The low halves of 32 bytes are then 32 consecutive
+    inputs, one group of 32, which the fast decoding step multiplies in one instruction."""
+    out, n = codes.shape
+    full = n // 64 * 64
+    blocks = codes[:, :full].reshape(out, -1, 2, 32)
+    parts = [(blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(out, -1)]
+    if n > full:
+        tail = codes[:, full:].reshape(out, 2, -1)
+        parts.append(tail[:, 0] | (tail[:, 1] << 4))
+    return torch.cat(parts, dim=1)
+
+
+def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
+    """The ``(out, in)`` codes ``pack_codes`` packed."""
+    out, half = packed.shape
+    full = half // 32 * 32
+    blocks = packed[:, :full].reshape(out, -1, 1, 32)
+    parts = [torch.cat([blocks & 15, blocks >> 4], dim=2).reshape(out, -1)]
+    if half > full:
+        tail = packed[:, full:]
+        parts.append(torch.cat([tail & 15, tail >> 4], dim=1))
+    return torch.cat(parts, dim=1)
 
 
 SCHEMES = ("int8", "int4")
