@@ -38,7 +38,13 @@ from torch import nn
 from buildllm.errors import UserError
 from buildllm.files import read_json_object, write_json
 from buildllm.models import gpt2_hf, registry
-from buildllm.models.blocks import ReLUSquared, RMSNorm, RotaryEmbedding, SwiGLU, apply_rope
+from buildllm.models.blocks import (
+    ReLUSquared,
+    RMSNorm,
+    RotaryEmbedding,
+    SwiGLU,
+    apply_rope,
+)
 from buildllm.models.layers import KVCache, causal_mask, positions_and_mask
 
 # Configuration -----------------------------------------------------------------------------------
@@ -90,8 +96,9 @@ class GPTConfig:
     @property
     def swiglu_hidden_dim(self) -> int:
         """SwiGLU's width: three matrices of ``emb_dim x hidden`` hold about what GPT-2's two of
-        ``emb_dim x 4 emb_dim`` hold when hidden is 8/3 of emb_dim (rounded up to a multiple of 8)."""
-        return 8 * math.ceil(self.emb_dim / 3)
+        ``emb_dim x 4 emb_dim`` hold when hidden is 8/3 of emb_dim, here rounded to the nearest
+        multiple of 32 (int4 quantizes groups of 32 inputs; int8's kernel needs multiples of 16)."""
+        return 32 * max(1, round(self.emb_dim / 12))
 
     def value_embedding_layers(self) -> list[int]:
         """The layers that get a value embedding: every other one, the last included (nanochat)."""
@@ -359,7 +366,7 @@ class GPTModel(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(".value_mix"):
                 nn.init.constant_(p, 0.5)
-            elif name.endswith(".bias") or name.endswith(".shift"):
+            elif name.endswith((".bias", ".shift")):
                 nn.init.zeros_(p)
             elif p.dim() == 1:  # LayerNorm's and RMSNorm's scales
                 nn.init.ones_(p)
