@@ -204,9 +204,9 @@ class FeedForward(nn.Module):
         return self.proj(self.activation(self.fc(x)))
 
 
-def make_norm(cfg: GPTConfig, dim: int) -> nn.Module:
+def make_norm(cfg: GPTConfig) -> nn.Module:
     """GPT-2's LayerNorm, or RMSNorm (blocks.py) with ``norm="rmsnorm"``; the same epsilon."""
-    return RMSNorm(dim, eps=1e-5) if cfg.norm == "rmsnorm" else LayerNorm(dim)
+    return RMSNorm(cfg.emb_dim, eps=1e-5) if cfg.norm == "rmsnorm" else LayerNorm(cfg.emb_dim)
 
 
 def make_feed_forward(cfg: GPTConfig) -> nn.Module:
@@ -315,9 +315,9 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, cfg: GPTConfig, layer: int = 0):
         super().__init__()
-        self.norm1 = make_norm(cfg, cfg.emb_dim)
+        self.norm1 = make_norm(cfg)
         self.att = MultiHeadAttention(cfg, layer)
-        self.norm2 = make_norm(cfg, cfg.emb_dim)
+        self.norm2 = make_norm(cfg)
         self.ff = make_feed_forward(cfg)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
@@ -351,7 +351,7 @@ class GPTModel(nn.Module):
                                            for layer in cfg.value_embedding_layers()})
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         self.blocks = nn.ModuleList(TransformerBlock(cfg, layer) for layer in range(cfg.n_layers))
-        self.final_norm = make_norm(cfg, cfg.emb_dim)
+        self.final_norm = make_norm(cfg)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             # GPT-2 reads logits off the token embedding matrix itself (saves vocab x emb weights).
