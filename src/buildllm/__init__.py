@@ -59,6 +59,7 @@ _EXPORTS = {
     "RMSNorm": "models.blocks",
     "RotaryEmbedding": "models.blocks",
     "SwiGLU": "models.blocks",
+    "ReLUSquared": "models.blocks",
     "GroupedQueryAttention": "models.blocks",
     "DecoderBlock": "models.blocks",
     "count_parameters": "models.registry",

@@ -13,6 +13,13 @@ as a textbook would; ``"fast"`` hands the same tensors to PyTorch's fused
 ``scaled_dot_product_attention``. ``tests/test_model.py`` proves they give the same outputs and
 gradients.
 
+The levers of the GPT-2 speedrun (KellerJordan/modded-nanogpt) and nanochat are switches of
+``GPTConfig``, each defaulting to GPT-2's behaviour: ``positions="rope"`` (no wpe; queries and keys
+rotate), ``norm="rmsnorm"``, ``qk_norm``, ``activation="relu2"`` or ``"swiglu"``, an untied head
+(``tie_embeddings=False``), ``zero_init`` output projections, ``logit_softcap`` and
+``value_embeddings``. The modern blocks they use live in ``blocks.py``; a model with any of them
+is no longer a GPT2LMHeadModel, so it stays in buildllm's own folders.
+
 GPT-2 is one architecture among those in ``models/registry.py``: the last lines of this file
 register it, with its presets and its Hugging Face weight map (``gpt2_hf.py``).
 """
@@ -20,7 +27,7 @@ register it, with its presets and its Hugging Face weight map (``gpt2_hf.py``).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
 
@@ -31,6 +38,13 @@ from torch import nn
 from buildllm.errors import UserError
 from buildllm.files import read_json_object, write_json
 from buildllm.models import gpt2_hf, registry
+from buildllm.models.blocks import (
+    ReLUSquared,
+    RMSNorm,
+    RotaryEmbedding,
+    SwiGLU,
+    apply_rope,
+)
 from buildllm.models.layers import KVCache, causal_mask, positions_and_mask
 
 # Configuration -----------------------------------------------------------------------------------
@@ -48,12 +62,27 @@ class GPTConfig:
     qkv_bias: bool = True
     tie_embeddings: bool = True
     attention: Literal["fast", "readable"] = "fast"
+    # The speedrun's levers (benchmarks/recipe.py measures each); the defaults are GPT-2's.
+    positions: Literal["learned", "rope"] = "learned"  # learned: an embedding per position; rope: rotary
+    rope_theta: float = 10000.0  # RoPE's base: the slowest pair of features turns once every ~theta tokens
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # the blocks' and the final normalisation
+    qk_norm: bool = False  # RMSNorm of each head's queries and keys before attention (Qwen3, the speedrun)
+    activation: Literal["gelu", "relu2", "swiglu"] = "gelu"  # the feed-forward's nonlinearity
+    zero_init: bool = False  # attention's and the feed-forward's output projections start at zero
+    logit_softcap: float | None = None  # logits become softcap * tanh(logits / softcap) (Gemma 2)
+    value_embeddings: bool = False  # token embeddings mixed into the attention values of alternate layers
 
     def __post_init__(self) -> None:
         if self.emb_dim % self.n_heads:
             raise UserError(f"emb_dim {self.emb_dim} is not divisible by n_heads {self.n_heads}")
-        if self.attention not in ("fast", "readable"):
-            raise UserError(f"attention must be 'fast' or 'readable', not {self.attention!r}")
+        for name, choices in (("attention", ("fast", "readable")), ("positions", ("learned", "rope")),
+                              ("norm", ("layernorm", "rmsnorm")), ("activation", ("gelu", "relu2", "swiglu"))):
+            if getattr(self, name) not in choices:
+                raise UserError(f"{name} must be one of {', '.join(map(repr, choices))}, not {getattr(self, name)!r}")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise UserError(f"positions='rope' needs an even head width (RoPE turns pairs), got {self.head_dim}")
+        if self.logit_softcap is not None and not self.logit_softcap > 0:
+            raise UserError(f"logit_softcap must be positive or None, got {self.logit_softcap}")
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be a positive integer, got {getattr(self, name)}")
@@ -63,6 +92,25 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.emb_dim // self.n_heads
+
+    @property
+    def swiglu_hidden_dim(self) -> int:
+        """SwiGLU's width: three matrices of ``emb_dim x hidden`` hold about what GPT-2's two of
+        ``emb_dim x 4 emb_dim`` hold when hidden is 8/3 of emb_dim, here rounded to the nearest
+        multiple of 32 (int4 quantizes groups of 32 inputs; int8's kernel needs multiples of 16)."""
+        return 32 * max(1, round(self.emb_dim / 12))
+
+    def value_embedding_layers(self) -> list[int]:
+        """The layers that get a value embedding: every other one, the last included (nanochat)."""
+        if not self.value_embeddings:
+            return []
+        return [layer for layer in range(self.n_layers) if layer % 2 == (self.n_layers - 1) % 2]
+
+    def non_gpt2_levers(self) -> dict:
+        """The levers set to something a GPT-2 (a GPT2LMHeadModel) cannot compute. ``zero_init``
+        changes only the starting weights and ``tie_embeddings`` is GPT-2's own option."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name in NON_GPT2_LEVERS and getattr(self, f.name) != f.default}
 
     # Presets and saved configs may belong to any registered architecture: these look them up
     # by name or by their "arch" key, so the config that comes back may be another arch's class.
@@ -84,6 +132,8 @@ class GPTConfig:
     def load(cls, path: str | Path):
         return cls.from_dict(read_json_object(path, "model config"))
 
+
+NON_GPT2_LEVERS = ("positions", "norm", "qk_norm", "activation", "logit_softcap", "value_embeddings")
 
 PRESETS: dict[str, GPTConfig] = {
     # OpenAI's GPT-2 family: 124M, 355M, 774M, 1558M parameters.
@@ -142,23 +192,38 @@ class GELU(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Expand each token to 4x the width, apply GELU, project back."""
+    """Expand each token to 4x the width, apply GELU (or ReLU squared), project back."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)
-        self.gelu = GELU()
+        self.activation = ReLUSquared() if cfg.activation == "relu2" else GELU()
         self.proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.gelu(self.fc(x)))
+        return self.proj(self.activation(self.fc(x)))
+
+
+def make_norm(cfg: GPTConfig) -> nn.Module:
+    """GPT-2's LayerNorm, or RMSNorm (blocks.py) with ``norm="rmsnorm"``; the same epsilon."""
+    return RMSNorm(cfg.emb_dim, eps=1e-5) if cfg.norm == "rmsnorm" else LayerNorm(cfg.emb_dim)
+
+
+def make_feed_forward(cfg: GPTConfig) -> nn.Module:
+    """GPT-2's feed-forward, or SwiGLU (blocks.py) of about the same size with ``activation="swiglu"``."""
+    return SwiGLU(cfg.emb_dim, cfg.swiglu_hidden_dim) if cfg.activation == "swiglu" else FeedForward(cfg)
 
 
 # KVCache and causal_mask come from layers.py: every architecture uses them.
 
 
 class MultiHeadAttention(nn.Module):
-    """Causal multi-head self-attention: each token looks only at itself and earlier tokens."""
+    """Causal multi-head self-attention: each token looks only at itself and earlier tokens.
+
+    With the levers: ``qk_norm`` RMS-normalises each head's queries and keys, RoPE (``rope``, the
+    cos and sin of the positions) then rotates them, and a layer with a value embedding mixes it
+    into its values with two learned weights (see ``GPTModel``).
+    """
 
     def __init__(self, cfg: GPTConfig, layer: int = 0):
         super().__init__()
@@ -169,6 +234,11 @@ class MultiHeadAttention(nn.Module):
         # instead of three small ones. The readable form splits its output the same way.
         self.qkv = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
         self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:  # one scale per feature of a head, shared by the heads (as Qwen3)
+            self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, eps=1e-5), RMSNorm(cfg.head_dim, eps=1e-5)
+        # values = mix[0] * values + mix[1] * value embedding, starting half and half (modded-nanogpt).
+        self.value_mix = nn.Parameter(torch.full((2,), 0.5)) if layer in cfg.value_embedding_layers() else None
         self.drop_rate = cfg.drop_rate
         self.dropout = nn.Dropout(cfg.drop_rate)
         self.register_buffer("mask", causal_mask(cfg.context_length), persistent=False)
@@ -182,14 +252,24 @@ class MultiHeadAttention(nn.Module):
         x: torch.Tensor,
         kv_cache: KVCache | None = None,
         blocked: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        value_embedding: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``blocked``: a ready mask, True where a query may not see a key (given with padding)."""
+        """``blocked``: a ready mask, True where a query may not see a key (given with padding);
+        ``rope``: the cos and sin of these positions (``positions="rope"``); ``value_embedding``:
+        ``(b, tokens, emb)``, this layer's value embedding of the tokens."""
         b, num_tokens, emb_dim = x.shape
         queries, keys, values = self.qkv(x).split(emb_dim, dim=2)
+        if value_embedding is not None:
+            values = self.value_mix[0] * values + self.value_mix[1] * value_embedding.to(values.dtype)
         # Split the embedding into heads: (b, tokens, emb) -> (b, heads, tokens, head_dim).
         queries = queries.view(b, num_tokens, self.n_heads, self.head_dim).transpose(1, 2)
         keys = keys.view(b, num_tokens, self.n_heads, self.head_dim).transpose(1, 2)
         values = values.view(b, num_tokens, self.n_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            queries, keys = self.q_norm(queries), self.k_norm(keys)
+        if rope is not None:
+            queries, keys = apply_rope(queries, *rope), apply_rope(keys, *rope)
 
         start = 0
         if kv_cache is not None:
@@ -235,14 +315,15 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, cfg: GPTConfig, layer: int = 0):
         super().__init__()
-        self.norm1 = LayerNorm(cfg.emb_dim)
+        self.norm1 = make_norm(cfg)
         self.att = MultiHeadAttention(cfg, layer)
-        self.norm2 = LayerNorm(cfg.emb_dim)
-        self.ff = FeedForward(cfg)
+        self.norm2 = make_norm(cfg)
+        self.ff = make_feed_forward(cfg)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x, kv_cache: KVCache | None = None, blocked: torch.Tensor | None = None):
-        x = x + self.drop_shortcut(self.att(self.norm1(x), kv_cache, blocked))
+    def forward(self, x, kv_cache: KVCache | None = None, blocked: torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None, value_embedding: torch.Tensor | None = None):
+        x = x + self.drop_shortcut(self.att(self.norm1(x), kv_cache, blocked, rope, value_embedding))
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))
         return x
 
@@ -251,31 +332,53 @@ class TransformerBlock(nn.Module):
 
 
 class GPTModel(nn.Module):
+    """GPT-2. With ``value_embeddings`` (modded-nanogpt's, placed as nanochat places them), every
+    other layer, the last included, has a token embedding table of its own (``value_embeds``) whose
+    row for each token is mixed into that layer's attention values: ``mix[0] * v + mix[1] * ve``,
+    two learned weights starting at 0.5. The speedrun shares three tables between its first and
+    last three layers and nanochat gates the mix per token and head; one table per such layer
+    and two scalars is the simplest form of both."""
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.emb_dim)  # token embedding
-        self.wpe = nn.Embedding(cfg.context_length, cfg.emb_dim)  # position embedding
+        if cfg.positions == "learned":
+            self.wpe = nn.Embedding(cfg.context_length, cfg.emb_dim)  # position embedding
+        else:
+            self.rope = RotaryEmbedding(cfg)  # positions rotate queries and keys instead
+        self.value_embeds = nn.ModuleDict({str(layer): nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+                                           for layer in cfg.value_embedding_layers()})
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         self.blocks = nn.ModuleList(TransformerBlock(cfg, layer) for layer in range(cfg.n_layers))
-        self.final_norm = LayerNorm(cfg.emb_dim)
+        self.final_norm = make_norm(cfg)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             # GPT-2 reads logits off the token embedding matrix itself (saves vocab x emb weights).
             self.out_head.weight = self.wte.weight
+        if cfg.activation == "swiglu":  # LoRA's default targets: SwiGLU's three matrices
+            self.lora_targets = ("qkv", "out_proj", "gate", "up", "down")
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """GPT-2's initialisation: N(0, 0.02), zero biases, residual projections scaled down."""
+        """GPT-2's initialisation: N(0, 0.02), zero biases, residual projections scaled down
+        (or zero, with ``zero_init``)."""
         for name, p in self.named_parameters():
-            if name.endswith(".bias") or name.endswith(".shift"):
+            if name.endswith(".value_mix"):
+                nn.init.constant_(p, 0.5)
+            elif name.endswith((".bias", ".shift")):
                 nn.init.zeros_(p)
-            elif name.endswith(".scale"):
+            elif p.dim() == 1:  # LayerNorm's and RMSNorm's scales
                 nn.init.ones_(p)
-            elif name.endswith(("att.out_proj.weight", "ff.proj.weight")):
-                # Each block adds two outputs to the residual stream; keep its variance from
-                # growing with depth (GPT-2 paper, section 2.3).
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
+            elif name.endswith(("att.out_proj.weight", "ff.proj.weight", "ff.down.weight")):
+                if self.cfg.zero_init:
+                    # The speedrun's: every block starts as the identity, and the gradient
+                    # reaches each projection all the same (its input is not zero).
+                    nn.init.zeros_(p)
+                else:
+                    # Each block adds two outputs to the residual stream; keep its variance from
+                    # growing with depth (GPT-2 paper, section 2.3).
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
             else:
                 nn.init.normal_(p, mean=0.0, std=0.02)
 
@@ -294,14 +397,23 @@ class GPTModel(nn.Module):
         num_tokens = idx.shape[1]
         positions, blocked = positions_and_mask(num_tokens, kv_cache, padding, self.cfg.context_length, idx.device)
 
-        x = self.wte(idx) + self.wpe(positions)
+        x, rope = self.wte(idx), None
+        if self.cfg.positions == "learned":
+            x = x + self.wpe(positions)
+        else:
+            rope = self.rope(positions, x.dtype)  # every layer rotates by the same angles
         x = self.drop_emb(x)
-        for block in self.blocks:
-            x = block(x, kv_cache, blocked)
+        for layer, block in enumerate(self.blocks):
+            value_embedding = self.value_embeds[str(layer)](idx) if str(layer) in self.value_embeds else None
+            x = block(x, kv_cache, blocked, rope, value_embedding)
         x = self.final_norm(x)
         if kv_cache is not None:
             kv_cache.length += num_tokens
-        return self.out_head(x)
+        logits = self.out_head(x)
+        if self.cfg.logit_softcap is not None:
+            # Squash the logits smoothly into (-cap, cap) (Gemma 2): none can run away in training.
+            logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
+        return logits
 
     @property
     def device(self) -> torch.device:
@@ -314,9 +426,12 @@ class GPTModel(nn.Module):
     lora_targets: tuple[str, ...] = ("qkv", "out_proj", "fc", "proj")
 
     def init_buffers(self, device: torch.device | str | None = None) -> None:
-        """Remake the non-persistent buffers (the causal masks), e.g. after a meta-device load."""
+        """Remake the non-persistent buffers (the causal masks, RoPE's frequencies), e.g. after a
+        meta-device load."""
         for block in self.blocks:
             block.att.mask = causal_mask(self.cfg.context_length, device=device)
+        if self.cfg.positions == "rope":
+            self.rope.reset_buffers(device)
 
     def new_kv_cache(self, batch_size: int, max_length: int | None = None, device=None, dtype=torch.float32):
         return KVCache(self.cfg, batch_size, max_length, device=device or self.device, dtype=dtype)
@@ -327,12 +442,19 @@ class GPTModel(nn.Module):
     def count_parameters(cfg: GPTConfig) -> dict[str, int]:
         """Parameter counts by part, computed from the shapes (no model is built)."""
         d, v, t, n = cfg.emb_dim, cfg.vocab_size, cfg.context_length, cfg.n_layers
+        norm = d if cfg.norm == "rmsnorm" else 2 * d  # a scale (and LayerNorm's shift)
         attention = d * 3 * d + (3 * d if cfg.qkv_bias else 0) + d * d + d
-        feed_forward = d * 4 * d + 4 * d + 4 * d * d + d
-        block = attention + feed_forward + 2 * (2 * d)  # two LayerNorms (scale and shift)
-        embedding = v * d + t * d
+        attention += 2 * cfg.head_dim if cfg.qk_norm else 0
+        if cfg.activation == "swiglu":
+            feed_forward = 3 * d * cfg.swiglu_hidden_dim
+        else:
+            feed_forward = d * 4 * d + 4 * d + 4 * d * d + d
+        block = attention + feed_forward + 2 * norm
+        value_layers = len(cfg.value_embedding_layers())
+        # Value embeddings are lookups, like the token embedding; their two mixing weights are not.
+        embedding = v * d + (t * d if cfg.positions == "learned" else 0) + value_layers * v * d
         head = 0 if cfg.tie_embeddings else v * d
-        total = embedding + n * block + 2 * d + head
+        total = embedding + n * block + 2 * value_layers + norm + head
         return {"total": total, "embedding": embedding, "head": head, "non_embedding": total - embedding - head}
 
     @staticmethod

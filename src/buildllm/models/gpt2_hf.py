@@ -8,6 +8,7 @@ Every architecture with Hugging Face weights has a module like this one, with th
     is_transposed(hf_name)         stored as (in, out) rather than nn.Linear's (out, in)
     is_buffer(hf_name)             tensors some files carry that are not weights
     extra_hf_tensors(model)        tensors HF's layout needs that ours lacks
+    check_config(cfg)              (optional) refuse a config the HF model class cannot hold
 
 OpenAI wrote GPT-2's linear layers as "Conv1D" (``x @ W + b`` with ``W`` of shape ``(in, out)``),
 while ``nn.Linear`` computes ``x @ W.T + b`` with ``W`` of shape ``(out, in)``: those weights are
@@ -82,6 +83,16 @@ def is_buffer(hf_name: str) -> bool:
     return bool(_BUFFER.fullmatch(hf_name))
 
 
+def check_config(cfg) -> None:
+    """A GPT2LMHeadModel has learned positions, LayerNorm, GELU and plain logits: a GPTConfig with
+    any of the speedrun's other levers (``gpt2.py``) has no Hugging Face GPT-2 form, either way."""
+    levers = cfg.non_gpt2_levers()
+    if levers:
+        settings = ", ".join(f"{name}={value!r}" for name, value in levers.items())
+        raise UserError(f"a Hugging Face GPT-2 (GPT2LMHeadModel) cannot hold {settings}: keep this model in "
+                        "buildllm's own folders (save_model, a run folder), which save every lever")
+
+
 def config_from_hf(hf: dict, source: str = "config.json", **overrides):
     """A GPTConfig from a Hugging Face GPT-2 ``config.json``; refuses variants our model lacks.
 
@@ -116,6 +127,7 @@ def config_from_hf(hf: dict, source: str = "config.json", **overrides):
 
 def config_to_hf(cfg, eot_id: int | None = None) -> dict:
     """The ``config.json`` transformers expects for a GPT2LMHeadModel of this shape."""
+    check_config(cfg)
     if eot_id is None and cfg.vocab_size > 50256:
         eot_id = 50256  # GPT-2's <|endoftext|>
     return {

@@ -73,10 +73,13 @@ TOKENIZER = "buildllm_tokenizer.json"  # ours, next to the HF files (HF's own to
 
 
 def hf_format_of(cfg):
-    """The Hugging Face weight map of ``cfg``'s architecture."""
+    """The Hugging Face weight map of ``cfg``'s architecture, once it has checked that its model
+    class can hold ``cfg`` (``check_config``: GPT-2's refuses the speedrun's levers)."""
     fmt = registry.get(cfg.arch).hf_format
     if fmt is None:
         raise UserError(f"architecture {cfg.arch!r} has no Hugging Face format; save it with save_model instead")
+    if hasattr(fmt, "check_config"):
+        fmt.check_config(cfg)
     return fmt
 
 
@@ -274,8 +277,8 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer=No
     what ``transformers.AutoTokenizer`` and ``generate`` read.
     """
     directory = Path(directory)
+    config = config_to_hf(model.cfg, getattr(tokenizer, "eot_id", None))  # refuses what HF cannot hold
     directory.mkdir(parents=True, exist_ok=True)
-    config = config_to_hf(model.cfg, getattr(tokenizer, "eot_id", None))
     config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     state = hf_state_of(model)
     write_safetensors(directory / HF_WEIGHTS, state)
