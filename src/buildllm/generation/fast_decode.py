@@ -135,12 +135,14 @@ def _read_gpt2(native, model: nn.Module):
     from buildllm.models.gpt2 import GELU, FeedForward, MultiHeadAttention, TransformerBlock
 
     cfg, bf16 = model.cfg, _activations_bf16(model)
+    if cfg.non_gpt2_levers():  # the speedrun's levers (RoPE, soft-capping, ...): the readable model
+        raise _Unsupported(cfg.non_gpt2_levers())
     decoder = native.Decoder(cfg.n_heads, cfg.n_heads, cfg.head_dim, GELU_TANH, bf16, model.wte.weight.detach(),
                              model.wpe.weight.detach(), None, _norm(native, model.final_norm),
                              _linear(native, model.out_head, bf16))
     for block in model.blocks:
         att, ff = block.att, block.ff
-        if (type(block), type(att), type(ff), type(ff.gelu)) != (TransformerBlock, MultiHeadAttention, FeedForward, GELU):
+        if (type(block), type(att), type(ff), type(ff.activation)) != (TransformerBlock, MultiHeadAttention, FeedForward, GELU):
             raise _Unsupported(type(block).__name__)
         if att.attention_recorder is not None:
             raise _Unsupported("attention recorder")
