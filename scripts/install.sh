@@ -28,3 +28,7 @@ if [ -n "$extras" ]; then
 else
     "${pip[@]}" -e .
 fi
+
+# The C++ decoding step (src/buildllm/generation/fast_decode.py), compiled now for this processor
+# rather than at the first `generate`; where it cannot be, generation uses the readable model.
+"$venv/bin/python" -m buildllm.generation.fast_decode || true

@@ -147,3 +147,16 @@ def test_no_compiler_or_switched_off_means_the_readable_path(monkeypatch):
         fast_decode.extension.cache_clear()
         monkeypatch.undo()
     assert fast_decoder(gpt()) is not None
+
+
+@pytest.mark.parametrize("levers", [dict(positions="rope", norm="rmsnorm", qk_norm=True, activation="relu2"),
+                                    dict(activation="swiglu", tie_embeddings=False)], ids=["rope-rms-qk-relu2", "swiglu"])
+def test_gpt_with_the_speedruns_levers(levers):
+    model = gpt(**levers)
+    assert largest_step_error(model) < TOLERANCE["fp32"]
+    assert largest_step_error(at_precision(gpt(**levers), "bf16")) < TOLERANCE["bf16"]
+
+
+def test_levers_it_does_not_compute_decode_through_the_model():
+    assert fast_decoder(gpt(logit_softcap=15.0)) is None
+    assert fast_decoder(gpt(value_embeddings=True)) is None

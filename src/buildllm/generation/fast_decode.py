@@ -27,6 +27,7 @@ kernels are written with its instructions); anywhere else, and for model parts i
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import os
@@ -41,12 +42,12 @@ from torch import nn
 
 from buildllm.errors import UserError
 from buildllm.generation.quantization import Int4Linear, Int8Linear
-from buildllm.models.layers import KVCache
+from buildllm.models.layers import DecodeParts, KVCache
 
 SOURCES = [Path(__file__).with_name("fast_decode.cpp"), Path(__file__).with_name("fast_decode_kernels.h")]
 CPU_FEATURES = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")  # the kernels' instructions
 F32, BF16, INT8, INT4 = range(4)  # weight formats, as fast_decode.cpp numbers them
-GELU_TANH, SWIGLU, RELU2 = range(3)
+ACTIVATIONS = {"gelu_tanh": 0, "swiglu": 1, "relu2": 2}
 LAYER_NORM, RMS_NORM = range(2)
 
 
@@ -75,16 +76,12 @@ def fast_decoder(model: nn.Module) -> FastDecoder | None:
     """
     if getattr(model, "device", torch.device("cpu")).type != "cpu":
         return None
-    native = extension()
+    parts = model.decode_parts() if hasattr(model, "decode_parts") else None
+    native = extension() if parts is not None else None
     if native is None:
         return None
-    from buildllm.models.gpt2 import GPTModel
-    from buildllm.models.llama import LlamaModel
-
-    # Qwen3's model is Llama's with QK-norm (a subclass); each block's parts are checked as read.
-    read = _read_gpt2 if isinstance(model, GPTModel) else _read_llama if isinstance(model, LlamaModel) else None
     try:
-        return FastDecoder(read(native, model), model.cfg.context_length) if read else None
+        return FastDecoder(_decoder(native, parts), model.cfg.context_length)
     except _Unsupported:
         return None
 
@@ -96,11 +93,28 @@ class _Unsupported(Exception):
     """A part the C++ step does not implement: the readable model decodes instead."""
 
 
-def _activations_bf16(model: nn.Module) -> bool:
-    dtype = model.wte.weight.dtype
-    if dtype not in (torch.float32, torch.bfloat16):
-        raise _Unsupported(dtype)
-    return dtype == torch.bfloat16
+_HUGE_PAGE = 1 << 21
+_MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25
+_on_huge_pages: set[tuple[int, int]] = set()
+
+
+def _huge_pages(weight: torch.Tensor) -> torch.Tensor:
+    """Back ``weight`` with 2 MiB pages where Linux allows it (``madvise``; best effort, once per tensor).
+
+    A step reads every weight page once, and with 4 KiB pages each of them costs the processor a
+    page-table walk (a 124M model is 60,000 pages in bf16); the gain is in benchmarks/README.md.
+    """
+    start, size = weight.data_ptr(), weight.numel() * weight.element_size()
+    first, end = -(-start // _HUGE_PAGE) * _HUGE_PAGE, (start + size) // _HUGE_PAGE * _HUGE_PAGE
+    if end > first and (first, end) not in _on_huge_pages and sys.platform == "linux":
+        _on_huge_pages.add((first, end))
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            for advice in (_MADV_HUGEPAGE, _MADV_COLLAPSE):  # an old kernel refuses: nothing lost
+                libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(end - first), advice)
+        except (OSError, AttributeError):
+            pass
+    return weight
 
 
 def _linear(native, layer: nn.Module, bf16: bool):
@@ -108,11 +122,11 @@ def _linear(native, layer: nn.Module, bf16: bool):
         kind = {torch.float32: F32, torch.bfloat16: BF16}.get(layer.weight.dtype)
         if kind is None or (kind == BF16) != bf16:
             raise _Unsupported(layer.weight.dtype)
-        return native.Linear(kind, layer.weight.detach(), None, None, _detached(layer.bias), 0, bf16)
+        return native.Linear(kind, _huge_pages(layer.weight.detach()), None, None, _detached(layer.bias), 0, bf16)
     if type(layer) is Int8Linear:
-        return native.Linear(INT8, layer.weight, layer.scale, None, layer.bias, 0, bf16)
+        return native.Linear(INT8, _huge_pages(layer.weight), layer.scale, None, layer.bias, 0, bf16)
     if type(layer) is Int4Linear:
-        return native.Linear(INT4, layer.weight, layer.scale, layer.zero, layer.bias, layer.group_size, bf16)
+        return native.Linear(INT4, _huge_pages(layer.weight), layer.scale, layer.zero, layer.bias, layer.group_size, bf16)
     raise _Unsupported(type(layer).__name__)
 
 
@@ -131,43 +145,23 @@ def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.detach() if t is not None else None
 
 
-def _read_gpt2(native, model: nn.Module):
-    from buildllm.models.gpt2 import GELU, FeedForward, MultiHeadAttention, TransformerBlock
-
-    cfg, bf16 = model.cfg, _activations_bf16(model)
-    if cfg.non_gpt2_levers():  # the speedrun's levers (RoPE, soft-capping, ...): the readable model
-        raise _Unsupported(cfg.non_gpt2_levers())
-    decoder = native.Decoder(cfg.n_heads, cfg.n_heads, cfg.head_dim, GELU_TANH, bf16, model.wte.weight.detach(),
-                             model.wpe.weight.detach(), None, _norm(native, model.final_norm),
-                             _linear(native, model.out_head, bf16))
-    for block in model.blocks:
-        att, ff = block.att, block.ff
-        if (type(block), type(att), type(ff), type(ff.activation)) != (TransformerBlock, MultiHeadAttention, FeedForward, GELU):
-            raise _Unsupported(type(block).__name__)
-        if att.attention_recorder is not None:
-            raise _Unsupported("attention recorder")
-        decoder.add_layer(_norm(native, block.norm1), [_linear(native, att.qkv, bf16)], _linear(native, att.out_proj, bf16),
-                          None, None, _norm(native, block.norm2), [_linear(native, ff.fc, bf16)],
-                          _linear(native, ff.proj, bf16))
-    return decoder
-
-
-def _read_llama(native, model: nn.Module):
-    from buildllm.models.blocks import DecoderBlock, GroupedQueryAttention, SwiGLU
-
-    cfg, bf16 = model.cfg, _activations_bf16(model)
-    decoder = native.Decoder(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, SWIGLU, bf16, model.wte.weight.detach(), None,
-                             model.rope.freqs, _norm(native, model.final_norm), _linear(native, model.out_head, bf16))
-    for block in model.blocks:
-        att, ff = block.att, block.ff
-        if (type(block), type(att), type(ff)) != (DecoderBlock, GroupedQueryAttention, SwiGLU):
-            raise _Unsupported(type(block).__name__)
-        if att.attention_recorder is not None:
-            raise _Unsupported("attention recorder")
-        qk = [_norm(native, att.q_norm), _norm(native, att.k_norm)] if att.qk_norm else [None, None]
-        decoder.add_layer(_norm(native, block.norm1), [_linear(native, p, bf16) for p in (att.q_proj, att.k_proj, att.v_proj)],
-                          _linear(native, att.out_proj, bf16), *qk, _norm(native, block.norm2),
-                          [_linear(native, ff.gate, bf16), _linear(native, ff.up, bf16)], _linear(native, ff.down, bf16))
+def _decoder(native, parts: DecodeParts):
+    """The C++ decoder of a model's ``decode_parts`` (models/layers.py), over the same tensors."""
+    embedding = parts.token_embedding.detach()
+    if embedding.dtype not in (torch.float32, torch.bfloat16):
+        raise _Unsupported(embedding.dtype)
+    bf16 = embedding.dtype == torch.bfloat16
+    if parts.activation not in ACTIVATIONS:
+        raise _Unsupported(parts.activation)
+    decoder = native.Decoder(parts.n_heads, parts.n_kv_heads, parts.head_dim, ACTIVATIONS[parts.activation], bf16,
+                             embedding, _detached(parts.position_embedding), parts.rope_frequencies,
+                             _norm(native, parts.final_norm), _linear(native, parts.head, bf16))
+    for layer in parts.layers:
+        decoder.add_layer(_norm(native, layer.norm1), [_linear(native, p, bf16) for p in layer.attention_in],
+                          _linear(native, layer.attention_out, bf16),
+                          *(_norm(native, n) if n is not None else None for n in (layer.q_norm, layer.k_norm)),
+                          _norm(native, layer.norm2), [_linear(native, p, bf16) for p in layer.mlp_in],
+                          _linear(native, layer.mlp_out, bf16))
     return decoder
 
 

@@ -45,7 +45,7 @@ from buildllm.models.blocks import (
     SwiGLU,
     apply_rope,
 )
-from buildllm.models.layers import KVCache, causal_mask, positions_and_mask
+from buildllm.models.layers import DecodeParts, KVCache, LayerParts, causal_mask, positions_and_mask
 
 # Configuration -----------------------------------------------------------------------------------
 
@@ -432,6 +432,21 @@ class GPTModel(nn.Module):
             block.att.mask = causal_mask(self.cfg.context_length, device=device)
         if self.cfg.positions == "rope":
             self.rope.reset_buffers(device)
+
+    def decode_parts(self) -> DecodeParts | None:
+        """This model's one-token step for the C++ decoding path (``generation/fast_decode.py``);
+        None with what it does not compute: logit soft-capping, value embeddings, an attention hook."""
+        cfg = self.cfg
+        if cfg.logit_softcap is not None or cfg.value_embeddings or any(b.att.attention_recorder for b in self.blocks):
+            return None
+        swiglu = cfg.activation == "swiglu"
+        layers = [LayerParts(b.norm1, [b.att.qkv], b.att.out_proj, getattr(b.att, "q_norm", None),
+                             getattr(b.att, "k_norm", None), b.norm2, [b.ff.gate, b.ff.up] if swiglu else [b.ff.fc],
+                             b.ff.down if swiglu else b.ff.proj) for b in self.blocks]
+        learned = cfg.positions == "learned"
+        return DecodeParts(cfg.n_heads, cfg.n_heads, cfg.head_dim, "gelu_tanh" if cfg.activation == "gelu" else cfg.activation,
+                           self.wte.weight, self.wpe.weight if learned else None, None if learned else self.rope.freqs,
+                           layers, self.final_norm, self.out_head)
 
     def new_kv_cache(self, batch_size: int, max_length: int | None = None, device=None, dtype=torch.float32):
         return KVCache(self.cfg, batch_size, max_length, device=device or self.device, dtype=dtype)

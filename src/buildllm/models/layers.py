@@ -1,5 +1,6 @@
-"""Pieces every architecture shares: the KV cache, the causal mask, and the positions and mask of
-a left-padded batch (``positions_and_mask``, the forward contract every model keeps).
+"""Pieces every architecture shares: the KV cache, the causal mask, the positions and mask of a
+left-padded batch (``positions_and_mask``, the forward contract every model keeps), and the parts
+of a one-token step that the C++ decoding path reads (``DecodeParts``).
 
 They live apart from any one model so that a new architecture (a model file of its own) reuses
 them without importing another architecture's file.
@@ -7,7 +8,10 @@ them without importing another architecture's file.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from torch import nn
 
 from buildllm.errors import UserError
 
@@ -93,3 +97,39 @@ def positions_and_mask(num_tokens: int, kv_cache: KVCache | None, padding: torch
     blocked = future | padding[:, None, :]  # (b, tokens, keys)
     blocked[:, torch.arange(num_tokens), torch.arange(start, end)] = False
     return positions, blocked[:, None]  # broadcast over heads
+
+
+@dataclass
+class LayerParts:
+    """One pre-norm block, as the model's own modules: ``x += attention_out(attend(attention_in(
+    norm1(x))))`` (queries and keys through ``q_norm``/``k_norm`` per head when given), then
+    ``x += mlp_out(activation(mlp_in(norm2(x))))``."""
+
+    norm1: nn.Module
+    attention_in: list[nn.Module]  # [qkv] (one fused projection) or [q, k, v]
+    attention_out: nn.Module
+    q_norm: nn.Module | None
+    k_norm: nn.Module | None
+    norm2: nn.Module
+    mlp_in: list[nn.Module]  # [fc], or [gate, up] for SwiGLU
+    mlp_out: nn.Module
+
+
+@dataclass
+class DecodeParts:
+    """What a model's one-token step is made of, for ``generation/fast_decode.py`` (the C++ step).
+
+    A model offers them from ``decode_parts()``, or None when some part of it is something else
+    (it then decodes through its own forward, as any model without the method does).
+    """
+
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    activation: str  # "gelu_tanh", "relu2" or "swiglu"
+    token_embedding: torch.Tensor
+    position_embedding: torch.Tensor | None  # learned positions (GPT-2)
+    rope_frequencies: torch.Tensor | None  # RoPE's (blocks.rope_frequencies)
+    layers: list[LayerParts]
+    final_norm: nn.Module
+    head: nn.Module

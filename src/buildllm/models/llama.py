@@ -30,7 +30,7 @@ from buildllm.errors import UserError
 from buildllm.files import read_json_object, write_json
 from buildllm.models import llama_hf, registry
 from buildllm.models.blocks import DecoderBlock, RMSNorm, RotaryEmbedding
-from buildllm.models.layers import KVCache, positions_and_mask
+from buildllm.models.layers import DecodeParts, KVCache, LayerParts, positions_and_mask
 
 # Configuration -----------------------------------------------------------------------------------
 
@@ -187,6 +187,17 @@ class LlamaModel(nn.Module):
     def init_buffers(self, device: torch.device | str | None = None) -> None:
         """Remake RoPE's frequencies (which hold no data on the meta device) after a meta-device load."""
         self.rope.reset_buffers(device)
+
+    def decode_parts(self) -> DecodeParts | None:
+        """This model's one-token step for the C++ decoding path (``generation/fast_decode.py``)."""
+        if any(b.att.attention_recorder for b in self.blocks):
+            return None
+        layers = [LayerParts(b.norm1, [b.att.q_proj, b.att.k_proj, b.att.v_proj], b.att.out_proj,
+                             getattr(b.att, "q_norm", None), getattr(b.att, "k_norm", None), b.norm2,
+                             [b.ff.gate, b.ff.up], b.ff.down) for b in self.blocks]
+        cfg = self.cfg
+        return DecodeParts(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, "swiglu", self.wte.weight, None, self.rope.freqs,
+                           layers, self.final_norm, self.out_head)
 
     def new_kv_cache(self, batch_size: int, max_length: int | None = None, device=None, dtype=torch.float32):
         """A cache of ``n_kv_heads`` keys and values per layer (not ``n_heads``)."""
