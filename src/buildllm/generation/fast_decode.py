@@ -76,6 +76,8 @@ def fast_decoder(model: nn.Module) -> FastDecoder | None:
     """
     if getattr(model, "device", torch.device("cpu")).type != "cpu":
         return None
+    if any(type(p.data) is not torch.Tensor for p in model.parameters()):  # sharded (FSDP's DTensors)
+        return None
     parts = model.decode_parts() if hasattr(model, "decode_parts") else None
     native = extension() if parts is not None else None
     if native is None:
