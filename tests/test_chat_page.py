@@ -36,8 +36,11 @@ pytestmark = pytest.mark.skipif(
 def slow_server(tmp_path_factory):
     """A server whose model takes 30 ms a step, so the browser can watch the answer grow."""
     loaded = load_model(tiny_model_folder(tmp_path_factory.mktemp("page") / NAME))
-    loaded.model.register_forward_hook(lambda *_: time.sleep(0.03))
-    with ServerThread(create_app(loaded, ServeConfig(), model_name=NAME)) as server:
+    loaded.model.register_forward_hook(lambda *_: time.sleep(0.03))  # the prefill
+    app = create_app(loaded, ServeConfig(), model_name=NAME)
+    decode = app.state.engine._decode  # and each step (the C++ step skips the model's hooks)
+    app.state.engine._decode = lambda busy: (time.sleep(0.03), decode(busy))[1]
+    with ServerThread(app) as server:
         server.loaded = loaded
         yield server
 

@@ -189,3 +189,13 @@ def test_cli_generate_and_eval_quantized(word_model, tmp_path, capsys, scheme):
     with pytest.raises(SystemExit) as exit_:
         cli.main([*argv, "--quantize", "int2"])
     assert exit_.value.code == 2 and "invalid choice: 'int2'" in capsys.readouterr().err
+
+
+def test_int8_layers_of_any_width_run():
+    """PyTorch's int8 kernel crashes on inputs that are not a multiple of 16 wide: those layers
+    multiply the dequantized weight instead, with the same result."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(40, 24)
+    q = Int8Linear.from_linear(linear)
+    x = torch.randn(3, 40)
+    assert torch.allclose(q(x), linear(x), rtol=0.05, atol=0.05)

@@ -299,8 +299,12 @@ def test_full_queue_answers_429_and_a_closed_engine_503(loaded):
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["streaming", "waiting"])
-def test_a_client_that_hangs_up_frees_its_slot(server, loaded, stream):
-    hook = loaded.model.register_forward_hook(lambda *_: time.sleep(0.01))  # slow enough to hang up mid-way
+def test_a_client_that_hangs_up_frees_its_slot(server, loaded, stream, monkeypatch):
+    from buildllm.serve.batching import BatchEngine
+
+    decode = BatchEngine._decode  # each step slow enough to hang up mid-way (the C++ step skips model hooks)
+    monkeypatch.setattr(BatchEngine, "_decode", lambda self, busy: (time.sleep(0.01), decode(self, busy))[1])
+    hook = loaded.model.register_forward_hook(lambda *_: time.sleep(0.01))  # and the prefill
     try:
         before = httpx.get(server.url + "/health").json()["finished"].get("cancelled", 0)
         body = {"model": NAME, "prompt": "The cat", "max_tokens": 100, "stream": stream}
