@@ -45,7 +45,13 @@ from buildllm.models.blocks import (
     SwiGLU,
     apply_rope,
 )
-from buildllm.models.layers import DecodeParts, KVCache, LayerParts, causal_mask, positions_and_mask
+from buildllm.models.layers import (
+    DecodeParts,
+    KVCache,
+    LayerParts,
+    causal_mask,
+    positions_and_mask,
+)
 
 # Configuration -----------------------------------------------------------------------------------
 
