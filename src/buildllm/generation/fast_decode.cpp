@@ -111,11 +111,6 @@ struct Linear {
 constexpr int64_t MAX_M = 8;
 constexpr int64_t BLOCK_ROWS = 16;
 
-// 16 bf16 numbers (fewer under `mask`, zeros elsewhere) as fp32.
-inline __m512 widen16(const uint16_t* p, __mmask16 mask) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
-}
-
 // Rows [r0, r1) of L for M inputs: out[(r - r0) * M + m]. `scratch`: room for a row's int4 scales.
 template <int M>
 void rows_of(const Linear& L, int64_t r0, int64_t r1, const Inputs& in, float* out, float* scratch) {
@@ -133,8 +128,9 @@ void rows_of(const Linear& L, int64_t r0, int64_t r1, const Inputs& in, float* o
                 for (int m = 0; m < M; ++m) zero_term[m] = _mm512_setzero_ps();
                 for (int64_t g = 0; g < groups; g += 16) {
                     __mmask16 mask = groups - g >= 16 ? __mmask16(0xffff) : __mmask16((1u << (groups - g)) - 1);
-                    _mm512_storeu_ps(scratch + g, widen16(s + g, mask));
-                    __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(136.f), widen16(s + g, mask), widen16(z + g, mask));
+                    __m512 scale = widen16(s + g, mask);
+                    _mm512_storeu_ps(scratch + g, scale);
+                    __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(136.f), scale, widen16(z + g, mask));
                     for (int m = 0; m < M; ++m)
                         zero_term[m] = _mm512_fmadd_ps(offset, _mm512_maskz_loadu_ps(mask, in.group_sums + m * groups + g), zero_term[m]);
                 }
@@ -214,12 +210,12 @@ class Decoder {
         batch = tokens.size(0);
         auto tok = tokens.contiguous();
         auto ok = valid.to(torch::kBool).contiguous();
+        const bool* valid_ptr = ok.data_ptr<bool>();
         positions.assign(batch, length);
         if (padded) {  // a row's position counts its real tokens only (models/layers.positions_and_mask)
-            const bool* rows = ok.data_ptr<bool>();
             for (int64_t b = 0; b < batch; ++b) {
                 int64_t seen = 0;
-                for (int64_t j = 0; j <= length; ++j) seen += rows[b * ok.size(1) + j];
+                for (int64_t j = 0; j <= length; ++j) seen += valid_ptr[b * ok.size(1) + j];
                 positions[b] = std::max<int64_t>(seen - 1, 0);
             }
         }
@@ -227,7 +223,6 @@ class Decoder {
         allocate(keys.size(3));
         auto logits = torch::empty({batch, head.out}, torch::kFloat);
         const int64_t* ids = tok.data_ptr<int64_t>();
-        const bool* valid_ptr = ok.data_ptr<bool>();
 #pragma omp parallel num_threads(threads)
         {
             embed(ids);

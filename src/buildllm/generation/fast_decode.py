@@ -170,13 +170,18 @@ def _decoder(native, parts: DecodeParts):
 # Building the extension --------------------------------------------------------------------------
 
 
-def cpu_supported() -> bool:
-    """Whether this processor has the instructions the kernels are written with (Linux's cpuinfo)."""
+def _cpu_flags() -> set[str]:
+    """The processor's feature flags, as Linux's cpuinfo lists them (empty elsewhere)."""
     try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
-        return False
-    return set(CPU_FEATURES) <= set(flags.split(":", 1)[1].split())
+        return set()
+    return set(line.split(":", 1)[1].split())
+
+
+def cpu_supported() -> bool:
+    """Whether this processor has the instructions the kernels are written with."""
+    return set(CPU_FEATURES) <= _cpu_flags()
 
 
 @functools.cache
@@ -194,7 +199,7 @@ def extension():
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         flags = ["-O3", "-march=native", "-fopenmp"]
         # -march=native: one build per kind of processor (a home folder may be shared by several).
-        key = hashlib.sha256(" ".join([platform.processor(), *flags, _cpu_flags()]).encode()).hexdigest()[:10]
+        key = hashlib.sha256(" ".join([platform.processor(), *flags, *sorted(_cpu_flags())]).encode()).hexdigest()[:10]
         return load(f"buildllm_fast_decode_{key}", [str(p) for p in SOURCES if p.suffix == ".cpp"],
                     extra_cflags=flags, extra_ldflags=["-fopenmp"], extra_include_paths=[str(SOURCES[0].parent)])
     except Exception as e:  # no compiler, no ninja, a compile error: the readable path still works
@@ -202,13 +207,6 @@ def extension():
         warnings.warn(f"buildllm's fast decoding step could not be built ({reason}); generation uses the "
                       "readable model (install a C++ compiler for the fast path)", stacklevel=2)
         return None
-
-
-def _cpu_flags() -> str:
-    try:
-        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return ""
 
 
 def main() -> int:

@@ -39,6 +39,11 @@ inline uint16_t f32_to_bf16(float f) {  // round to nearest, ties to even: what 
 
 inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
+// 16 bf16 numbers (fewer under `mask`, zeros elsewhere) as fp32.
+inline __m512 widen16(const uint16_t* p, __mmask16 mask) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+
 // What a kernel reads: the M input vectors in the forms the kernels multiply, made once per input
 // (fast_decode.cpp, prepare_inputs) and shared by every row of every layer that reads that input.
 struct Inputs {
@@ -231,8 +236,7 @@ inline float dot(const float* a, const uint16_t* b, int64_t n) {
     __m512 acc = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 16 <= n; k += 16) {
-        __m512 bv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(b + k))), 16));
-        acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), bv, acc);
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), widen16(b + k, 0xffff), acc);
     }
     float s = _mm512_reduce_add_ps(acc);
     for (; k < n; ++k) s += a[k] * bf16_to_f32(b[k]);
