@@ -139,7 +139,7 @@ def trained(play_corpus):
     """Train the toy 6 steps straight, and 3 steps then 3 more on resume, through buildllm.train."""
     files = play_corpus("macbeth", 12000)
     root = Path(files["book"]).parent
-    common = dict(data=files["book"], tokenizer=files["tokenizer"], preset="toy-nano",
+    common = dict(data=files["book"], recipe="book", tokenizer=files["tokenizer"], preset="toy-nano",
                   model={"drop_rate": 0.0}, batch_size=8, context_length=32, eval_interval=3, eval_iters=1,
                   lr=3e-3, lr_schedule="constant", progress=False, sample_tokens=0, dtype="fp32", device="cpu")
     straight = train(TrainConfig(out=str(root / "a"), max_steps=6, **common))

@@ -16,11 +16,11 @@ COMMON = ["--batch-size", "4", "--grad-accum", "2", "--context-length", "32", "-
           "--no-progress", "--set", "sample_tokens=0", "--set", "model.context_length=32"]
 MODELS = {  # tiny shapes of each arch (and GPT-2 with Muon); GPT-2 without a key bias: its true gradient is 0, Adam amplifies the noise
     "gpt2": ["--preset", "nano", "--set", "model.emb_dim=32", "--set", "model.n_heads=2", "--set", "model.n_layers=2",
-             "--set", "model.qkv_bias=false"],
+             "--set", "model.qkv_bias=false", "--set", "optimizer=adamw"],
     "gpt2-muon": ["--preset", "nano", "--set", "model.emb_dim=32", "--set", "model.n_heads=2", "--set", "model.n_layers=2",
                   "--set", "model.qkv_bias=false", "--set", "optimizer=muon"],
     "llama": ["--arch", "llama", "--set", "model.emb_dim=32", "--set", "model.n_heads=4", "--set", "model.n_kv_heads=2",
-              "--set", "model.n_layers=2", "--set", "model.hidden_dim=64"],
+              "--set", "model.n_layers=2", "--set", "model.hidden_dim=64", "--set", "optimizer=adamw"],
 }
 
 

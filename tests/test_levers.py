@@ -296,19 +296,34 @@ def test_training_with_every_lever_and_muon_learns_and_saves_them(play_corpus, t
 # benchmarks/recipe.py ------------------------------------------------------------------------------
 
 
-def test_recipe_runs_are_the_default_with_one_change_each():
+def test_recipe_runs_are_the_old_default_with_one_change_each():
     args = recipe.parse_args(["--only", "muon,rope", "--minutes", "0.5"])
     assert args.runs == ["rope", "muon"]  # in the table's order
-    rope, muon, default = (recipe.run_config(n, args) for n in ("rope", "muon", "default"))
-    assert default.model == {} and default.optimizer == "adamw" and default.data is None and default.preset is None
-    assert rope.model == {"positions": "rope"} and muon.optimizer == "muon"
+    rope, muon, old, new = (recipe.run_config(n, args) for n in ("rope", "muon", "default", "new"))
+    assert old.preset == "shakespeare-cpu" and old.optimizer == "adamw" and old.model == {} and old.data is None
+    assert new.preset is None and new.optimizer is None and new.model == {}  # what `buildllm train` resolves
+    assert rope.model == {"positions": "rope"} and rope.preset == "shakespeare-cpu" and rope.optimizer == "adamw"
+    assert muon.optimizer == "muon" and muon.preset == "shakespeare-cpu"
     assert rope.max_minutes == 0.5 and rope.out.endswith("recipe/rope") and rope.force
-    for name, (_, changes) in recipe.RUNS.items():  # every lever is a real GPTConfig/TrainConfig setting
+    for name in recipe.LEVERS:  # every lever is a real GPTConfig/TrainConfig setting
         cfg = recipe.run_config(name, args)
-        GPTConfig.from_preset("shakespeare-cpu", **cfg.model)
-        assert set(changes) <= {"model", "compile", "optimizer"}
+        GPTConfig.from_preset(cfg.preset, **cfg.model)
+        assert set(recipe.RUNS[name][1]) <= {"model", "compile", "optimizer"}
     with pytest.raises(SystemExit, match="unknown run"):
         recipe.parse_args(["--only", "rope,alibi"])
+
+
+def test_recipe_on_a_users_text(tmp_path):
+    text = tmp_path / "poem.txt"
+    text.write_text("O\n")
+    args = recipe.parse_args(["--text", str(text), "--minutes", "2"])
+    new, old, nanogpt = (recipe.run_config(n, args) for n in args.runs)
+    assert all(c.data == str(text) and c.max_minutes == 2 for c in (new, old, nanogpt))
+    assert new.preset is None and new.tokenizer is None  # sized when it runs
+    assert (old.preset, old.tokenizer, old.optimizer, old.keep_best) == ("shakespeare-cpu", "bpe:4096", "adamw", False)
+    assert (nanogpt.tokenizer, nanogpt.context_length, nanogpt.batch_size, nanogpt.lr, nanogpt.dtype) == \
+        ("bpe:257", 64, 12, 1e-3, "fp32")
+    assert recipe.markers(args)[0] == "<!-- recipe.py --text poem.txt: begin -->"
 
 
 def test_recipe_table_and_readme_section(tmp_path):
@@ -319,6 +334,7 @@ def test_recipe_table_and_readme_section(tmp_path):
 
     text = recipe.table({"default": result(2.085, 3659), "rope": result(2.050, 3600)})
     assert "| rope | rotary positions, no learned position embedding | 2.050 | -0.035 | 15,000 | 3,600 |" in text
+    assert "| default | the old default" in text
     readme = tmp_path / "README.md"
     readme.write_text("# Benchmarks\n\nabove\n")
     recipe.write_readme(f"{recipe.BEGIN}\nfirst\n{recipe.END}", readme)

@@ -184,7 +184,7 @@ def test_config_errors_are_user_errors():
 def test_train_arch_llama_and_resume(play_corpus, tmp_path):
     """`buildllm train --arch llama` trains the arch's CPU preset; a resumed run equals a straight one."""
     files = play_corpus("macbeth", 6000)
-    common = dict(data=files["book"], tokenizer=files["tokenizer"], arch="llama", preset="llama-nano",
+    common = dict(data=files["book"], recipe="book", tokenizer=files["tokenizer"], arch="llama", preset="llama-nano",
                   batch_size=4, context_length=32, eval_interval=2, eval_iters=1, lr=3e-3,
                   lr_schedule="constant", progress=False, sample_tokens=0, dtype="fp32", device="cpu")
     straight = train(TrainConfig(out=str(tmp_path / "a"), max_steps=4, **common))

@@ -36,7 +36,7 @@ def files(play_corpus):
 
 def tiny(files, out, **changes) -> TrainConfig:
     """A model and batches small enough for a step in milliseconds."""
-    base = dict(data=files["prepared"], out=str(out), preset="nano", model=dict(TINY_MODEL), batch_size=4,
+    base = dict(data=files["prepared"], out=str(out), preset="nano", model=dict(TINY_MODEL), optimizer="adamw", batch_size=4,
                 context_length=32, max_steps=6, warmup_steps=2, eval_interval=3, eval_iters=2, lr=3e-3,
                 progress=False, sample_tokens=0, dtype="fp32", device="cpu")
     return TrainConfig(**{**base, **changes})
@@ -72,16 +72,18 @@ def test_config_file_yaml_json_and_unknown_keys(tmp_path):
 
 def test_resolve_fills_each_modes_defaults(files, tmp_path):
     bundled = resolve(TrainConfig())
-    assert (bundled.preset, bundled.tokenizer, bundled.out) == ("shakespeare-cpu", "bpe:4096", "runs/shakespeare")
-    assert bundled.context_length == GPTConfig.from_preset("shakespeare-cpu").context_length
+    assert (bundled.preset, bundled.tokenizer, bundled.out) == ("speedrun-cpu", "bpe:4096", "runs/shakespeare")
+    assert (bundled.optimizer, bundled.keep_best) == ("muon", True)
+    assert bundled.context_length == GPTConfig.from_preset("speedrun-cpu").context_length
     assert bundled.max_minutes == DEFAULTS["bundled"]["max_minutes"]
     assert resolve(TrainConfig(max_steps=50)).max_minutes is None  # steps given: step-bounded
-    book = resolve(TrainConfig(data=files["book"]))  # the book's chapter 5 settings
+    book = resolve(TrainConfig(data=files["book"], recipe="book"))  # the book's chapter 5 settings
     assert (book.lr, book.weight_decay, book.batch_size, book.context_length) == (4e-4, 0.1, 2, 256)
     assert (book.tokenizer, book.preset, book.model["qkv_bias"], book.out) == ("gpt2", "gpt2", False, "runs/macbeth")
-    scale = resolve(TrainConfig(data=files["prepared"], max_steps=10))
+    scale = resolve(TrainConfig(data=files["prepared"], max_steps=10, preset="nano", eval_interval=5))
     assert scale.tokenizer is None and scale.warmup_steps == 1  # a short run still decays
     assert scale.save_interval == scale.eval_interval
+    assert resolve(TrainConfig(data=files["prepared"], parallel="fsdp")).optimizer == "adamw"  # Muon needs whole matrices
 
 
 def test_example_config_is_the_default_run():
@@ -162,7 +164,7 @@ def test_scale_mode_writes_a_complete_run(files, tmp_path):
 
 
 def test_book_mode_epochs_and_gradient_accumulation(files, tmp_path):
-    cfg = tiny(files, tmp_path / "book", data=files["book"], tokenizer=files["tokenizer"], max_steps=None,
+    cfg = tiny(files, tmp_path / "book", data=files["book"], recipe="book", tokenizer=files["tokenizer"], max_steps=None,
                epochs=2, grad_accum=2, batch_size=8, eval_interval=50)
     result = train(cfg)
     n_tokens = len(train_bpe(TEXT, 300).encode(TEXT[: int(len(TEXT) * 0.9)]))
@@ -193,7 +195,7 @@ def test_gradient_accumulation_matches_the_big_batch(files, tmp_path):
 
 def test_resume_in_process_across_an_epoch_boundary(files, tmp_path):
     """Book mode (constant lr): 5 steps, then 5 more on resume == 10 steps straight."""
-    common = dict(data=files["book"], tokenizer=files["tokenizer"], batch_size=64, eval_interval=5,
+    common = dict(data=files["book"], recipe="book", tokenizer=files["tokenizer"], batch_size=64, eval_interval=5,
                   lr_schedule="constant", model={**TINY_MODEL, "drop_rate": 0.1})
     straight = train(tiny(files, tmp_path / "a", max_steps=10, **common))
     train(tiny(files, tmp_path / "b", max_steps=5, **common))
@@ -275,11 +277,11 @@ def test_out_folder_holding_a_run_needs_resume_or_force(files, tmp_path):
 def test_data_smaller_than_one_batch(files, tmp_path):
     (tmp_path / "short.txt").write_text(TEXT[:1500])
     with pytest.raises(UserError, match="fewer than one batch of 64"):
-        train(tiny(files, tmp_path / "r", data=str(tmp_path / "short.txt"), tokenizer=files["tokenizer"],
+        train(tiny(files, tmp_path / "r", data=str(tmp_path / "short.txt"), recipe="book", tokenizer=files["tokenizer"],
                    batch_size=64))
     (tmp_path / "tiny.txt").write_text("To be, or not to be.")
     with pytest.raises(UserError, match="fewer than one window"):
-        train(tiny(files, tmp_path / "r2", data=str(tmp_path / "tiny.txt"), tokenizer=files["tokenizer"]))
+        train(tiny(files, tmp_path / "r2", data=str(tmp_path / "tiny.txt"), recipe="book", tokenizer=files["tokenizer"]))
     assert not (tmp_path / "r").exists() and not (tmp_path / "r2").exists()  # refused before writing
 
 

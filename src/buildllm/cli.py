@@ -273,8 +273,10 @@ def add_train(sub) -> None:
     p = sub.add_parser(
         "train", help="pretrain a model (with no options: the default model on the bundled Shakespeare)",
         description="Pretrain a GPT model and write runs/<name>/ (checkpoints, metrics.jsonl, loss.png). "
-        "--data: nothing for the bundled Shakespeare, a .txt file (the book's sliding windows and epochs), "
-        "or a folder made by `buildllm prepare` (random windows, steps). Every option is a TrainConfig key; "
+        "--data: nothing for the bundled Shakespeare, a .txt file or a folder of them, or a folder made by "
+        "`buildllm prepare`; with no model named, the tokenizer, the model and the steps are sized to the data "
+        "and --max-minutes (--recipe book: chapter 5's GPT-2 124M, sliding windows and epochs on a .txt file). "
+        "Every option is a TrainConfig key; "
         "options override --set, which overrides --config; an option with no default shown takes the data "
         "mode's. Many GPUs: torchrun --nproc_per_node N -m buildllm.cli train ...")
     p.add_argument("--config", metavar="FILE", help="a YAML or JSON file of TrainConfig keys")

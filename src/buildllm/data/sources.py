@@ -7,6 +7,7 @@ seen next.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -195,14 +196,7 @@ def my_rows(batch: torch.Tensor, dist: Dist) -> torch.Tensor:
 
 def open_data(cfg: TrainConfig, tokenizer, dist: Dist):
     """The batches of ``cfg.data``; ``tokenizer`` is None unless the model already has one."""
-    from buildllm.data.prepare import (
-        default_prepared_dir,
-        load_prepared,
-        prepare_corpus,
-    )
-
-    mode = data_mode(cfg.data)
-    if mode == "book":
+    if data_mode(cfg.data, cfg.recipe) == "book":
         from buildllm.tokenizer import get_tokenizer
 
         tok = tokenizer or get_tokenizer(cfg.tokenizer)
@@ -211,12 +205,35 @@ def open_data(cfg: TrainConfig, tokenizer, dist: Dist):
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"cannot read {cfg.data} as UTF-8 text: {e}") from None
         return SlidingWindows(text, tok, cfg, dist)
+    corpus = prepared_corpus(cfg, tokenizer, dist)
+    return RandomWindows(corpus, cfg.batch_size, cfg.context_length, cfg.seed, dist)
 
-    if mode == "bundled":
+
+def prepared_corpus(cfg: TrainConfig, tokenizer, dist: Dist):
+    """The memory-mapped corpus of a run that is not the book's: a prepared folder as it is, the
+    bundled Shakespeare or a text (a file or a folder of them) tokenized once into ``data/prepared/``.
+
+    A text's folder is named after the text, the tokenizer and a hash of the files and the split,
+    so an edited text is prepared anew and never mixed up with an older preparation.
+    """
+    from buildllm.data.prepare import (
+        default_prepared_dir,
+        load_prepared,
+        prepare_corpus,
+    )
+
+    mode = data_mode(cfg.data, cfg.recipe)
+    if mode in ("bundled", "text"):
         spec = tokenizer or cfg.tokenizer
-        path = default_prepared_dir(None, spec)
+        path = default_prepared_dir(cfg.data, spec)
+        if mode == "text":
+            from buildllm.data.corpus_reader import open_corpus
+
+            ident = open_corpus(cfg.data, cfg.val_fraction, "strict").ident
+            digest = hashlib.sha256(f"{ident}/{cfg.val_fraction}".encode()).hexdigest()[:10]
+            path = path.with_name(f"{path.name}-{digest}")
         if dist.main:  # tokenize once, then every process maps the same files
-            corpus = prepare_corpus(None, path, tokenizer=spec, progress=cfg.progress)
+            prepare_corpus(cfg.data, path, tokenizer=spec, val_fraction=cfg.val_fraction, progress=cfg.progress)
         barrier(dist)
         corpus = load_prepared(path)
     else:
@@ -227,4 +244,4 @@ def open_data(cfg: TrainConfig, tokenizer, dist: Dist):
     if tokenizer is not None and tokenizer.fingerprint() != corpus.tokenizer.fingerprint():
         raise UserError(f"{corpus.path} was tokenized with {corpus.tokenizer.name}, but the model "
                         f"uses {tokenizer.name}: prepare the data with the model's tokenizer.json")
-    return RandomWindows(corpus, cfg.batch_size, cfg.context_length, cfg.seed, dist)
+    return corpus

@@ -101,7 +101,8 @@ class TrainConfig(ConfigFile):
     """Every knob of a training run. ``None`` means "the default of the data mode" (see DEFAULTS)."""
 
     # What to learn from, and where the run goes.
-    data: str | None = None  # None: bundled Shakespeare; a .txt file; or a `buildllm prepare` folder
+    data: str | None = None  # None: bundled Shakespeare; a .txt file, a folder of them, or a `buildllm prepare` folder
+    recipe: Literal["auto", "book"] = "auto"  # auto: tokenizer, model and steps sized to the data and time; book: chapter 5
     out: str | None = None  # run folder (default: runs/<name>)
     name: str | None = None  # run name (default: the data's name)
     tokenizer: str | None = None  # gpt2, a tokenizer.json, or bpe:VOCAB (learned from the data)
@@ -121,7 +122,7 @@ class TrainConfig(ConfigFile):
     grad_accum: int = 1  # micro-batches per optimizer step
     context_length: int | None = None  # tokens per sequence (default: the model's)
     stride: int | None = None  # book mode: sliding-window stride (default: context_length)
-    val_fraction: float = 0.1  # book mode: the last share of the text that validates
+    val_fraction: float = 0.1  # a text (file or folder): the last share of it (or of its files) that validates
     # Optimizer and schedule.
     lr: float | None = None  # peak learning rate
     lr_schedule: Literal["cosine", "constant"] | None = None  # after warmup
@@ -131,7 +132,7 @@ class TrainConfig(ConfigFile):
     no_decay: tuple[str, ...] = ("wpe",)  # and never on these parameters (name or module prefix)
     beta1: float = 0.9  # AdamW's first-moment decay
     beta2: float = 0.95  # AdamW's second-moment decay
-    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for the blocks' weight matrices, AdamW for the rest
+    optimizer: Literal["adamw", "muon"] | None = None  # muon: Muon for the blocks' matrices, AdamW for the rest (default: muon; the book: adamw)
     muon_lr: float = 0.02  # Muon's peak learning rate (the schedule scales it as it scales lr)
     muon_momentum: float = 0.95  # Muon's momentum (Nesterov)
     muon_weight_decay: float = 0.0  # Muon's decoupled weight decay
@@ -142,6 +143,7 @@ class TrainConfig(ConfigFile):
     save_interval: int | None = None  # steps between checkpoints (default: eval_interval)
     keep_last: int = 2  # checkpoints kept besides best/
     final_eval: bool = True  # loss and bits per character on the whole validation text at the end
+    keep_best: bool | None = None  # the run's result (its weights, final score) is the best evaluated model (default; the book: the last)
     sample_prompt: str | None = None  # start context of the sample printed at each evaluation
     sample_tokens: int = 50  # length of the sample printed at each evaluation
     sample_temperature: float = 0.8  # temperature of that sample
@@ -161,23 +163,25 @@ class TrainConfig(ConfigFile):
 RUN_CONFIG = "train_config.json"  # the resolved config, saved in the run folder
 
 # Defaults per data mode. The bundled run was tuned by measurement to finish in under 10 minutes
-# on a 2-core CPU (see the README); the book's values are chapter 5's.
-DEFAULT_PRESET = "shakespeare-cpu"
+# on a 2-core CPU (see the README); a text or a prepared corpus gets the same recipe with its
+# tokenizer, model and steps sized to it (training/recipe.py); the book's values are chapter 5's.
+DEFAULT_PRESET = "speedrun-cpu"
 
-
+_RECIPE = dict(batch_size=8, lr=3e-3, lr_schedule="cosine", warmup_steps=100, max_minutes=8.5, eval_iters=10,
+               optimizer="muon", keep_best=True)
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "bundled": dict(preset=DEFAULT_PRESET, tokenizer="bpe:4096", batch_size=8, lr=3e-3,
-                    lr_schedule="cosine", warmup_steps=100, max_steps=3700, max_minutes=8.5,
-                    eval_interval=300, eval_iters=10, sample_prompt="ROMEO:"),
-    "prepared": dict(preset=DEFAULT_PRESET, batch_size=8, lr=3e-3, lr_schedule="cosine",
-                     warmup_steps=100, max_steps=5000, eval_interval=250, eval_iters=20,
-                     sample_prompt="\n"),
+    "bundled": dict(_RECIPE, preset=DEFAULT_PRESET, tokenizer="bpe:4096", max_steps=3700, eval_interval=300,
+                    sample_prompt="ROMEO:"),
+    # tokenizer, preset (the model), max_steps and eval_interval: sized by training/recipe.py
+    "text": dict(_RECIPE, sample_prompt="\n"),
+    "prepared": dict(_RECIPE, sample_prompt="\n"),
     # The book: GPT-2's 124M shape with a 256-token context, lr 4e-4, weight decay 0.1, batch 2,
     # 10 epochs, evaluation every 5 steps on 5 batches, "Every effort moves you".
     "book": dict(preset="gpt2", tokenizer="gpt2", batch_size=2, lr=4e-4, lr_schedule="constant",
-                 warmup_steps=0, epochs=10, eval_interval=5, eval_iters=5,
-                 sample_prompt="Every effort moves you"),
+                 warmup_steps=0, epochs=10, eval_interval=5, eval_iters=5, optimizer="adamw",
+                 sample_prompt="Every effort moves you", keep_best=False),
 }
+SIZED_MODES = ("text", "prepared")  # where training/recipe.py fills in what the user left out
 
 
 BOOK_MODEL = {"context_length": 256, "drop_rate": 0.1, "qkv_bias": False}  # the book's GPT_CONFIG_124M
@@ -192,24 +196,27 @@ RESUMABLE_KEYS = {"max_steps", "epochs", "max_minutes", "eval_interval", "eval_i
                   "eval_batches", "log_every", "max_new_tokens", "test_responses"}
 
 
-def data_mode(data: str | None) -> str:
+def data_mode(data: str | None, recipe: str = "auto") -> str:
+    """What ``data`` is: "bundled" (None), "text" (a text file, or a folder of them), "prepared" (a
+    `buildllm prepare` folder), or "book" (a text file under the book's recipe)."""
+    if recipe not in ("auto", "book"):
+        raise UserError(f"recipe must be auto or book, got {recipe!r}")
+    if recipe == "book" and (data is None or not Path(data).is_file()):
+        raise UserError("the book's recipe trains on one .txt file: give --data FILE.txt, or drop --recipe book")
     if data is None:
         return "bundled"
     path = Path(data)
     if path.is_dir():
-        if not (path / "meta.json").is_file():
-            raise UserError(f"{path} is a folder but not a prepared corpus (no meta.json): run "
-                            f"`buildllm prepare INPUT --out {path}`, or give a .txt file")
-        return "prepared"
+        return "prepared" if (path / "meta.json").is_file() else "text"
     if path.is_file():
-        return "book"
-    raise UserError(f"data {path} does not exist: give a .txt file, a folder made by `buildllm "
-                    "prepare`, or nothing for the bundled Shakespeare")
+        return "book" if recipe == "book" else "text"
+    raise UserError(f"data {path} does not exist: give a .txt file, a folder of them, a folder made by "
+                    "`buildllm prepare`, or nothing for the bundled Shakespeare")
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
     """Fill every ``None`` with its mode's default and check the values; the result is what runs."""
-    mode = data_mode(cfg.data)
+    mode = data_mode(cfg.data, cfg.recipe)
     cfg = _pick_arch(cfg)
     filled = {k: v for k, v in DEFAULTS[mode].items() if getattr(cfg, k) is None}
     if cfg.max_steps is not None:  # a step count given is the budget: no default time limit
@@ -222,13 +229,15 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
             filled.pop("tokenizer", None)  # ... and so does its tokenizer
     if mode == "prepared":
         filled.pop("tokenizer", None)  # the prepared corpus has its own
+    if filled.get("optimizer") == "muon" and (cfg.parallel == "fsdp" or cfg.dtype == "fp16"):
+        filled["optimizer"] = "adamw"  # Muon wants whole matrices (FSDP shards them) and no loss scaling
     if cfg.name is None:
         stem = "shakespeare" if mode == "bundled" else Path(cfg.data).resolve().name.split(".")[0]
         filled["name"] = re.sub(r"[^\w.-]", "_", stem) or "run"
     if "warmup_steps" in filled and cfg.max_steps is not None and filled["warmup_steps"] >= cfg.max_steps:
         filled["warmup_steps"] = cfg.max_steps // 10  # a short run still gets to decay
     cfg = cfg.replace(**filled)
-    if cfg.init_from is None:  # the model's shape is known now (its vocabulary comes with the data)
+    if cfg.init_from is None and cfg.preset is not None:  # the model's shape is known now (its vocabulary comes with the data)
         try:
             model_cfg = GPTConfig.from_preset(cfg.preset, **cfg.model)
         except TypeError as e:
@@ -239,7 +248,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         check_context(cfg.context_length, model_cfg.context_length)
     if cfg.out is None:
         cfg = cfg.replace(out=str(Path("runs") / cfg.name))
-    if cfg.save_interval is None:
+    if cfg.save_interval is None and cfg.eval_interval is not None:
         cfg = cfg.replace(save_interval=cfg.eval_interval)
     if cfg.lora_rank is not None and cfg.lora_alpha is None:
         cfg = cfg.replace(lora_alpha=2.0 * cfg.lora_rank)

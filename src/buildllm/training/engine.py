@@ -35,6 +35,7 @@ trajectory as one.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,8 +43,15 @@ import torch
 
 from buildllm.data.sources import open_data
 from buildllm.errors import UserError
-from buildllm.training.config import TrainConfig, check_context, resolve
+from buildllm.training.config import (
+    SIZED_MODES,
+    TrainConfig,
+    check_context,
+    data_mode,
+    resolve,
+)
 from buildllm.training.loop import Printer, fit, start_runtime
+from buildllm.training.recipe import size_run
 from buildllm.training.run_folder import check_run_folder
 from buildllm.training.task import LMTask
 
@@ -93,6 +101,7 @@ def train(config: TrainConfig | dict | None = None, **overrides) -> TrainResult:
     Two process-wide settings stay after it returns: on CPU, glibc keeps freed memory for reuse
     (``keep_freed_memory``); on CUDA, fp32 matmuls may use TF32.
     """
+    started = time.perf_counter()  # preparing the data counts against max_minutes
     if config is None:
         config = TrainConfig()
     elif isinstance(config, dict):
@@ -108,6 +117,10 @@ def train(config: TrainConfig | dict | None = None, **overrides) -> TrainResult:
         if cfg.context_length is None:
             cfg = cfg.replace(context_length=model.cfg.context_length)
         check_context(cfg.context_length, model.cfg.context_length)
+    if data_mode(cfg.data, cfg.recipe) in SIZED_MODES:
+        if not cfg.resume:
+            check_run_folder(cfg)  # before any work: an out folder that holds a run stays as it is
+        cfg = size_run(cfg, rt, started, tokenizer, model.cfg if model is not None else None, say)
     resume_from = check_run_folder(cfg)
     data = open_data(cfg, tokenizer, rt.dist)
     if model is None:
@@ -117,7 +130,7 @@ def train(config: TrainConfig | dict | None = None, **overrides) -> TrainResult:
         raise UserError(f"the model's vocabulary ({model.cfg.vocab_size}) is smaller than the "
                         f"tokenizer's ({tokenizer.vocab_size})")
 
-    done = fit(LMTask(data, tokenizer, cfg, model), cfg, model, rt, resume_from, say)
+    done = fit(LMTask(data, tokenizer, cfg, model), cfg, model, rt, resume_from, say, started)
     last, final = done.last_eval or {}, done.final
     return TrainResult(Path(cfg.out), done.steps, done.tokens_seen, last.get("train_loss"),
                        final.get("val_loss", last.get("val_loss")), final.get("val_bits_per_char"),

@@ -60,6 +60,7 @@ from buildllm.training.runtime import (
     sum_over_ranks,
 )
 from buildllm.training.task import Task
+from buildllm.weights.checkpoint import WEIGHTS, read_weights, tied_parameters
 
 
 @dataclass
@@ -125,6 +126,7 @@ class Run:
     tokens_seen: int = 0
     best_score: float = -math.inf
     best_step: int = 0
+    best_weights: dict | None = None  # with cfg.keep_best: a copy (in host memory) of the best model's
     spent_before: float = 0.0  # seconds spent by earlier processes of this run
     time_fraction: float = 0.0  # share of the time budget spent (0 without one)
     wall_start: float = field(default_factory=time.perf_counter)
@@ -160,9 +162,12 @@ class FitResult:
 
 
 def fit(task: Task, cfg, model: nn.Module, rt: Runtime, resume_from: Path | None,
-        say: Printer | None = None) -> FitResult:
-    """Train ``model`` on ``task`` as ``cfg`` says, into the run folder ``cfg.out``."""
+        say: Printer | None = None, started: float | None = None) -> FitResult:
+    """Train ``model`` on ``task`` as ``cfg`` says, into the run folder ``cfg.out``; ``max_minutes``
+    counts from ``started`` (``time.perf_counter()``; default: now)."""
     run = setup(task, cfg, model, rt, resume_from, say or Printer(cfg.progress and rt.dist.main))
+    if started is not None:
+        run.wall_start = started
     first_step = run.step
     try:
         open_progress(run)
@@ -251,6 +256,9 @@ def restore_weights(run: Run, checkpoint: Path) -> dict:
     run.step, run.tokens_seen = state["step"], state["tokens_seen"]
     run.best_score, run.best_step = state["best_score"], state["best_step"]
     run.spent_before, run.time_fraction = state["scheduler"]["spent"], state["scheduler"]["time_fraction"]
+    best = run.folder / BEST
+    if getattr(run.cfg, "keep_best", False) and run.best_step and (best / WEIGHTS).is_file() and "model" not in state:
+        run.best_weights = read_weights(best / WEIGHTS)
     if run.cfg.max_minutes and run.time_fraction >= 1:
         run.max_steps = run.step  # it stopped on its time limit: nothing left to do
     return state
@@ -401,6 +409,8 @@ def evaluate(run: Run, keep_best: bool = True) -> dict:
         to_save = full_model(run.raw_model, run.fsdp, rt.dist)
         if rt.dist.main:
             task.save(run.folder if task.best_at_root else run.folder / BEST, to_save)
+        if getattr(run.cfg, "keep_best", False) and not run.fsdp:
+            run.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in run.raw_model.state_dict().items()}
     return metrics
 
 
@@ -437,6 +447,16 @@ def save_checkpoint(run: Run) -> None:
 def finish(run: Run) -> dict:
     """The task's final figures (on every process), logged with the last evaluation's."""
     rt = run.rt
+    if run.best_weights is not None and run.best_step != run.step:
+        # keep_best: the best evaluated model is the run's result, scored and saved as such; the last
+        # checkpoint keeps the last weights to resume from.
+        missing = run.raw_model.load_state_dict(run.best_weights, strict=False).missing_keys
+        if set(missing) - set(tied_parameters(run.raw_model)):  # only a tied head may be saved once
+            raise RuntimeError(f"the best weights lack {missing}")
+        run.say(f"keeping the weights of step {run.best_step} (the best validation loss, "
+                f"{-run.best_score:.3f}) as the result, not those of step {run.step}")
+        if rt.dist.main:
+            run.task.save(run.folder, run.raw_model)
     eval_model = run.model if run.fsdp else run.raw_model
     run.raw_model.eval()
     with torch.no_grad(), autocast(rt.device, rt.dtype):

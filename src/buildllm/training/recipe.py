@@ -1,0 +1,191 @@
+"""Stage 5: the default recipe sized to the user's text and time.
+
+``buildllm train --data my.txt`` (a text file, a folder of them, or a prepared corpus) with no
+model named trains the tuned small-model recipe of the bundled Shakespeare run, with three things
+chosen for the data and the budget (``--max-minutes``) instead of fixed:
+
+* the tokenizer: a byte-level BPE learned from the training text, about one vocabulary entry per
+  ``CHARS_PER_VOCAB_ENTRY`` characters (``vocab_size_for``), so a small text is not cut into
+  tokens it shows too rarely to learn;
+* the model: the largest rung of ``LADDER`` that passes both rules of ``choose_shape``. The data
+  rule: at most ``MAX_PARAMS_PER_TOKEN`` block parameters per training token, whatever the
+  budget, so a small text never gets a model that only memorises it. The compute rule: the budget
+  (measured throughput of that very shape on this machine x the seconds left) must show the model
+  at least ``MIN_TOKENS_PER_PARAM`` tokens per block parameter, so a slow machine gets a model it
+  can train in time;
+* the length: as many steps as the measured throughput fits in the budget, evaluated
+  ``EVALS_PER_RUN`` times; the weights with the best held-out loss are the run's result
+  (``TrainConfig.keep_best``), which is what a small text needs once later steps overfit.
+
+The constants were set by measurement (``benchmarks/recipe.py``; figures in benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+# (n_layers, emb_dim), smallest first; heads are HEAD_DIM wide.
+LADDER: tuple[tuple[int, int], ...] = ((2, 64), (3, 96), (4, 128), (4, 192), (6, 256), (6, 384), (8, 512),
+                                       (12, 768))
+HEAD_DIM = 32
+MIN_TOKENS_PER_PARAM = 5.0  # compute rule: tokens the budget shows the model, per block parameter
+MAX_PARAMS_PER_TOKEN = 10.0  # data rule: block parameters per token of training text
+CHARS_PER_VOCAB_ENTRY = 1000  # the BPE gets a vocabulary entry per this many training characters ...
+MIN_VOCAB, MAX_VOCAB = 512, 32768  # ... a power of two within these
+EVALS_PER_RUN = 25  # evaluations (and chances to keep a better model) over the run
+STEP_OVERHEAD = 1.25  # a real step (optimizer, evaluations, data) over the probe's forward and backward
+
+
+def vocab_size_for(train_chars: int) -> int:
+    """The BPE vocabulary for a training text of ``train_chars`` characters."""
+    entries = max(1, train_chars // CHARS_PER_VOCAB_ENTRY)
+    return min(MAX_VOCAB, max(MIN_VOCAB, 1 << (entries.bit_length() - 1)))  # the power of two at or below
+
+
+def shape_overrides(base, n_layers: int, emb_dim: int) -> dict:
+    """The model-config overrides that make ``base`` (a preset's config) a rung of the ladder."""
+    heads = max(1, emb_dim // HEAD_DIM)
+    overrides = {"n_layers": n_layers, "emb_dim": emb_dim, "n_heads": heads}
+    if hasattr(base, "n_kv_heads"):  # Llama and Qwen3: keep the preset's query heads per key/value head
+        group = max(1, base.n_heads // base.n_kv_heads)
+        overrides.update(n_kv_heads=max(1, heads // group), head_dim=HEAD_DIM,
+                         hidden_dim=base.hidden_dim * emb_dim // base.emb_dim)
+    return overrides
+
+
+def block_params(model_cfg) -> int:
+    """Parameters outside the embeddings and the output head: what the rules count."""
+    from buildllm.models import registry
+
+    return registry.count_parameters(model_cfg)["non_embedding"]
+
+
+def choose_shape(base, train_tokens: int, budget_tokens: Callable[[object], float]) -> tuple[int, int]:
+    """The largest rung of ``LADDER`` that passes the data rule and the compute rule; the smallest
+    rung if none does. ``budget_tokens(model_cfg)`` is how many tokens the budget trains that model on."""
+    chosen = LADDER[0]
+    for n_layers, emb_dim in LADDER[1:]:
+        cfg = dataclasses.replace(base, **shape_overrides(base, n_layers, emb_dim))
+        params = block_params(cfg)
+        if params > MAX_PARAMS_PER_TOKEN * train_tokens:
+            break
+        if budget_tokens(cfg) < MIN_TOKENS_PER_PARAM * params:
+            break
+        chosen = (n_layers, emb_dim)
+    return chosen
+
+
+def measure_tokens_per_sec(model_cfg, batch_size: int, context_length: int, device: torch.device,
+                           dtype: torch.dtype | None, steps: int = 2) -> float:
+    """Training tokens per second of a new ``model_cfg`` model here: forward and backward of random
+    tokens, after one step of warm-up."""
+    from buildllm.models import registry
+    from buildllm.training.runtime import autocast
+
+    model = registry.build(model_cfg).to(device).train()
+    x = torch.randint(model_cfg.vocab_size, (batch_size, context_length), device=device,
+                      generator=torch.Generator(device=device).manual_seed(0))
+
+    def step() -> None:
+        with autocast(device, dtype):
+            logits = model(x)
+        F.cross_entropy(logits.flatten(0, 1).float(), x.flatten()).backward()
+
+    step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return steps * batch_size * context_length / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def size_run(cfg, rt, started: float, tokenizer=None, model_cfg=None, say=print):
+    """``cfg`` (resolved, of a text or a prepared corpus) with what the recipe chooses filled in: the
+    tokenizer of a text, the model when no preset, arch or init_from names one, ``max_steps`` when
+    not given, and ``eval_interval``. The text is prepared on the way (``data/prepared/``).
+
+    ``started`` is when the run began (``time.perf_counter()``): preparing the text and measuring
+    count against ``max_minutes``. ``tokenizer`` and ``model_cfg`` are the model's when
+    ``init_from`` built it already. A run being resumed keeps the choices it started with,
+    whatever this machine measures now.
+    """
+    from buildllm.data.corpus_reader import open_corpus
+    from buildllm.data.sources import prepared_corpus
+    from buildllm.models import registry
+    from buildllm.training.config import (
+        DEFAULT_PRESET,
+        data_mode,
+        resolve,
+        saved_config,
+    )
+    from buildllm.training.runtime import broadcast_float
+
+    saved = saved_config(cfg.out) if cfg.resume else None
+    if saved is not None:  # what the user leaves to the recipe comes from the run's first start
+        kept = {k: getattr(saved, k) for k in ("tokenizer", "preset", "max_steps", "eval_interval", "save_interval")
+                if getattr(cfg, k) is None}
+        if cfg.preset is None:
+            kept["model"] = saved.model
+        if cfg.max_steps is None:
+            kept["warmup_steps"] = saved.warmup_steps
+        return resolve(cfg.replace(**kept))
+    if data_mode(cfg.data, cfg.recipe) == "text" and cfg.tokenizer is None and tokenizer is None:
+        source = open_corpus(cfg.data, cfg.val_fraction, "strict")
+        cfg = cfg.replace(tokenizer=f"bpe:{vocab_size_for(int(source.nbytes * (1 - cfg.val_fraction)))}")
+    corpus = prepared_corpus(cfg, tokenizer, rt.dist)
+    train_tokens, vocab_size = len(corpus.train), corpus.tokenizer.vocab_size
+    measured: dict[str, float] = {}
+
+    def tokens_per_sec(model_cfg) -> float:
+        if repr(model_cfg) not in measured:
+            world = rt.dist.world_size
+            local = measure_tokens_per_sec(model_cfg, max(1, cfg.batch_size // world), model_cfg.context_length,
+                                           rt.device, rt.dtype)
+            # every process makes the same choice
+            measured[repr(model_cfg)] = broadcast_float(local * world / STEP_OVERHEAD, rt.dist)
+        return measured[repr(model_cfg)]
+
+    def budget_tokens(model_cfg) -> float:
+        """Training tokens the budget holds: the steps given, or the seconds left at this model's
+        throughput, less the final scoring of the held-out text (a forward pass is about a third
+        of a training step), which the loop counts too."""
+        if cfg.max_steps is not None:
+            return cfg.max_steps * cfg.batch_size * cfg.grad_accum * model_cfg.context_length
+        seconds = cfg.max_minutes * 60 - (time.perf_counter() - started)
+        rate = tokens_per_sec(model_cfg)
+        return max(0.0, rate * seconds - len(corpus.val) / 3)
+
+    changes: dict = {}
+    if model_cfg is None and cfg.preset is None:
+        base = registry.preset(DEFAULT_PRESET, **{"vocab_size": vocab_size, **cfg.model})
+        if cfg.context_length is not None:
+            base = dataclasses.replace(base, context_length=cfg.context_length)
+        n_layers, emb_dim = choose_shape(base, train_tokens, budget_tokens)
+        shape = shape_overrides(base, n_layers, emb_dim)
+        model_cfg = dataclasses.replace(base, **shape)
+        changes.update(preset=DEFAULT_PRESET, model={**shape, **cfg.model})
+        say(f"sized to {train_tokens:,} training tokens and the time: {n_layers} layers x {emb_dim} "
+            f"({block_params(model_cfg):,} parameters in the blocks)")
+    elif model_cfg is None:
+        model_cfg = registry.preset(cfg.preset, **{"vocab_size": vocab_size, **cfg.model})
+    if cfg.context_length is not None:
+        model_cfg = dataclasses.replace(model_cfg, context_length=cfg.context_length)
+    if cfg.max_steps is None:
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * model_cfg.context_length
+        steps = changes["max_steps"] = max(1, int(budget_tokens(model_cfg) / tokens_per_step))
+        if cfg.warmup_steps >= steps:
+            changes["warmup_steps"] = steps // 10  # a short run still gets to decay
+    if cfg.eval_interval is None:
+        changes["eval_interval"] = max(1, changes.get("max_steps", cfg.max_steps) // EVALS_PER_RUN)
+    return resolve(cfg.replace(**changes))
