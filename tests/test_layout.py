@@ -108,6 +108,6 @@ def test_public_names_survive_every_submodule_import(tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
     done = subprocess.run([sys.executable, "-c", PUBLIC_NAMES_AFTER_USE, str(text)], capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, cwd=tmp_path)  # the text is prepared into ./data/prepared
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("ok")

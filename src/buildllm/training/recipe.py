@@ -38,6 +38,8 @@ MAX_PARAMS_PER_TOKEN = 10.0  # data rule: block parameters per token of training
 CHARS_PER_VOCAB_ENTRY = 1000  # the BPE gets a vocabulary entry per this many training characters ...
 MIN_VOCAB, MAX_VOCAB = 512, 32768  # ... a power of two within these
 EVALS_PER_RUN = 25  # evaluations (and chances to keep a better model) over the run
+MAX_PASSES_WITHOUT_DROPOUT = 8  # a budget that reads the text more often than this trains with dropout ...
+DROPOUT = 0.2  # ... at this rate
 STEP_OVERHEAD = 1.25  # a real step (optimizer, evaluations, data) over the probe's forward and backward
 
 
@@ -186,6 +188,10 @@ def size_run(cfg, rt, started: float, tokenizer=None, model_cfg=None, say=print)
         steps = changes["max_steps"] = max(1, int(budget_tokens(model_cfg) / tokens_per_step))
         if cfg.warmup_steps >= steps:
             changes["warmup_steps"] = steps // 10  # a short run still gets to decay
+    passes = budget_tokens(model_cfg) / max(1, train_tokens)
+    if "preset" in changes and "drop_rate" not in cfg.model and passes > MAX_PASSES_WITHOUT_DROPOUT:
+        changes["model"]["drop_rate"] = DROPOUT  # a small text read many times over: regularise
+        say(f"the budget reads the text {passes:.0f} times: dropout {DROPOUT}")
     if cfg.eval_interval is None:
         changes["eval_interval"] = max(1, changes.get("max_steps", cfg.max_steps) // EVALS_PER_RUN)
     return resolve(cfg.replace(**changes))
