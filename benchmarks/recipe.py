@@ -47,9 +47,11 @@ RUNS: dict[str, tuple[str, dict]] = {
     "value_embeddings": ("value embeddings in layers 1 and 3 of 4", {"model": {"value_embeddings": True}}),
     "compile": ("`torch.compile` (its compile time in the budget)", {"compile": True}),
     "muon": ("Muon for the blocks' matrices (muon_lr 0.02)", {"optimizer": "muon"}),
+    "rope_muon": ("the two that paid alone, together: rotary positions and Muon",
+                  {"model": {"positions": "rope"}, "optimizer": "muon"}),
 }
 LEVERS = {"rope", "rmsnorm", "qk_norm", "relu2", "swiglu", "untied", "zero_init", "softcap", "value_embeddings",
-          "compile", "muon"}
+          "compile", "muon", "rope_muon"}  # each on the old default
 
 # A user's own text (--text FILE): the new default against the two recipes it must beat, scored on the
 # file's last 10%. nanoGPT's CPU recipe (its README's `train_shakespeare_char` command, with as many

@@ -58,11 +58,15 @@ def test_the_compute_rule_caps_the_model_to_the_time():
     assert chosen == sorted(chosen) and chosen[0] < chosen[-1]
 
 
-def test_throughput_is_measured_on_the_model_itself():
+def test_throughput_is_measured_on_the_model_and_optimizer_themselves(monkeypatch):
     small = registry.preset(DEFAULT_PRESET, vocab_size=512, context_length=32,
                             **recipe.shape_overrides(BASE, *recipe.LADDER[0]))
-    rate = recipe.measure_tokens_per_sec(small, 2, 32, torch.device("cpu"), torch.float32, steps=1)
-    assert rate > 0
+    stepped = []
+    real_step = torch.optim.Muon.step
+    monkeypatch.setattr(torch.optim.Muon, "step", lambda self, *a: stepped.append(1) or real_step(self, *a))
+    cfg = resolve(TrainConfig())  # Muon for the blocks' matrices, as the run will train
+    rate = recipe.measure_tokens_per_sec(small, cfg, torch.device("cpu"), torch.float32, batch_size=2, steps=1)
+    assert rate > 0 and len(stepped) == 2  # warm-up and the timed step
 
 
 @pytest.fixture
@@ -158,3 +162,28 @@ def test_the_books_recipe_is_one_option_away(text_file):
         resolve(TrainConfig(recipe="book"))
     with pytest.raises(UserError, match="recipe must be"):
         resolve(TrainConfig(data=str(text_file), recipe="chapter5"))
+
+
+def test_a_slow_first_step_does_not_end_a_timed_run(tmp_path, monkeypatch):
+    """torch.compile compiles in the first step: that step's rate must not predict the final scoring's
+    cost. It once did, and a compiled run stopped after one step: 256 tokens in 3 s promised more than
+    30 s to score the ~8K held-out tokens of this play."""
+    import time
+
+    from buildllm.training import loop
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "hamlet.txt").write_text(shakespeare_plays()["hamlet"])
+    real_step, calls = loop.train_step, []
+
+    def slow_first(run):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(3)
+        return real_step(run)
+
+    monkeypatch.setattr(loop, "train_step", slow_first)
+    result = train(TrainConfig(data=str(tmp_path / "hamlet.txt"), out=str(tmp_path / "run"), preset=DEFAULT_PRESET,
+                               tokenizer="bpe:300", model=dict(n_layers=1, emb_dim=32, n_heads=2), max_steps=5,
+                               max_minutes=0.5, eval_interval=5, **FAST))
+    assert result.steps == 5 and result.tokens_per_sec > 0

@@ -134,7 +134,8 @@ class Run:
     last_eval: dict | None = None
     evaluated_at: int = -1  # the step of the last evaluation
     rate: float | None = None  # tokens per second, smoothed
-    loop_seconds: float = 0.0  # in training steps, for the average throughput
+    loop_seconds: float = 0.0  # in training steps after the first, for the average throughput
+    first_step: int = 1  # this process's first step (a resumed run's is the one after its checkpoint)
     lr: float | None = None  # the last step's
     metrics_file: object = None
     bar: object = None
@@ -166,9 +167,9 @@ def fit(task: Task, cfg, model: nn.Module, rt: Runtime, resume_from: Path | None
     """Train ``model`` on ``task`` as ``cfg`` says, into the run folder ``cfg.out``; ``max_minutes``
     counts from ``started`` (``time.perf_counter()``; default: now)."""
     run = setup(task, cfg, model, rt, resume_from, say or Printer(cfg.progress and rt.dist.main))
+    run.first_step = run.step + 1
     if started is not None:
         run.wall_start = started
-    first_step = run.step
     try:
         open_progress(run)
         if run.step == 0 and task.evaluate_first:
@@ -186,7 +187,7 @@ def fit(task: Task, cfg, model: nn.Module, rt: Runtime, resume_from: Path | None
             run.metrics_file.close()
     final = finish(run)
     best = run.best_score if math.isfinite(run.best_score) else None
-    throughput = (run.step - first_step) * tokens_per_step(run) / run.loop_seconds if run.loop_seconds else 0.0
+    throughput = (run.step - run.first_step) * tokens_per_step(run) / run.loop_seconds if run.loop_seconds else 0.0
     return FitResult(run.step, run.tokens_seen, run.last_eval, best, run.best_step, final,
                      time.perf_counter() - run.wall_start, throughput)
 
@@ -346,9 +347,10 @@ def step_once(run: Run) -> None:
         raise UserError(f"the loss became {train_loss} at step {run.step}: training diverged; {kept}. "
                         "Lower --lr, raise --warmup-steps, or train in bf16/fp32")
     seconds = time.perf_counter() - step_start
-    run.loop_seconds += seconds
     step_rate = (run.tokens_seen - tokens_before) / max(seconds, 1e-9)
-    run.rate = step_rate if run.rate is None else 0.9 * run.rate + 0.1 * step_rate
+    if run.step > run.first_step:  # a process's first step warms up (torch.compile compiles in it): not a rate
+        run.loop_seconds += seconds
+        run.rate = step_rate if run.rate is None else 0.9 * run.rate + 0.1 * step_rate
     run.lr = lr
     run.log({"kind": "step", "step": run.step, "tokens_seen": run.tokens_seen, "train_loss": train_loss,
              "val_loss": None, "lr": lr, "tokens_per_sec": round(step_rate, 1),
@@ -359,14 +361,14 @@ def step_once(run: Run) -> None:
     if budget is not None:
         # The budget covers the whole run: time spent so far, plus what the final evaluation will
         # take (a forward pass costs about a third of a training step).
-        final_cost = run.task.final_tokens / (3 * run.rate)
+        final_cost = run.task.final_tokens / (3 * run.rate) if run.rate else 0.0
         run.time_fraction = broadcast_float(min(1.0, (run.time_spent() + final_cost) / budget), run.rt.dist)
         if run.time_fraction >= 1 and run.step < run.max_steps:
             run.say(f"time limit of {cfg.max_minutes:g} minutes reached at step {run.step}")
             run.max_steps = run.step
     if run.bar is not None:
-        post = {"loss": f"{train_loss:.3f}", "lr": f"{lr:.2e}", "tok/s": f"{run.rate:,.0f}"}
-        if run.peak:
+        post = {"loss": f"{train_loss:.3f}", "lr": f"{lr:.2e}", "tok/s": f"{run.rate or step_rate:,.0f}"}
+        if run.peak and run.rate:
             post["mfu"] = f"{run.task.flops_per_token * run.rate / run.peak:.0%}"
         if budget is not None:
             post["budget left"] = f"{max(0.0, budget - run.time_spent()) / 60:.1f} min"

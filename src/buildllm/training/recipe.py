@@ -15,9 +15,13 @@ chosen for the data and the budget (``--max-minutes``) instead of fixed:
   can train in time;
 * the length: as many steps as the measured throughput fits in the budget, evaluated
   ``EVALS_PER_RUN`` times; the weights with the best held-out loss are the run's result
-  (``TrainConfig.keep_best``), which is what a small text needs once later steps overfit.
+  (``TrainConfig.keep_best``), which is what a small text needs once later steps overfit. A budget
+  that reads the text more than ``MAX_PASSES_WITHOUT_DROPOUT`` times over also gets dropout.
 
-The constants were set by measurement (``benchmarks/recipe.py``; figures in benchmarks/README.md).
+Where the constants come from (benchmarks/README.md has the runs): the vocabulary and model rules
+give the bundled Shakespeare (4.3 M training characters, 8.5 minutes on a 2-core CPU) what was
+measured best for it, a 4,096-token BPE and 4 layers x 128; dropout 0.2 is what a single play
+(*Hamlet*) needed once the budget read it ~190 times.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ MIN_VOCAB, MAX_VOCAB = 512, 32768  # ... a power of two within these
 EVALS_PER_RUN = 25  # evaluations (and chances to keep a better model) over the run
 MAX_PASSES_WITHOUT_DROPOUT = 8  # a budget that reads the text more often than this trains with dropout ...
 DROPOUT = 0.2  # ... at this rate
-STEP_OVERHEAD = 1.25  # a real step (optimizer, evaluations, data) over the probe's forward and backward
+STEP_OVERHEAD = 1.15  # a real run's time per step (evaluations, samples, data, checkpoints) over the probe's
 
 
 def vocab_size_for(train_chars: int) -> int:
@@ -50,14 +54,8 @@ def vocab_size_for(train_chars: int) -> int:
 
 
 def shape_overrides(base, n_layers: int, emb_dim: int) -> dict:
-    """The model-config overrides that make ``base`` (a preset's config) a rung of the ladder."""
-    heads = max(1, emb_dim // HEAD_DIM)
-    overrides = {"n_layers": n_layers, "emb_dim": emb_dim, "n_heads": heads}
-    if hasattr(base, "n_kv_heads"):  # Llama and Qwen3: keep the preset's query heads per key/value head
-        group = max(1, base.n_heads // base.n_kv_heads)
-        overrides.update(n_kv_heads=max(1, heads // group), head_dim=HEAD_DIM,
-                         hidden_dim=base.hidden_dim * emb_dim // base.emb_dim)
-    return overrides
+    """The model-config overrides that make ``base`` (the default preset's GPTConfig) a rung of the ladder."""
+    return {"n_layers": n_layers, "emb_dim": emb_dim, "n_heads": max(1, emb_dim // HEAD_DIM)}
 
 
 def block_params(model_cfg) -> int:
@@ -82,21 +80,25 @@ def choose_shape(base, train_tokens: int, budget_tokens: Callable[[object], floa
     return chosen
 
 
-def measure_tokens_per_sec(model_cfg, batch_size: int, context_length: int, device: torch.device,
-                           dtype: torch.dtype | None, steps: int = 2) -> float:
-    """Training tokens per second of a new ``model_cfg`` model here: forward and backward of random
-    tokens, after one step of warm-up."""
+def measure_tokens_per_sec(model_cfg, cfg, device: torch.device, dtype: torch.dtype, batch_size: int,
+                           steps: int = 2) -> float:
+    """Training tokens per second of a new ``model_cfg`` model here: forward, backward and the step of
+    ``cfg``'s optimizer on random tokens, after one step of warm-up."""
     from buildllm.models import registry
+    from buildllm.training.optim import make_optimizer
     from buildllm.training.runtime import autocast
 
     model = registry.build(model_cfg).to(device).train()
-    x = torch.randint(model_cfg.vocab_size, (batch_size, context_length), device=device,
+    optimizer = make_optimizer(model, cfg, device)
+    x = torch.randint(model_cfg.vocab_size, (batch_size, model_cfg.context_length), device=device,
                       generator=torch.Generator(device=device).manual_seed(0))
 
     def step() -> None:
         with autocast(device, dtype):
             logits = model(x)
         F.cross_entropy(logits.flatten(0, 1).float(), x.flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     step()
     _sync(device)
@@ -104,7 +106,7 @@ def measure_tokens_per_sec(model_cfg, batch_size: int, context_length: int, devi
     for _ in range(steps):
         step()
     _sync(device)
-    return steps * batch_size * context_length / (time.perf_counter() - start)
+    return steps * x.numel() / (time.perf_counter() - start)
 
 
 def _sync(device: torch.device) -> None:
@@ -152,8 +154,7 @@ def size_run(cfg, rt, started: float, tokenizer=None, model_cfg=None, say=print)
     def tokens_per_sec(model_cfg) -> float:
         if repr(model_cfg) not in measured:
             world = rt.dist.world_size
-            local = measure_tokens_per_sec(model_cfg, max(1, cfg.batch_size // world), model_cfg.context_length,
-                                           rt.device, rt.dtype)
+            local = measure_tokens_per_sec(model_cfg, cfg, rt.device, rt.dtype, max(1, cfg.batch_size // world))
             # every process makes the same choice
             measured[repr(model_cfg)] = broadcast_float(local * world / STEP_OVERHEAD, rt.dist)
         return measured[repr(model_cfg)]
