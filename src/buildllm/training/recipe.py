@@ -86,7 +86,7 @@ def measure_tokens_per_sec(model_cfg, cfg, device: torch.device, dtype: torch.dt
     ``cfg``'s optimizer on random tokens, after one step of warm-up."""
     from buildllm.models import registry
     from buildllm.training.optim import make_optimizer
-    from buildllm.training.runtime import autocast
+    from buildllm.training.runtime import autocast, synchronize
 
     model = registry.build(model_cfg).to(device).train()
     optimizer = make_optimizer(model, cfg, device)
@@ -101,17 +101,12 @@ def measure_tokens_per_sec(model_cfg, cfg, device: torch.device, dtype: torch.dt
         optimizer.zero_grad(set_to_none=True)
 
     step()
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    _sync(device)
+    synchronize(device)
     return steps * x.numel() / (time.perf_counter() - start)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def size_run(cfg, rt, started: float, tokenizer=None, model_cfg=None, say=print):

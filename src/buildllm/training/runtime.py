@@ -133,10 +133,10 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     a @ b  # warm up
     best = math.inf
     for _ in range(5):  # the fastest of several tries: other processes only ever slow it down
-        _sync(device)
+        synchronize(device)
         t = time.perf_counter()
         a @ b
-        _sync(device)
+        synchronize(device)
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
 
@@ -163,7 +163,8 @@ def keep_freed_memory() -> None:
     mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA, MPS), so that a timer reads what it ran."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
