@@ -79,6 +79,7 @@ def text_file(tmp_path, monkeypatch):
 
 
 FAST = dict(progress=False, sample_tokens=0, device="cpu", dtype="fp32", batch_size=4, context_length=64)
+NAMED = dict(preset=DEFAULT_PRESET, tokenizer="bpe:300", model=dict(n_layers=1, emb_dim=32, n_heads=2), **FAST)
 
 
 def test_a_text_file_trains_the_sized_recipe(text_file, monkeypatch):
@@ -127,8 +128,7 @@ def test_the_best_model_is_the_result_when_later_steps_are_worse(text_file, monk
     goes on still returns step 4's."""
     scripted_scores(monkeypatch, [1.0, 3.0, 2.0, 0.0, -1.0, -2.0])
     out = text_file.parent / "run"
-    cfg = dict(data=str(text_file), out=str(out), preset=DEFAULT_PRESET, model=dict(n_layers=1, emb_dim=32, n_heads=2),
-               tokenizer="bpe:300", max_steps=8, warmup_steps=2, eval_interval=2, keep_last=1, **FAST)
+    cfg = dict(data=str(text_file), out=str(out), max_steps=8, warmup_steps=2, eval_interval=2, keep_last=1, **NAMED)
     train(TrainConfig(**cfg))
     root, best = load_file(out / "model.safetensors"), load_file(out / "best" / "model.safetensors")
     last = load_file(checkpoint_dirs(out)[-1][1] / "model.safetensors")
@@ -145,9 +145,7 @@ def test_the_best_model_is_the_result_when_later_steps_are_worse(text_file, monk
 def test_keep_best_off_keeps_the_last_weights(text_file, monkeypatch):
     scripted_scores(monkeypatch, [1.0, 3.0, 2.0, 0.0])
     out = text_file.parent / "run"
-    train(TrainConfig(data=str(text_file), out=str(out), preset=DEFAULT_PRESET, tokenizer="bpe:300",
-                      model=dict(n_layers=1, emb_dim=32, n_heads=2), max_steps=8, eval_interval=2,
-                      keep_best=False, **FAST))
+    train(TrainConfig(data=str(text_file), out=str(out), max_steps=8, eval_interval=2, keep_best=False, **NAMED))
     root, last = load_file(out / "model.safetensors"), load_file(checkpoint_dirs(out)[-1][1] / "model.safetensors")
     assert all(torch.equal(root[k], last[k]) for k in last)
 
@@ -183,7 +181,6 @@ def test_a_slow_first_step_does_not_end_a_timed_run(tmp_path, monkeypatch):
         return real_step(run)
 
     monkeypatch.setattr(loop, "train_step", slow_first)
-    result = train(TrainConfig(data=str(tmp_path / "hamlet.txt"), out=str(tmp_path / "run"), preset=DEFAULT_PRESET,
-                               tokenizer="bpe:300", model=dict(n_layers=1, emb_dim=32, n_heads=2), max_steps=5,
-                               max_minutes=0.5, eval_interval=5, **FAST))
+    result = train(TrainConfig(data=str(tmp_path / "hamlet.txt"), out=str(tmp_path / "run"), max_steps=5,
+                               max_minutes=0.5, eval_interval=5, **NAMED))
     assert result.steps == 5 and result.tokens_per_sec > 0

@@ -165,27 +165,26 @@ def size_run(cfg, rt, started: float, tokenizer=None, model_cfg=None, say=print)
         return max(0.0, rate * seconds - len(corpus.val) / 3)
 
     changes: dict = {}
-    if model_cfg is None and cfg.preset is None:
-        base = registry.preset(DEFAULT_PRESET, **{"vocab_size": vocab_size, **cfg.model})
-        if cfg.context_length is not None:
-            base = dataclasses.replace(base, context_length=cfg.context_length)
-        n_layers, emb_dim = choose_shape(base, train_tokens, budget_tokens)
-        shape = shape_overrides(base, n_layers, emb_dim)
-        model_cfg = dataclasses.replace(base, **shape)
+    sized = model_cfg is None and cfg.preset is None  # no preset, arch or init_from names the model
+    if model_cfg is None:
+        model_cfg = registry.preset(cfg.preset or DEFAULT_PRESET, **{"vocab_size": vocab_size, **cfg.model})
+    if cfg.context_length is not None:
+        model_cfg = dataclasses.replace(model_cfg, context_length=cfg.context_length)
+    if sized:
+        n_layers, emb_dim = choose_shape(model_cfg, train_tokens, budget_tokens)
+        shape = shape_overrides(model_cfg, n_layers, emb_dim)
+        model_cfg = dataclasses.replace(model_cfg, **shape)
         changes.update(preset=DEFAULT_PRESET, model={**shape, **cfg.model})
         say(f"sized to {train_tokens:,} training tokens and the time: {n_layers} layers x {emb_dim} "
             f"({block_params(model_cfg):,} parameters in the blocks)")
-    elif model_cfg is None:
-        model_cfg = registry.preset(cfg.preset, **{"vocab_size": vocab_size, **cfg.model})
-    if cfg.context_length is not None:
-        model_cfg = dataclasses.replace(model_cfg, context_length=cfg.context_length)
+    budget = budget_tokens(model_cfg)
     if cfg.max_steps is None:
         tokens_per_step = cfg.batch_size * cfg.grad_accum * model_cfg.context_length
-        steps = changes["max_steps"] = max(1, int(budget_tokens(model_cfg) / tokens_per_step))
+        steps = changes["max_steps"] = max(1, int(budget / tokens_per_step))
         if cfg.warmup_steps >= steps:
             changes["warmup_steps"] = steps // 10  # a short run still gets to decay
-    passes = budget_tokens(model_cfg) / max(1, train_tokens)
-    if "preset" in changes and "drop_rate" not in cfg.model and passes > MAX_PASSES_WITHOUT_DROPOUT:
+    passes = budget / max(1, train_tokens)
+    if sized and "drop_rate" not in cfg.model and passes > MAX_PASSES_WITHOUT_DROPOUT:
         changes["model"]["drop_rate"] = DROPOUT  # a small text read many times over: regularise
         say(f"the budget reads the text {passes:.0f} times: dropout {DROPOUT}")
     if cfg.eval_interval is None:
