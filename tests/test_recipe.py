@@ -150,6 +150,14 @@ def test_keep_best_off_keeps_the_last_weights(text_file, monkeypatch):
     assert all(torch.equal(root[k], last[k]) for k in last)
 
 
+def test_a_text_that_is_not_utf8_is_refused_with_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.txt").write_bytes(b"To be\xff or not")
+    with pytest.raises(UserError, match=r"bad\.txt is not UTF-8 at byte 5.*buildllm prepare INPUT --errors replace"):
+        train(TrainConfig(data=str(tmp_path / "bad.txt"), out=str(tmp_path / "run"), max_steps=1, **FAST))
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_books_recipe_is_one_option_away(text_file):
     book = resolve(TrainConfig(data=str(text_file), recipe="book"))
     assert (book.preset, book.tokenizer, book.lr, book.batch_size, book.epochs) == ("gpt2", "gpt2", 4e-4, 2, 10)

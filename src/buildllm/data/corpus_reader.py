@@ -137,8 +137,8 @@ def _string_chunks(text: str) -> Callable[[], Chunks]:
 
 
 def _decode_error(where: str, offset: int) -> UserError:
-    return UserError(f"{where} is not UTF-8 at byte {offset}: convert it to UTF-8, or pass "
-                     "--errors replace (errors='replace') to substitute U+FFFD")
+    return UserError(f"{where} is not UTF-8 at byte {offset}: convert it to UTF-8, or substitute U+FFFD for "
+                     "the bad bytes with `buildllm prepare INPUT --errors replace` (errors='replace')")
 
 
 def _file_chunks(path: Path, errors: str) -> Callable[[], Chunks]:
