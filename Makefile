@@ -19,7 +19,7 @@ run: install
 	$(BIN)/buildllm generate --model $(RUN) --prompt "ROMEO:" --max-new-tokens 200 --temperature 0.8 --top-k 50 --seed 0
 
 test: install-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 notebooks:
 	VENV=$(VENV) bash scripts/install.sh notebooks

@@ -30,8 +30,8 @@ from buildllm.files import atomic_write
 from buildllm.training.config import DEFAULTS, TrainConfig
 from buildllm.training.engine import TrainResult, train
 
-# The default before the levers and Muon: GPT-2's blocks at the `shakespeare-cpu` shape, AdamW.
-OLD_DEFAULT = {"preset": "shakespeare-cpu", "optimizer": "adamw", "keep_best": False}
+# The default before the levers and Muon: GPT-2's blocks at the `shakespeare-cpu` shape, AdamW, eager.
+OLD_DEFAULT = {"preset": "shakespeare-cpu", "optimizer": "adamw", "keep_best": False, "compile": False}
 # name -> (what changes, TrainConfig changes). Each lever alone is the old default with that change.
 RUNS: dict[str, tuple[str, dict]] = {
     "default": ("the old default: `shakespeare-cpu` (GPT-2's blocks), AdamW", OLD_DEFAULT),
@@ -67,7 +67,7 @@ TEXT_RUNS: dict[str, tuple[str, dict]] = {
                     {"preset": "shakespeare-cpu", "tokenizer": "bpe:257", "optimizer": "adamw", "keep_best": True,
                      "model": {"qkv_bias": False, "context_length": 64}, "context_length": 64, "batch_size": 12, "lr": 1e-3,
                      "beta2": 0.99, "warmup_steps": 100, "min_lr_ratio": 0.1, "dtype": "fp32", "eval_interval": 250,
-                     "eval_iters": 20, "max_steps": 1_000_000}),
+                     "eval_iters": 20, "max_steps": 1_000_000, "compile": False}),
 }
 
 README = Path(__file__).with_name("README.md")

@@ -1,8 +1,11 @@
 """buildllm against Hugging Face transformers, side by side, in one process (issue 8).
 
 Both contenders are built from the same GPTConfig and hold the same weights (ours are copied into
-``transformers.GPT2LMHeadModel`` through the package's own name mapping, and the logits are
-checked to agree before anything is timed). Every row runs the same batch, sequence length,
+the transformers model of the same architecture, ``twins.py``: ``GPT2LMHeadModel`` for GPT-2's
+blocks, GPT-NeoX or Qwen3 for the levers that make those, and the logits are checked to agree
+before anything is timed). The ``train-default`` rows race the default ``buildllm train`` step
+(its model, batch, optimizer and ``torch.compile`` of the forward pass with the loss) against the
+same step of the transformers twin, eager as transformers runs by default, and compiled the same way. Every row runs the same batch, sequence length,
 dtype and thread count for both, alternating the two contenders repeat by repeat (A B, B A, ...)
 so that a noisy, shared machine slows both alike; the figures are medians over the timed repeats,
 and the ratio buildllm/HF is the median of the per-repeat ratios.
@@ -39,13 +42,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import twins
 from torch import nn
 
 from buildllm.errors import UserError
 from buildllm.generation.quantization import quantize
 from buildllm.models.gpt2 import GPTConfig, GPTModel, describe
 from buildllm.training.config import TrainConfig
-from buildllm.training.loop import Printer, Run, Runtime, train_step
+from buildllm.training.loop import Printer, Run, Runtime, TaskLoss, train_step
 from buildllm.training.optim import make_optimizer
 from buildllm.training.runtime import Dist, autocast, peak_flops, pick_device
 from buildllm.training.task import LMTask
@@ -55,6 +59,8 @@ ROWS = (
     "train-fp32", "train-bf16",  # the main preset
     "train-small-fp32", "train-small-bf16",  # the small preset
     "train-compile-bf16",  # torch.compile both (compile time reported apart)
+    "train-default-bf16",  # the default `buildllm train` step (compiled) against the HF twin as it comes (eager)
+    "train-default-compile-bf16",  # the same with both compiled
     "forward-fp32", "forward-bf16",
     "decode-b1", "decode-b8",  # fp32 weights
     "decode-b1-bf16w", "decode-b8-bf16w",  # bf16 weights
@@ -63,7 +69,7 @@ ROWS = (
     "prepare",
 )
 DEFAULT_CPU_ROWS = ROWS
-DEFAULT_CUDA_ROWS = ("train-bf16", "train-compile-bf16", "forward-bf16", "decode-b1", "decode-b8",
+DEFAULT_CUDA_ROWS = ("train-bf16", "train-compile-bf16", "train-default-bf16", "forward-bf16", "decode-b1", "decode-b8",
                      "decode-b1-bf16w", "decode-b8-bf16w")
 PROMPT_TOKENS = 32  # decoding starts from a prompt of this many (random) tokens
 
@@ -119,7 +125,7 @@ def model_config(preset: str, seq: int, quick: bool) -> GPTConfig:
 
 
 class HFLogits(nn.Module):
-    """``GPT2LMHeadModel`` called the way ours is: token ids in, logits out (no cache built)."""
+    """A transformers model called the way ours is: token ids in, logits out (no cache built)."""
 
     def __init__(self, hf: nn.Module):
         super().__init__()
@@ -129,26 +135,12 @@ class HFLogits(nn.Module):
         return self.hf(input_ids=idx, use_cache=False).logits
 
 
-def hf_model_for(cfg: GPTConfig) -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from buildllm.weights.huggingface import config_to_hf
-
-    hf_cfg = GPT2Config(**config_to_hf(cfg))
-    hf_cfg._attn_implementation = "sdpa"  # HF's fastest attention on CPU and without flash-attn
-    return GPT2LMHeadModel(hf_cfg)
-
-
 def make_pair(cfg: GPTConfig, device: torch.device, seed: int = 0) -> tuple[GPTModel, nn.Module]:
-    """Our model (seeded GPT-2 init) and a GPT2LMHeadModel holding a copy of its weights."""
-    from buildllm.weights.huggingface import hf_state_of
-
+    """Our model (seeded GPT-2 init) and its transformers twin holding a copy of its weights."""
     torch.manual_seed(seed)
     ours = GPTModel(cfg)
-    hf = hf_model_for(cfg)
-    missing, unexpected = hf.load_state_dict(hf_state_of(ours), strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:  # lm_head is tied to wte
-        raise RuntimeError(f"weight copy failed: missing {missing}, unexpected {unexpected}")
+    hf = twins.twin(cfg)
+    twins.copy_weights(ours, hf)
     ours, hf = ours.to(device), hf.to(device)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # compare in true fp32
@@ -213,16 +205,19 @@ class FixedBatch(LMTask):
 
 
 def train_step_fn(model: nn.Module, batch: int, seq: int, vocab: int, dtype: torch.dtype,
-                  device: torch.device, opt: torch.optim.Optimizer | None = None):
+                  device: torch.device, opt: torch.optim.Optimizer | None = None, compiled: bool = False):
     """One training step of the library's engine (``training.loop.train_step``: forward, summed
-    loss, backward, clipping, AdamW from ``training.optim``) on a fixed random batch."""
+    loss, backward, clipping, the optimizer step; AdamW from ``training.optim`` unless ``opt``) on a
+    fixed random batch; ``compiled``: the forward pass and the loss as one ``torch.compile`` graph,
+    as ``buildllm train`` runs them (``training.loop.TaskLoss``)."""
     g = torch.Generator().manual_seed(1)
     x = torch.randint(vocab, (batch, seq), generator=g).to(device)
     y = torch.randint(vocab, (batch, seq), generator=g).to(device)
     cfg = TrainConfig(lr=1e-4, weight_decay=0.1, no_decay=())  # pretraining's clipping and betas
     model.train()
-    run = Run(task=FixedBatch(x, y), cfg=cfg, rt=Runtime(Dist(), device, dtype), folder=Path("."),
-              raw_model=model, say=Printer(False), max_steps=0, model=model,
+    task = FixedBatch(x, y)
+    run = Run(task=task, cfg=cfg, rt=Runtime(Dist(), device, dtype), folder=Path("."),
+              raw_model=model, say=Printer(False), max_steps=0, loss_of=TaskLoss(task, model, compiled),
               optimizer=opt or make_optimizer(model, cfg, device),
               scaler=torch.amp.GradScaler(device.type, enabled=False))
     return lambda: train_step(run)
@@ -290,9 +285,8 @@ def bench_train(row_id: str, cfg: GPTConfig, args, device, peaks, dtype: torch.d
                 compile_: bool = False) -> Row:
     ours, hf = make_pair(cfg, device)
     models = {"ours": ours, "hf": HFLogits(hf)}
-    if compile_:
-        models = {k: torch.compile(m) for k, m in models.items()}
-    fns = {k: train_step_fn(m, args.batch, args.seq, cfg.vocab_size, dtype, device) for k, m in models.items()}
+    fns = {k: train_step_fn(m, args.batch, args.seq, cfg.vocab_size, dtype, device, compiled=compile_)
+           for k, m in models.items()}
     r = race(fns, args.steps, max(args.warmup, 2 if compile_ else 0), device, _clock(args))
     flops = describe(replace(cfg, context_length=args.seq))["train_flops_per_token"]
     notes = {}
@@ -301,6 +295,57 @@ def bench_train(row_id: str, cfg: GPTConfig, args, device, peaks, dtype: torch.d
     name = "bf16 autocast" if dtype == torch.bfloat16 else "fp32"
     what = f"{_preset_of(cfg, args)} b{args.batch} s{args.seq} {name}{' compiled' if compile_ else ''}"
     return _row(row_id, what, args.batch * args.seq, r, _peak_key(dtype), flops, peaks, **notes)
+
+
+def default_training(quick: bool) -> tuple[GPTConfig, TrainConfig]:
+    """The model and the resolved training config of a plain ``buildllm train`` (``--quick``: the
+    nano shape with the same levers)."""
+    from buildllm.training.config import resolve
+
+    cfg = resolve(TrainConfig())
+    model = GPTConfig.from_preset(cfg.preset, drop_rate=0.0, **cfg.model)
+    if quick:
+        model = replace(model, **{k: getattr(GPTConfig.from_preset("nano"), k)
+                                  for k in ("context_length", "emb_dim", "n_heads", "n_layers")})
+        cfg = cfg.replace(batch_size=2, context_length=32)
+    return model, cfg
+
+
+def default_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device, ours: bool):
+    """The default run's optimizer for ours (``training.optim``) and the same for the twin: Muon for
+    the blocks' matrices, AdamW for the rest, at the default learning rates."""
+    if ours or cfg.optimizer != "muon":
+        return make_optimizer(model, cfg, device)
+    from buildllm.training.optim import Optimizers
+
+    matrices = twins.muon_matrices(model)
+    rest = [p for p in model.parameters() if all(p is not m for m in matrices)]
+    decay = [p for p in rest if p.dim() >= 2]
+    keep = [p for p in rest if p.dim() < 2]
+    muon = torch.optim.Muon(matrices, lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay, momentum=cfg.muon_momentum)
+    adamw = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": keep, "weight_decay": 0.0}],
+                              lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+    return Optimizers(muon=muon, adamw=adamw)
+
+
+def bench_default_training(row_id: str, args, device, peaks) -> Row:
+    """The default ``buildllm train`` step, compiled as it runs, against the transformers twin's
+    (eager, or with ``-compile-`` compiled the same way)."""
+    model_cfg, cfg = default_training(args.quick)
+    ours, hf = make_pair(model_cfg, device)
+    both_compiled = "compile" in row_id
+    batch, seq = cfg.batch_size, cfg.context_length
+    dtype = torch.bfloat16
+    fns = {who: train_step_fn(m, batch, seq, model_cfg.vocab_size, dtype, device,
+                              default_optimizer(m, cfg, device, who == "ours"), compiled=who == "ours" or both_compiled)
+           for who, m in (("ours", ours), ("hf", HFLogits(hf)))}
+    r = race(fns, args.steps, max(args.warmup, 2), device, _clock(args))
+    flops = describe(replace(model_cfg, context_length=seq))["train_flops_per_token"]
+    notes = {f"{k}_compile_s": round(r.first_call[k] - r.median(k), 1) for k in fns if k == "ours" or both_compiled}
+    notes["hf_model"] = type(hf).__name__
+    what = (f"{cfg.preset} (vocab {model_cfg.vocab_size}) b{batch} s{seq} bf16, {cfg.optimizer}, buildllm compiled, "
+            f"HF {'compiled' if both_compiled else 'eager'}")
+    return _row(row_id, what, batch * seq, r, "bf16", flops, peaks, **notes)
 
 
 def bench_forward(row_id: str, cfg: GPTConfig, args, device, peaks, dtype: torch.dtype) -> Row:
@@ -440,7 +485,7 @@ def child(spec: dict) -> dict:
         fn = (lambda: run_prepare(path, Path(tmp.name) / "out")) if who == "ours" else (lambda: raw_tiktoken(path))
     else:
         torch.manual_seed(0)
-        model = GPTModel(cfg) if who == "ours" else hf_model_for(cfg)
+        model = GPTModel(cfg) if who == "ours" else twins.twin(cfg)
         model = model.to(device)
         if kind == "decode":
             model = model.to(dtype)
@@ -485,7 +530,7 @@ def _peak_rss_mb() -> float:
 
 
 def measure_memory(row_id: str, cfg: GPTConfig | None, args, device) -> tuple[float | None, float | None]:
-    if row_id.startswith("train-compile"):
+    if row_id.startswith(("train-compile", "train-default")):
         return None, None  # compilation's own memory would dominate; the eager rows show the model's
     kind = row_id.split("-")[0]
     spec = {"kind": kind, "device": str(device), "threads": args.threads, "batch": args.batch, "seq": args.seq,
@@ -598,7 +643,9 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         cfg = small_cfg if row_id.startswith("train-small") else main_cfg
         dtype = torch.bfloat16 if "bf16" in row_id else torch.float32
-        if row_id.startswith("train"):
+        if row_id.startswith("train-default"):
+            row, cfg = bench_default_training(row_id, args, device, peaks), None
+        elif row_id.startswith("train"):
             row = bench_train(row_id, cfg, args, device, peaks, dtype, compile_="compile" in row_id)
         elif row_id.startswith("forward"):
             row = bench_forward(row_id, cfg, args, device, peaks, dtype)

@@ -14,12 +14,29 @@ from buildllm.tokenizer import WordTokenizer
 
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
-    """Run the whole suite on one thread, module fixtures included: the models are tiny, and a
-    thread pool only adds synchronisation, a great deal of it when other work shares the cores."""
+    """Run the whole suite on one thread per process, module fixtures included (``make test`` runs a
+    pytest-xdist worker per core): the models are tiny, and a thread pool only adds
+    synchronisation, a great deal of it when other work shares the cores."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def eager_training():
+    """Pretraining runs eager in the suite: torch.compile spends seconds on each new graph, far more
+    than the tiny models' steps cost (tests/test_compile.py compiles where compiling is what it
+    tests). Yields the real defaults, per data mode. Training started in a subprocess says
+    --no-compile itself."""
+    from buildllm.training.config import DEFAULTS
+
+    real = {mode: defaults.get("compile") for mode, defaults in DEFAULTS.items()}
+    for defaults in DEFAULTS.values():
+        defaults["compile"] = False
+    yield real
+    for mode, value in real.items():
+        DEFAULTS[mode]["compile"] = value
 
 
 def write_play_corpus(root: Path, play: str, chars: int, prepared: bool = False) -> dict[str, str]:

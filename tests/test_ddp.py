@@ -13,7 +13,7 @@ from buildllm.cli import main
 
 COMMON = ["--batch-size", "4", "--grad-accum", "2", "--context-length", "32", "--max-steps", "5", "--warmup-steps", "1",
           "--lr", "3e-3", "--eval-interval", "5", "--eval-iters", "1", "--dtype", "fp32", "--device", "cpu",
-          "--no-progress", "--set", "sample_tokens=0", "--set", "model.context_length=32"]
+          "--no-progress", "--no-compile", "--set", "sample_tokens=0", "--set", "model.context_length=32"]
 MODELS = {  # tiny shapes of each arch (and GPT-2 with Muon); GPT-2 without a key bias: its true gradient is 0, Adam amplifies the noise
     "gpt2": ["--preset", "nano", "--set", "model.emb_dim=32", "--set", "model.n_heads=2", "--set", "model.n_layers=2",
              "--set", "model.qkv_bias=false", "--set", "optimizer=adamw"],

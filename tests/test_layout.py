@@ -83,7 +83,8 @@ import buildllm
 out = tempfile.mkdtemp()
 result = buildllm.train(buildllm.TrainConfig(data=sys.argv[1], preset="nano", tokenizer="gpt2", max_steps=2,
                                              batch_size=2, context_length=16, eval_interval=2, eval_iters=1,
-                                             sample_tokens=0, progress=False, device="cpu", out=out))
+                                             sample_tokens=0, progress=False, device="cpu", out=out,
+                                             compile=False))
 model, tokenizer = buildllm.load_model(out)
 buildllm.quantize(model, "int8")
 buildllm.generate(model, [tokenizer.encode("the")], 3)

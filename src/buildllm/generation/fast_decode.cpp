@@ -96,13 +96,6 @@ struct Linear {
                 for (auto& v : this->bias) v = round_bf16(v);
         }
     }
-
-    // The layer's output from a dot product, rounded where PyTorch rounds.
-    float finish(float v, int64_t row) const {
-        if (format == INT8 || format == INT4) v = round_bf16(v);  // the kernels' bf16 output
-        if (!bias.empty()) v += bias[row];
-        return activation_round(v, bf16_activations || format == BF16);
-    }
 };
 
 // Up to 8 rows of the batch share each pass over a weight row. The weight rows are read one after
@@ -111,16 +104,17 @@ struct Linear {
 constexpr int64_t MAX_M = 8;
 constexpr int64_t BLOCK_ROWS = 16;
 
-// Rows [r0, r1) of L for M inputs: out[(r - r0) * M + m]. `scratch`: room for a row's int4 scales.
+// Rows [r0, r1) (at most BLOCK_ROWS) of L for M inputs: out[m * BLOCK_ROWS + r - r0], so that each
+// input's outputs lie side by side and are finished 16 at a time. `scratch`: room for a row's int4 scales.
 template <int M>
 void rows_of(const Linear& L, int64_t r0, int64_t r1, const Inputs& in, float* out, float* scratch) {
     const int64_t n = L.in;
     for (int64_t r = r0; r < r1; ++r) {
-        float* o = out + (r - r0) * M;
+        float* o = out + (r - r0);
         switch (L.format) {
-            case F32: dot_f32<M>((const float*)L.w + r * n, in, o); break;
-            case BF16: dot_bf16<M>((const uint16_t*)L.w + r * n, in, o); break;
-            case INT8: dot_int8<M>((const int8_t*)L.w + r * n, bf16_to_f32(L.s[r]), in, o); break;
+            case F32: dot_f32<M>((const float*)L.w + r * n, in, o, BLOCK_ROWS); break;
+            case BF16: dot_bf16<M>((const uint16_t*)L.w + r * n, in, o, BLOCK_ROWS); break;
+            case INT8: dot_int8<M>((const int8_t*)L.w + r * n, bf16_to_f32(L.s[r]), in, o, BLOCK_ROWS); break;
             default: {
                 const int64_t groups = n / L.group;
                 const uint16_t *s = L.s + r * groups, *z = L.z + r * groups;
@@ -136,7 +130,7 @@ void rows_of(const Linear& L, int64_t r0, int64_t r1, const Inputs& in, float* o
                 }
                 float zeros[M];
                 for (int m = 0; m < M; ++m) zeros[m] = _mm512_reduce_add_ps(zero_term[m]);
-                dot_int4<M>((const uint8_t*)L.w + r * (n / 2), scratch, zeros, L.group, in, o);
+                dot_int4<M>((const uint8_t*)L.w + r * (n / 2), scratch, zeros, L.group, in, o, BLOCK_ROWS);
             }
         }
     }
@@ -332,21 +326,14 @@ class Decoder {
                 const Destination& d = outs[i];
                 int64_t r0 = (blk - first_block[i]) * BLOCK_ROWS, r1 = std::min(L.out, r0 + BLOCK_ROWS);
                 rows_of(M, L, r0, r1, in, out, int4_scales.data() + thread_id() * int4_scale_room);
-                if (M == 1) {
-                    finish_row_block(L, d, out, r0, r1, m0);
-                    continue;
-                }
-                for (int64_t r = r0; r < r1; ++r)
-                    for (int64_t m = 0; m < M; ++m) {
-                        float v = L.finish(out[(r - r0) * M + m], r);
-                        float& y = d.data[(m0 + m) * d.stride + r];
-                        y = d.add ? activation_round(y + v, bf16) : v;
-                    }
+                for (int64_t m = 0; m < M; ++m) finish_row_block(L, d, out + m * BLOCK_ROWS, r0, r1, m0 + m);
             }
         }
     }
 
-    // Linear::finish and the store, for the outputs r0..r1 (at most 16) of one input, at once.
+    // The layer's outputs r0..r1 (at most 16) of one input from their dot products, rounded where
+    // PyTorch rounds (the int8/int4 kernels' bf16 output, the bias, the activations' dtype), stored
+    // or added to the residual stream.
     void finish_row_block(const Linear& L, const Destination& d, const float* out, int64_t r0, int64_t r1, int64_t m) {
         __mmask16 mask = __mmask16((1u << (r1 - r0)) - 1);
         __m512 v = _mm512_maskz_loadu_ps(mask, out);

@@ -65,6 +65,9 @@ class GPTConfig:
     n_heads: int = 12
     n_layers: int = 12
     drop_rate: float = 0.0
+    # Dropout on the attention weights (None: drop_rate). With 0, attention stays one fused kernel
+    # while the embeddings and shortcuts drop: a CPU's fused attention kernel has no dropout.
+    attention_drop_rate: float | None = None
     qkv_bias: bool = True
     tie_embeddings: bool = True
     attention: Literal["fast", "readable"] = "fast"
@@ -92,8 +95,13 @@ class GPTConfig:
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if not 0.0 <= self.drop_rate < 1.0:
-            raise UserError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
+        for name in ("drop_rate", "attention_drop_rate"):
+            if getattr(self, name) is not None and not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def attention_dropout(self) -> float:
+        return self.drop_rate if self.attention_drop_rate is None else self.attention_drop_rate
 
     @property
     def head_dim(self) -> int:
@@ -155,10 +163,11 @@ PRESETS: dict[str, GPTConfig] = {
     # blocks: a smaller model that sees more tokens beats a bigger one (benchmarks/README.md).
     "shakespeare-cpu": GPTConfig(vocab_size=4096, context_length=256, emb_dim=128, n_heads=4, n_layers=4),
     # The default `buildllm train` model: that shape with levers of the GPT-2 speedrun; with Muon it
-    # beat the old default (benchmarks/recipe.py has each lever alone). The sized recipe
-    # (training/recipe.py) changes its shape.
+    # beat the old default (benchmarks/recipe.py has each lever alone). As a set they are Qwen3's
+    # blocks (with biases in attention), so transformers' Qwen3 is its twin in benchmarks/run.py. The
+    # sized recipe (training/recipe.py) changes its shape.
     "speedrun-cpu": GPTConfig(vocab_size=4096, context_length=256, emb_dim=128, n_heads=4, n_layers=4,
-                              positions="rope", norm="rmsnorm", qk_norm=True, activation="relu2", zero_init=True),
+                              positions="rope", norm="rmsnorm", qk_norm=True, activation="swiglu", zero_init=True),
 }
 
 
@@ -250,8 +259,8 @@ class MultiHeadAttention(nn.Module):
             self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, eps=1e-5), RMSNorm(cfg.head_dim, eps=1e-5)
         # values = mix[0] * values + mix[1] * value embedding, starting half and half (modded-nanogpt).
         self.value_mix = nn.Parameter(torch.full((2,), 0.5)) if layer in cfg.value_embedding_layers() else None
-        self.drop_rate = cfg.drop_rate
-        self.dropout = nn.Dropout(cfg.drop_rate)
+        self.drop_rate = cfg.attention_dropout
+        self.dropout = nn.Dropout(cfg.attention_dropout)
         self.register_buffer("mask", causal_mask(cfg.context_length), persistent=False)
         # The attention-weights hook (``buildllm.attention_maps``): while a callable is set here,
         # attention takes the readable path and hands it ``(layer, weights)`` after the softmax,

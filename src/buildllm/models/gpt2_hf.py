@@ -143,7 +143,7 @@ def config_to_hf(cfg, eot_id: int | None = None) -> dict:
         "activation_function": "gelu_new",
         "resid_pdrop": cfg.drop_rate,
         "embd_pdrop": cfg.drop_rate,
-        "attn_pdrop": cfg.drop_rate,
+        "attn_pdrop": cfg.attention_dropout,
         "layer_norm_epsilon": 1e-5,
         "initializer_range": 0.02,
         "scale_attn_weights": True,

@@ -89,7 +89,7 @@ class EngineConfig(ConfigFile):
     progress: bool = True  # progress bar
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "fp32"  # autocast precision (auto: bf16 where fast)
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the model's forward pass and the loss as one graph
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun
     seed: int = 123  # seed for the split, the shuffling and new weights
     resume: bool | Literal["auto"] = False  # True: continue the run in out; "auto": if there is one
@@ -127,7 +127,7 @@ class TrainConfig(ConfigFile):
     lr: float | None = None  # peak learning rate
     lr_schedule: Literal["cosine", "constant"] | None = None  # after warmup
     warmup_steps: int | None = None  # linear warmup steps
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio (0: to zero, as the speedrun's schedule ends)
     weight_decay: float = 0.1  # on matrices only: never on biases or norms
     no_decay: tuple[str, ...] = ("wpe",)  # and never on these parameters (name or module prefix)
     beta1: float = 0.9  # AdamW's first-moment decay
@@ -152,7 +152,7 @@ class TrainConfig(ConfigFile):
     # Hardware and reproducibility.
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # autocast precision
-    compile: bool = False  # torch.compile the model
+    compile: bool | None = None  # torch.compile the model's forward pass and the loss as one graph (default: on; the book: off)
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun
     seed: int = 123  # seed of the weights, the batches and dropout
     # What to do with an out folder that already holds a run.
@@ -167,10 +167,10 @@ RUN_CONFIG = "train_config.json"  # the resolved config, saved in the run folder
 # tokenizer, model and steps sized to it (training/recipe.py); the book's values are chapter 5's.
 DEFAULT_PRESET = "speedrun-cpu"
 
-_RECIPE = dict(batch_size=8, lr=3e-3, lr_schedule="cosine", warmup_steps=100, max_minutes=8.5, eval_iters=10,
-               optimizer="muon", keep_best=True)
+_RECIPE = dict(batch_size=16, lr=3e-3, lr_schedule="cosine", warmup_steps=100, max_minutes=8.5, eval_iters=10,
+               optimizer="muon", keep_best=True, compile=True)
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "bundled": dict(_RECIPE, preset=DEFAULT_PRESET, tokenizer="bpe:4096", max_steps=3700, eval_interval=300,
+    "bundled": dict(_RECIPE, preset=DEFAULT_PRESET, tokenizer="bpe:4096", max_steps=4000, eval_interval=150,
                     sample_prompt="ROMEO:"),
     # tokenizer, preset (the model), max_steps and eval_interval: sized by training/recipe.py
     "text": dict(_RECIPE, sample_prompt="\n"),
@@ -179,7 +179,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # 10 epochs, evaluation every 5 steps on 5 batches, "Every effort moves you".
     "book": dict(preset="gpt2", tokenizer="gpt2", batch_size=2, lr=4e-4, lr_schedule="constant",
                  warmup_steps=0, epochs=10, eval_interval=5, eval_iters=5, optimizer="adamw",
-                 sample_prompt="Every effort moves you", keep_best=False),
+                 sample_prompt="Every effort moves you", keep_best=False, compile=False),
 }
 SIZED_MODES = ("text", "prepared")  # where training/recipe.py fills in what the user left out
 

@@ -6,6 +6,9 @@ the rest. For every optimizer step
     grad_accum micro-batches ──► model ──► task loss ──► backward        (under autocast)
           ──► clip the gradient norm ──► AdamW step at the scheduled learning rate
 
+With ``compile`` the model's forward and the task's loss are one ``torch.compile`` graph
+(``TaskLoss``), so the logits never make a round trip through memory between the two.
+
 and every ``eval_interval`` steps it evaluates the task's fixed batches, keeps the best model,
 and writes a checkpoint (weights, optimizer, data position, every RNG) from which a resumed run
 continues bit for bit, even after a SIGKILL. Under torchrun each process trains on its rows of
@@ -15,11 +18,13 @@ every global batch with DistributedDataParallel (or FSDP), so N processes follow
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,7 +123,7 @@ class Run:
     raw_model: nn.Module  # the model itself: what we save and sample from
     say: Printer
     max_steps: int
-    model: nn.Module | None = None  # wrapped for many processes / compiled: what trains
+    loss_of: nn.Module | None = None  # TaskLoss, compiled and/or wrapped for many processes: what trains
     optimizer: torch.optim.Optimizer | None = None
     scaler: torch.amp.GradScaler | None = None
     fsdp: bool = False
@@ -160,6 +165,27 @@ class FitResult:
     final: dict  # what the task's final hook computed
     seconds: float
     tokens_per_sec: float
+
+
+class TaskLoss(nn.Module):
+    """The task's summed loss of a batch, as a module holding the model: what trains.
+
+    With ``compiled``, ``torch.compile`` makes the model's forward pass and the loss one graph: for
+    a small model the loss over the vocabulary is a large share of a step, and fused with the
+    output head it needs no fp32 copy of the logits (benchmarks/README.md has the figures).
+    DistributedDataParallel wraps this module like any model.
+    """
+
+    def __init__(self, task: Task, model: nn.Module, compiled: bool = False):
+        super().__init__()
+        self.task, self.model = task, model
+        self.compiled = torch.compile(self.eager) if compiled else None
+
+    def eager(self, batch) -> torch.Tensor:
+        return self.task.loss(self.model, batch)
+
+    def forward(self, batch) -> torch.Tensor:
+        return (self.compiled or self.eager)(batch)
 
 
 def fit(task: Task, cfg, model: nn.Module, rt: Runtime, resume_from: Path | None,
@@ -233,16 +259,22 @@ def setup(task: Task, cfg, model: nn.Module, rt: Runtime, resume_from: Path | No
         say(f"resuming {run.folder} from {resume_from.name}")
     else:
         torch.manual_seed(cfg.seed + dist.rank)  # dropout differs between processes
-    run.model = torch.compile(model) if cfg.compile else model
-    if dist.enabled and cfg.parallel == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
-        device_ids = [rt.device.index] if rt.device.type == "cuda" else None
-        run.model = DistributedDataParallel(run.model, device_ids=device_ids)
+    run.loss_of = trainable_loss(run, compiled=bool(cfg.compile))
     if dist.main:
         run.metrics_file = open(run.folder / METRICS, "a")
     describe_run(run)
     return run
+
+
+def trainable_loss(run: Run, compiled: bool) -> nn.Module:
+    """``TaskLoss`` of the run's task and model, compiled if asked, under DDP when run by torchrun."""
+    loss_of = TaskLoss(run.task, run.raw_model, compiled)
+    if run.rt.dist.enabled and run.cfg.parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [run.rt.device.index] if run.rt.device.type == "cuda" else None
+        loss_of = DistributedDataParallel(loss_of, device_ids=device_ids)
+    return loss_of
 
 
 def restore_weights(run: Run, checkpoint: Path) -> dict:
@@ -318,18 +350,37 @@ def train_step(run: Run) -> float:
     for micro, batch in enumerate(batches):
         # Under DDP, gradients are averaged across processes on the last micro-step only.
         skip_sync = ddp and micro < accum - 1
-        with (run.model.no_sync() if skip_sync else contextlib.nullcontext()), autocast(rt.device, rt.dtype):
-            share = task.loss(run.model, batch) / total
+        with (run.loss_of.no_sync() if skip_sync else contextlib.nullcontext()), autocast(rt.device, rt.dtype):
+            share = run.loss_of(batch) / total
         run.scaler.scale(share * rt.dist.world_size).backward()
         loss_sum += share.item()
         run.tokens_seen += batch[0].numel() * rt.dist.world_size
     if run.cfg.grad_clip > 0:
         run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the fp16-scaled ones
-        nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
+        nn.utils.clip_grad_norm_(run.raw_model.parameters(), run.cfg.grad_clip)
     run.scaler.step(run.optimizer)  # (an fp16 step with inf/nan gradients is skipped)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     return sum_over_ranks(loss_sum, rt.dist)
+
+
+def first_compiled_step(run: Run) -> float:
+    """A compiled run's first step, in which torch.compile compiles. Where that fails (a CPU with no
+    C++ compiler, a device inductor does not support) the run says so and carries on without it,
+    from the same batch and random state."""
+    before = copy.deepcopy(run.task.batches.state_dict()), rng_state(), run.tokens_seen
+    try:
+        return train_step(run)
+    except torch._dynamo.exc.TorchDynamoException as e:
+        reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        warnings.warn(f"torch.compile failed ({reason}); training goes on without it (--no-compile skips the attempt)",
+                      stacklevel=2)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.task.batches.load_state_dict(before[0])
+        set_rng_state(before[1])
+        run.tokens_seen = before[2]
+        getattr(run.loss_of, "module", run.loss_of).compiled = None  # (DDP wraps it as .module)
+        return train_step(run)
 
 
 def step_once(run: Run) -> None:
@@ -339,7 +390,7 @@ def step_once(run: Run) -> None:
     for group in run.optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's group has its own peak
     tokens_before = run.tokens_seen
-    train_loss = train_step(run)
+    train_loss = first_compiled_step(run) if run.step + 1 == run.first_step and cfg.compile else train_step(run)
     run.step += 1
     if not math.isfinite(train_loss):
         good = last_checkpoint(run.folder)
@@ -384,13 +435,12 @@ def step_once(run: Run) -> None:
 def evaluate(run: Run, keep_best: bool = True) -> dict:
     """The task's metrics on its fixed evaluation sets, dropout off; keeps the best model so far."""
     task, rt = run.task, run.rt
-    eval_model = run.model if run.fsdp else run.raw_model  # evaluation needs no gradient sync
     if run.eval_sets is None:
         run.eval_sets = task.eval_sets()
     run.raw_model.eval()
     with autocast(rt.device, rt.dtype):
         metrics = {f"{split}_{k}": v for split, batches in run.eval_sets.items()
-                   for k, v in task.evaluate(eval_model, batches).items()}
+                   for k, v in task.evaluate(run.raw_model, batches).items()}
     run.raw_model.train()
     if run.fsdp:  # a forward pass without backward leaves the root's weights gathered
         run.raw_model.reshard()
@@ -459,10 +509,9 @@ def finish(run: Run) -> dict:
                 f"{-run.best_score:.3f}) as the result, not those of step {run.step}")
         if rt.dist.main:
             run.task.save(run.folder, run.raw_model)
-    eval_model = run.model if run.fsdp else run.raw_model
     run.raw_model.eval()
     with torch.no_grad(), autocast(rt.device, rt.dtype):
-        final = run.task.final(eval_model, rt.device)
+        final = run.task.final(run.raw_model, rt.device)
     run.raw_model.train()
     if final and rt.dist.main:
         last = run.last_eval or {}

@@ -45,6 +45,7 @@ EVALS_PER_RUN = 25  # evaluations (and chances to keep a better model) over the 
 MAX_PASSES_WITHOUT_DROPOUT = 8  # a budget that reads the text more often than this trains with dropout ...
 DROPOUT = 0.2  # ... at this rate
 STEP_OVERHEAD = 1.15  # a real run's time per step (evaluations, samples, data, checkpoints) over the probe's
+COMPILED_SPEEDUP = 1.3  # a compiled step's speed over the eager step the probe times (its compile is not repeated per rung)
 
 
 def vocab_size_for(train_chars: int) -> int:
@@ -150,6 +151,7 @@ def size_run(cfg, rt, started: float, tokenizer=None, model_cfg=None, say=print)
         if repr(model_cfg) not in measured:
             world = rt.dist.world_size
             local = measure_tokens_per_sec(model_cfg, cfg, rt.device, rt.dtype, max(1, cfg.batch_size // world))
+            local *= COMPILED_SPEEDUP if cfg.compile else 1.0
             # every process makes the same choice
             measured[repr(model_cfg)] = broadcast_float(local * world / STEP_OVERHEAD, rt.dist)
         return measured[repr(model_cfg)]
