@@ -30,12 +30,14 @@ from buildllm.files import atomic_write
 from buildllm.training.config import DEFAULTS, TrainConfig
 from buildllm.training.engine import TrainResult, train
 
-# The default before the levers and Muon: GPT-2's blocks at the `shakespeare-cpu` shape, AdamW, eager.
-OLD_DEFAULT = {"preset": "shakespeare-cpu", "optimizer": "adamw", "keep_best": False, "compile": False}
+# The default before the levers and Muon: GPT-2's blocks at the `shakespeare-cpu` shape, AdamW, eager,
+# batch 8, cosine to a tenth of the peak learning rate.
+OLD_DEFAULT = {"preset": "shakespeare-cpu", "optimizer": "adamw", "keep_best": False, "compile": False, "batch_size": 8,
+               "min_lr_ratio": 0.1}
 # name -> (what changes, TrainConfig changes). Each lever alone is the old default with that change.
 RUNS: dict[str, tuple[str, dict]] = {
     "default": ("the old default: `shakespeare-cpu` (GPT-2's blocks), AdamW", OLD_DEFAULT),
-    "new": ("the new default: `speedrun-cpu` (RoPE, RMSNorm, QK-norm, ReLU², zero-init), Muon", {}),
+    "new": ("the new default: `speedrun-cpu` (RoPE, RMSNorm, QK-norm, SwiGLU, zero-init), Muon, compiled, batch 16", {}),
     "rope": ("rotary positions, no learned position embedding", {"model": {"positions": "rope"}}),
     "rmsnorm": ("RMSNorm instead of LayerNorm", {"model": {"norm": "rmsnorm"}}),
     "qk_norm": ("RMSNorm of each head's queries and keys", {"model": {"qk_norm": True}}),
@@ -45,7 +47,7 @@ RUNS: dict[str, tuple[str, dict]] = {
     "zero_init": ("output projections start at zero", {"model": {"zero_init": True}}),
     "softcap": ("logits soft-capped at 15 (nanochat, the speedrun)", {"model": {"logit_softcap": 15.0}}),
     "value_embeddings": ("value embeddings in layers 1 and 3 of 4", {"model": {"value_embeddings": True}}),
-    "compile": ("`torch.compile` (its compile time in the budget)", {"compile": True}),
+    "compile": ("`torch.compile` of the forward pass and the loss (its compile time in the budget)", {"compile": True}),
     "muon": ("Muon for the blocks' matrices (muon_lr 0.02)", {"optimizer": "muon"}),
     "rope_muon": ("the two that paid alone, together: rotary positions and Muon",
                   {"model": {"positions": "rope"}, "optimizer": "muon"}),

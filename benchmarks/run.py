@@ -329,22 +329,24 @@ def default_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device, 
 
 
 def bench_default_training(row_id: str, args, device, peaks) -> Row:
-    """The default ``buildllm train`` step, compiled as it runs, against the transformers twin's
-    (eager, or with ``-compile-`` compiled the same way)."""
+    """The default ``buildllm train`` step, compiled as it runs (the default ``compile``), against
+    the transformers twin's (eager, or with ``-compile-`` compiled the same way)."""
     model_cfg, cfg = default_training(args.quick)
     ours, hf = make_pair(model_cfg, device)
     both_compiled = "compile" in row_id
     batch, seq = cfg.batch_size, cfg.context_length
     dtype = torch.bfloat16
+    compiled = {"ours": bool(cfg.compile), "hf": both_compiled}
     fns = {who: train_step_fn(m, batch, seq, model_cfg.vocab_size, dtype, device,
-                              default_optimizer(m, cfg, device, who == "ours"), compiled=who == "ours" or both_compiled)
+                              default_optimizer(m, cfg, device, who == "ours"), compiled=compiled[who])
            for who, m in (("ours", ours), ("hf", HFLogits(hf)))}
     r = race(fns, args.steps, max(args.warmup, 2), device, _clock(args))
     flops = describe(replace(model_cfg, context_length=seq))["train_flops_per_token"]
-    notes = {f"{k}_compile_s": round(r.first_call[k] - r.median(k), 1) for k in fns if k == "ours" or both_compiled}
+    notes = {f"{k}_compile_s": round(r.first_call[k] - r.median(k), 1) for k in fns if compiled[k]}
     notes["hf_model"] = type(hf).__name__
-    what = (f"{cfg.preset} (vocab {model_cfg.vocab_size}) b{batch} s{seq} bf16, {cfg.optimizer}, buildllm compiled, "
-            f"HF {'compiled' if both_compiled else 'eager'}")
+    state = lambda on: "compiled" if on else "eager"  # noqa: E731
+    what = (f"{cfg.preset} (vocab {model_cfg.vocab_size}) b{batch} s{seq} bf16, {cfg.optimizer}, "
+            f"buildllm {state(compiled['ours'])}, HF {state(compiled['hf'])}")
     return _row(row_id, what, batch * seq, r, "bf16", flops, peaks, **notes)
 
 

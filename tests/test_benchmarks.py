@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 import run  # noqa: E402
+import twins  # noqa: E402
 
 from buildllm.models.gpt2 import GPTConfig  # noqa: E402
 
@@ -24,6 +25,48 @@ def test_pair_holds_the_same_weights_and_gives_the_same_logits():
     x = torch.randint(TINY.vocab_size, (3, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(ours.eval()(x), run.HFLogits(hf.eval())(x), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("levers, hf_class", [({}, "GPT2LMHeadModel"), (twins.NEOX, "GPTNeoXForCausalLM"),
+                                              (twins.QWEN3, "Qwen3ForCausalLM"),
+                                              ({**twins.QWEN3, "zero_init": True, "tie_embeddings": False}, "Qwen3ForCausalLM")])
+def test_twins_compute_what_ours_computes(levers, hf_class):
+    """The transformers twin of each lever set that has one: the same logits on the same weights
+    (perturbed from the init, so that no norm scale is all ones and no projection all zeros)."""
+    torch.manual_seed(0)
+    cfg = replace(TINY, **levers)
+    ours = run.GPTModel(cfg).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    hf = twins.twin(cfg).eval()
+    twins.copy_weights(ours, hf)
+    assert type(hf).__name__ == hf_class
+    x = torch.randint(cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=x).logits, ours(x), atol=1e-5, rtol=0)
+
+
+def test_no_twin_is_refused_in_one_line():
+    with pytest.raises(SystemExit, match="no transformers model computes a GPT with .*'activation': 'relu2'"):
+        twins.twin(replace(TINY, positions="rope", activation="relu2"))
+
+
+def test_the_default_rows_race_the_default_run():
+    """What train-default times: the default preset and training config, and for the twin the same
+    optimizer (Muon for the same matrices: the twin's may be split, q/k/v, where ours is fused)."""
+    from buildllm.training.config import DEFAULT_PRESET
+
+    model_cfg, cfg = run.default_training(quick=True)
+    assert model_cfg.non_gpt2_levers() == GPTConfig.from_preset(DEFAULT_PRESET).non_gpt2_levers()
+    assert twins.kind_of(model_cfg) == "qwen3" and cfg.optimizer == "muon"
+    ours, hf = run.make_pair(model_cfg, torch.device("cpu"))
+    theirs = run.default_optimizer(run.HFLogits(hf), cfg, torch.device("cpu"), ours=False)
+    mine = run.default_optimizer(ours, cfg, torch.device("cpu"), ours=True)
+    muon_size = lambda opt: sum(p.numel() for p in opt.named["muon"].param_groups[0]["params"])  # noqa: E731
+    assert muon_size(theirs) == muon_size(mine) > 0
+    adamw_size = lambda opt: sum(p.numel() for g in opt.named["adamw"].param_groups for p in g["params"])  # noqa: E731
+    assert adamw_size(theirs) == adamw_size(mine)
 
 
 def test_decoding_agrees_token_for_token():

@@ -216,6 +216,25 @@ def test_presets_have_openai_shapes():
     assert shapes["gpt2-xl"] == (1600, 48, 25, 1024, 50257)
 
 
+def test_attention_dropout_follows_drop_rate_unless_set():
+    """attention_drop_rate=0 drops only the embeddings and shortcuts: in training mode the attention
+    of a layer then gives what it gives in eval mode (and HF's attn_pdrop says so)."""
+    from buildllm.models.gpt2_hf import config_to_hf
+
+    assert replace(TINY, drop_rate=0.3).attention_dropout == 0.3
+    cfg = replace(TINY, drop_rate=0.5, attention_drop_rate=0.0)
+    assert (config_to_hf(cfg)["attn_pdrop"], config_to_hf(cfg)["resid_pdrop"]) == (0.0, 0.5)
+    torch.manual_seed(0)
+    attention = MultiHeadAttention(cfg)
+    x = torch.randn(2, 8, cfg.emb_dim)
+    trained = attention.train()(x)
+    torch.testing.assert_close(trained, attention.eval()(x))
+    attention = MultiHeadAttention(replace(cfg, attention_drop_rate=None))  # drop_rate 0.5 again
+    assert not torch.allclose(attention.train()(x), attention.eval()(x))
+    with pytest.raises(UserError, match=r"attention_drop_rate must be in \[0, 1\)"):
+        replace(TINY, attention_drop_rate=1.0)
+
+
 def test_config_round_trips_through_json(tmp_path):
     cfg = GPTConfig.from_preset("micro", vocab_size=321, attention="readable", drop_rate=0.2)
     cfg.save(tmp_path / "config.json")
