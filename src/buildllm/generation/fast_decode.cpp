@@ -19,6 +19,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -98,41 +99,55 @@ struct Linear {
     }
 };
 
-// Up to 8 rows of the batch share each pass over a weight row. The weight rows are read one after
-// another: one sequential stream per thread is what the processor's prefetcher follows best
-// (several rows at once, or software prefetches, measured slower).
+// Up to 8 rows of the batch share each pass over a weight row. At batch 1 the weight rows are read
+// one after another (one sequential stream per thread is what the processor's prefetcher follows
+// best); with more rows of the batch a kernel takes a few weight rows at once (*_rows_at_once in
+// fast_decode_kernels.h) and asks for them ahead.
 constexpr int64_t MAX_M = 8;
 constexpr int64_t BLOCK_ROWS = 16;
 
+// Rows r0..r1, R at a time (the rest one at a time): pass(R, r) for each first row r.
+template <int R, typename Pass>
+inline void in_passes(int64_t r0, int64_t r1, Pass&& pass) {
+    int64_t r = r0;
+    for (; r + R <= r1; r += R) pass(std::integral_constant<int, R>{}, r);
+    for (; r < r1; ++r) pass(std::integral_constant<int, 1>{}, r);
+}
+
 // Rows [r0, r1) (at most BLOCK_ROWS) of L for M inputs: out[m * BLOCK_ROWS + r - r0], so that each
-// input's outputs lie side by side and are finished 16 at a time. `scratch`: room for a row's int4 scales.
+// input's outputs lie side by side and are finished 16 at a time. `scratch`: room for the int4
+// scales of a few rows.
 template <int M>
 void rows_of(const Linear& L, int64_t r0, int64_t r1, const Inputs& in, float* out, float* scratch) {
     const int64_t n = L.in;
-    for (int64_t r = r0; r < r1; ++r) {
-        float* o = out + (r - r0);
-        switch (L.format) {
-            case F32: dot_f32<M>((const float*)L.w + r * n, in, o, BLOCK_ROWS); break;
-            case BF16: dot_bf16<M>((const uint16_t*)L.w + r * n, in, o, BLOCK_ROWS); break;
-            case INT8: dot_int8<M>((const int8_t*)L.w + r * n, bf16_to_f32(L.s[r]), in, o, BLOCK_ROWS); break;
-            default: {
+    switch (L.format) {
+        case F32:
+            in_passes<f32_rows_at_once<M>()>(r0, r1, [&](auto rows, int64_t r) {
+                dot_f32<decltype(rows)::value, M>((const float*)L.w + r * n, n, in, out + (r - r0), BLOCK_ROWS);
+            });
+            break;
+        case BF16:
+            for (int64_t r = r0; r < r1; ++r) dot_bf16<1, M>((const uint16_t*)L.w + r * n, n, in, out + (r - r0), BLOCK_ROWS);
+            break;
+        case INT8:
+            in_passes<int8_rows_at_once<M>()>(r0, r1, [&](auto rows, int64_t r) {
+                constexpr int R = decltype(rows)::value;
+                float scales[R];
+                for (int i = 0; i < R; ++i) scales[i] = bf16_to_f32(L.s[r + i]);
+                dot_int8<R, M>((const int8_t*)L.w + r * n, n, scales, in, out + (r - r0), BLOCK_ROWS);
+            });
+            break;
+        default:
+            in_passes<int4_rows_at_once<M>()>(r0, r1, [&](auto rows, int64_t r) {
+                constexpr int R = decltype(rows)::value;
                 const int64_t groups = n / L.group;
-                const uint16_t *s = L.s + r * groups, *z = L.z + r * groups;
-                __m512 zero_term[M];
-                for (int m = 0; m < M; ++m) zero_term[m] = _mm512_setzero_ps();
-                for (int64_t g = 0; g < groups; g += 16) {
-                    __mmask16 mask = groups - g >= 16 ? __mmask16(0xffff) : __mmask16((1u << (groups - g)) - 1);
-                    __m512 scale = widen16(s + g, mask);
-                    _mm512_storeu_ps(scratch + g, scale);
-                    __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(136.f), scale, widen16(z + g, mask));
-                    for (int m = 0; m < M; ++m)
-                        zero_term[m] = _mm512_fmadd_ps(offset, _mm512_maskz_loadu_ps(mask, in.group_sums + m * groups + g), zero_term[m]);
-                }
-                float zeros[M];
-                for (int m = 0; m < M; ++m) zeros[m] = _mm512_reduce_add_ps(zero_term[m]);
-                dot_int4<M>((const uint8_t*)L.w + r * (n / 2), scratch, zeros, L.group, in, o, BLOCK_ROWS);
-            }
-        }
+                float zero_terms[R * M];
+                for (int i = 0; i < R; ++i)
+                    int4_row_terms<M>(L.s + (r + i) * groups, L.z + (r + i) * groups, groups, in, scratch + i * groups,
+                                      zero_terms + i * M);
+                dot_int4<R, M>((const uint8_t*)L.w + r * (n / 2), n / 2, scratch, groups, zero_terms, L.group, in,
+                               out + (r - r0), BLOCK_ROWS);
+            });
     }
 }
 
@@ -267,7 +282,7 @@ class Decoder {
         input_q.resize(batch * widest);
         input_q_scale.resize(batch);
         group_sums.resize(batch * widest);
-        int4_scale_room = widest / 32 + 32;
+        int4_scale_room = 2 * (widest / 32 + 16);  // the scales of int4_rows_at_once's most rows, 2
         int4_scales.resize(threads * int4_scale_room);
         partial.resize(threads * BLOCK_ROWS * MAX_M);
         scores.resize(threads * max_positions);
@@ -519,11 +534,12 @@ class Decoder {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     using namespace buildllm;
     namespace py = pybind11;
-    py::class_<Norm>(m, "Norm").def(py::init<int64_t, double, torch::Tensor, std::optional<torch::Tensor>>());
-    py::class_<Linear>(m, "Linear")
+    // module_local: two builds of this file (other flags, say) can be loaded side by side.
+    py::class_<Norm>(m, "Norm", py::module_local()).def(py::init<int64_t, double, torch::Tensor, std::optional<torch::Tensor>>());
+    py::class_<Linear>(m, "Linear", py::module_local())
         .def(py::init<int64_t, torch::Tensor, std::optional<torch::Tensor>, std::optional<torch::Tensor>,
                       std::optional<torch::Tensor>, int64_t, bool>());
-    py::class_<Decoder>(m, "Decoder")
+    py::class_<Decoder>(m, "Decoder", py::module_local())
         .def(py::init<int64_t, int64_t, int64_t, int64_t, bool, torch::Tensor, std::optional<torch::Tensor>,
                       std::optional<torch::Tensor>, Norm, Linear>())
         .def("add_layer", &Decoder::add_layer)

@@ -6,8 +6,8 @@
 // registers, and turn int8 and int4 codes into numbers in registers (nothing dequantized is ever
 // written to memory).
 //
-// Every kernel computes the dot products of one weight row with M input vectors and writes them to
-// out[m * stride]. Row-major (out, in) weights, as PyTorch stores them: the fast path reads the
+// Every kernel computes the dot products of R weight rows with M input vectors and writes them to
+// out[m * stride + r]. Row-major (out, in) weights, as PyTorch stores them: the fast path reads the
 // model's own tensors.
 #pragma once
 
@@ -55,11 +55,32 @@ struct Inputs {
     const float* group_sums;     // the sum of each group of the bf16 inputs (int4's zeros multiply it), (M, groups)
 };
 
-// Independent sums per input vector: enough of them hide the latency of the multiply-adds.
+// A kernel takes R consecutive weight rows and M input vectors at once and keeps their R x M sums
+// in registers: each weight vector it loads serves M inputs and each input vector R rows. While the
+// weights' stream from memory sets the speed, one row at a time streams best; once the batch makes
+// the core's own loads and conversions the limit (a 512-bit load costs as much as a multiply-add
+// here), R rows at once divide the input loads, and int8's and int4's code conversions, by R. Where
+// that happens differs by format (measured per format and batch: benchmarks/README.md); bf16 streams
+// best one row at a time at every batch up to 8.
 template <int M>
-constexpr int unroll() { return M == 1 ? 4 : M == 2 ? 2 : 1; }
+constexpr int f32_rows_at_once() { return M <= 4 ? 1 : M <= 6 ? 4 : 3; }
+template <int M>  // each row's codes widened to two registers' worth, and its input twice as wide as int8
+constexpr int int8_rows_at_once() { return M <= 2 ? 1 : 2; }
+template <int M>  // two registers of codes per row
+constexpr int int4_rows_at_once() { return M == 1 ? 1 : M <= 4 ? 2 : 1; }
 
-// The lanes of eight vectors summed, sum m in lane m: a transposing tree of 24 instructions
+// Independent sums per accumulator: enough of them hide the latency of the multiply-adds.
+template <int R, int M>
+constexpr int unroll() { return R * M == 1 ? 4 : R * M == 2 ? 2 : 1; }
+
+// With several inputs a kernel reads its weights slowly enough that the processor's own
+// prefetcher falls behind (measured: benchmarks/README.md); it asks for them this far ahead.
+constexpr int64_t PREFETCH_AHEAD = 8192;  // bytes
+template <int M>
+constexpr bool prefetches() { return M >= 4; }
+inline void prefetch(const void* p) { _mm_prefetch((const char*)p + PREFETCH_AHEAD, _MM_HINT_T0); }
+
+// The lanes of eight vectors summed, sum i in lane i: a transposing tree of 24 instructions
 // where eight reductions one vector at a time take about 70.
 inline __m256 reduce8(const __m512 (&a)[8]) {
     __m512 b[4], c[2];
@@ -75,111 +96,152 @@ inline __m256 reduce8(const __m512 (&a)[8]) {
     return _mm512_castps512_ps256(_mm512_permutexvar_ps(order, f));
 }
 
-// The M sums, each over its U accumulators and 16 lanes, into out[m * stride].
-template <int U, int M>
-inline void store_sums(__m512 (&acc)[U][M], float* out, int64_t stride) {
-    __m512 total[8];
-    for (int m = 0; m < 8; ++m) total[m] = _mm512_setzero_ps();
-    for (int m = 0; m < M; ++m) {
-        total[m] = acc[0][m];
-        for (int u = 1; u < U; ++u) total[m] = _mm512_add_ps(total[m], acc[u][m]);
-    }
-    if (M <= 2) {
-        for (int m = 0; m < M; ++m) out[m * stride] = _mm512_reduce_add_ps(total[m]);
+// The R x M sums, each over its U accumulators and 16 lanes: row r's with input m into out[m * stride + r].
+template <int U, int R, int M>
+inline void store_sums(__m512 (&acc)[U][R][M], float* out, int64_t stride) {
+    constexpr int N = R * M;
+    __m512 total[N];
+    for (int r = 0; r < R; ++r)
+        for (int m = 0; m < M; ++m) {
+            total[r * M + m] = acc[0][r][m];
+            for (int u = 1; u < U; ++u) total[r * M + m] = _mm512_add_ps(total[r * M + m], acc[u][r][m]);
+        }
+    if (N <= 2) {
+        for (int i = 0; i < N; ++i) out[(i % M) * stride + i / M] = _mm512_reduce_add_ps(total[i]);
         return;
     }
-    alignas(32) float sums[8];
-    _mm256_store_ps(sums, reduce8(total));
-    for (int m = 0; m < M; ++m) out[m * stride] = sums[m];
+    for (int i0 = 0; i0 < N; i0 += 8) {
+        __m512 eight[8];
+        for (int j = 0; j < 8; ++j) eight[j] = i0 + j < N ? total[i0 + j] : _mm512_setzero_ps();
+        alignas(32) float sums[8];
+        _mm256_store_ps(sums, reduce8(eight));
+        for (int j = 0; j < 8 && i0 + j < N; ++j) out[((i0 + j) % M) * stride + (i0 + j) / M] = sums[j];
+    }
 }
 
-// Each kernel: the dot products of one weight row with the M inputs, into out[m * stride].
-
-template <int M>
-void dot_f32(const float* w, const Inputs& in, float* out, int64_t stride) {
-    constexpr int U = unroll<M>();
-    const int64_t n = in.in;
-    __m512 acc[U][M];
+template <int U, int R, int M>
+inline void zero(__m512 (&acc)[U][R][M]) {
     for (int u = 0; u < U; ++u)
-        for (int m = 0; m < M; ++m) acc[u][m] = _mm512_setzero_ps();
+        for (int r = 0; r < R; ++r)
+            for (int m = 0; m < M; ++m) acc[u][r][m] = _mm512_setzero_ps();
+}
+
+inline __mmask16 mask16(int64_t left) { return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1); }
+inline __mmask32 mask32(int64_t left) { return left >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << left) - 1); }
+
+// Each kernel: the dot products of R weight rows (`ld` elements apart) with the M inputs, row r's
+// with input m into out[m * stride + r].
+
+template <int R, int M>
+void dot_f32(const float* w, int64_t ld, const Inputs& in, float* out, int64_t stride) {
+    constexpr int U = unroll<R, M>();
+    const int64_t n = in.in;
+    __m512 acc[U][R][M];
+    zero(acc);
     int64_t k = 0;
     for (; k + 16 * U <= n; k += 16 * U)
         for (int u = 0; u < U; ++u) {
-            __m512 wv = _mm512_loadu_ps(w + k + 16 * u);
-            for (int m = 0; m < M; ++m)
-                acc[u][m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(in.x + m * n + k + 16 * u), acc[u][m]);
+            __m512 wv[R];
+            for (int r = 0; r < R; ++r) {
+                if (prefetches<M>()) prefetch(w + r * ld + k + 16 * u);
+                wv[r] = _mm512_loadu_ps(w + r * ld + k + 16 * u);
+            }
+            for (int m = 0; m < M; ++m) {
+                __m512 xv = _mm512_loadu_ps(in.x + m * n + k + 16 * u);
+                for (int r = 0; r < R; ++r) acc[u][r][m] = _mm512_fmadd_ps(wv[r], xv, acc[u][r][m]);
+            }
         }
     for (; k < n; k += 16) {
-        __mmask16 mask = n - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - k)) - 1);
-        __m512 wv = _mm512_maskz_loadu_ps(mask, w + k);
-        for (int m = 0; m < M; ++m)
-            acc[0][m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, in.x + m * n + k), acc[0][m]);
+        __m512 wv[R];
+        for (int r = 0; r < R; ++r) wv[r] = _mm512_maskz_loadu_ps(mask16(n - k), w + r * ld + k);
+        for (int m = 0; m < M; ++m) {
+            __m512 xv = _mm512_maskz_loadu_ps(mask16(n - k), in.x + m * n + k);
+            for (int r = 0; r < R; ++r) acc[0][r][m] = _mm512_fmadd_ps(wv[r], xv, acc[0][r][m]);
+        }
     }
-    store_sums<U, M>(acc, out, stride);
+    store_sums<U, R, M>(acc, out, stride);
 }
 
 inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
 
-template <int M>
-void dot_bf16(const uint16_t* w, const Inputs& in, float* out, int64_t stride) {
-    constexpr int U = unroll<M>();
+template <int R, int M>
+void dot_bf16(const uint16_t* w, int64_t ld, const Inputs& in, float* out, int64_t stride) {
+    constexpr int U = unroll<R, M>();
     const int64_t n = in.in;
-    __m512 acc[U][M];
-    for (int u = 0; u < U; ++u)
-        for (int m = 0; m < M; ++m) acc[u][m] = _mm512_setzero_ps();
+    __m512 acc[U][R][M];
+    zero(acc);
     int64_t k = 0;
     for (; k + 32 * U <= n; k += 32 * U)  // 32 products per instruction, summed pairwise into 16 lanes
         for (int u = 0; u < U; ++u) {
-            __m512i wv = _mm512_loadu_si512(w + k + 32 * u);
-            for (int m = 0; m < M; ++m)
-                acc[u][m] = _mm512_dpbf16_ps(acc[u][m], as_bh(wv), as_bh(_mm512_loadu_si512(in.xb + m * n + k + 32 * u)));
+            __m512i wv[R];
+            for (int r = 0; r < R; ++r) {
+                if (prefetches<M>()) prefetch(w + r * ld + k + 32 * u);
+                wv[r] = _mm512_loadu_si512(w + r * ld + k + 32 * u);
+            }
+            for (int m = 0; m < M; ++m) {
+                __m512bh xv = as_bh(_mm512_loadu_si512(in.xb + m * n + k + 32 * u));
+                for (int r = 0; r < R; ++r) acc[u][r][m] = _mm512_dpbf16_ps(acc[u][r][m], as_bh(wv[r]), xv);
+            }
         }
     for (; k < n; k += 32) {
-        __mmask32 mask = n - k >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << (n - k)) - 1);
-        __m512i wv = _mm512_maskz_loadu_epi16(mask, w + k);
-        for (int m = 0; m < M; ++m)
-            acc[0][m] = _mm512_dpbf16_ps(acc[0][m], as_bh(wv), as_bh(_mm512_maskz_loadu_epi16(mask, in.xb + m * n + k)));
+        __m512i wv[R];
+        for (int r = 0; r < R; ++r) wv[r] = _mm512_maskz_loadu_epi16(mask32(n - k), w + r * ld + k);
+        for (int m = 0; m < M; ++m) {
+            __m512bh xv = as_bh(_mm512_maskz_loadu_epi16(mask32(n - k), in.xb + m * n + k));
+            for (int r = 0; r < R; ++r) acc[0][r][m] = _mm512_dpbf16_ps(acc[0][r][m], as_bh(wv[r]), xv);
+        }
     }
-    store_sums<U, M>(acc, out, stride);
+    store_sums<U, R, M>(acc, out, stride);
 }
 
 // int8 (q * scale, one scale per row): the codes widened to int16 and multiplied by the inputs as
 // int16 numbers (scaled to +-16383), 32 products per instruction summed exactly in int32; the
-// sums move to fp32 every 8192 inputs, before they could overflow.
+// sums move to fp32 every 8192 inputs, before they could overflow. `scales`: the R rows'.
 constexpr int64_t INT16_SPAN = 8192;
 
-template <int M>
-void dot_int8(const int8_t* w, float scale, const Inputs& in, float* out, int64_t stride) {
-    constexpr int U = unroll<M>();
+template <int R, int M>
+void dot_int8(const int8_t* w, int64_t ld, const float* scales, const Inputs& in, float* out, int64_t stride) {
+    constexpr int U = unroll<R, M>();
     const int64_t n = in.in;
-    __m512 total[1][M];
-    for (int m = 0; m < M; ++m) total[0][m] = _mm512_setzero_ps();
+    __m512 total[1][R][M];
+    zero(total);
     for (int64_t k0 = 0; k0 < n; k0 += INT16_SPAN) {
         const int64_t end = k0 + INT16_SPAN < n ? k0 + INT16_SPAN : n;
-        __m512i acc[U][M];
+        __m512i acc[U][R][M];
         for (int u = 0; u < U; ++u)
-            for (int m = 0; m < M; ++m) acc[u][m] = _mm512_setzero_si512();
+            for (int r = 0; r < R; ++r)
+                for (int m = 0; m < M; ++m) acc[u][r][m] = _mm512_setzero_si512();
         int64_t k = k0;
         for (; k + 32 * U <= end; k += 32 * U)
             for (int u = 0; u < U; ++u) {
-                __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + k + 32 * u)));
-                for (int m = 0; m < M; ++m)
-                    acc[u][m] = _mm512_dpwssd_epi32(acc[u][m], wv, _mm512_loadu_si512(in.xq + m * n + k + 32 * u));
+                __m512i wv[R];
+                for (int r = 0; r < R; ++r) {
+                    if (prefetches<M>()) prefetch(w + r * ld + k + 32 * u);
+                    wv[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + r * ld + k + 32 * u)));
+                }
+                for (int m = 0; m < M; ++m) {
+                    __m512i xv = _mm512_loadu_si512(in.xq + m * n + k + 32 * u);
+                    for (int r = 0; r < R; ++r) acc[u][r][m] = _mm512_dpwssd_epi32(acc[u][r][m], wv[r], xv);
+                }
             }
         for (; k < end; k += 32) {
-            __mmask32 mask = end - k >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << (end - k)) - 1);
-            __m512i wv = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, w + k));
-            for (int m = 0; m < M; ++m)
-                acc[0][m] = _mm512_dpwssd_epi32(acc[0][m], wv, _mm512_maskz_loadu_epi16(mask, in.xq + m * n + k));
+            __m512i wv[R];
+            for (int r = 0; r < R; ++r) wv[r] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask32(end - k), w + r * ld + k));
+            for (int m = 0; m < M; ++m) {
+                __m512i xv = _mm512_maskz_loadu_epi16(mask32(end - k), in.xq + m * n + k);
+                for (int r = 0; r < R; ++r) acc[0][r][m] = _mm512_dpwssd_epi32(acc[0][r][m], wv[r], xv);
+            }
         }
-        for (int m = 0; m < M; ++m) {
-            __m512i sum = acc[0][m];
-            for (int u = 1; u < U; ++u) sum = _mm512_add_epi32(sum, acc[u][m]);
-            total[0][m] = _mm512_add_ps(total[0][m], _mm512_cvtepi32_ps(sum));
-        }
+        for (int r = 0; r < R; ++r)
+            for (int m = 0; m < M; ++m) {
+                __m512i sum = acc[0][r][m];
+                for (int u = 1; u < U; ++u) sum = _mm512_add_epi32(sum, acc[u][r][m]);
+                total[0][r][m] = _mm512_add_ps(total[0][r][m], _mm512_cvtepi32_ps(sum));
+            }
     }
-    store_sums<1, M>(total, out, stride);
-    for (int m = 0; m < M; ++m) out[m * stride] *= scale * in.xq_scale[m];
+    store_sums<1, R, M>(total, out, stride);
+    for (int r = 0; r < R; ++r)
+        for (int m = 0; m < M; ++m) out[m * stride + r] *= scales[r] * in.xq_scale[m];
 }
 
 // int4 (packed by quantization.pack_codes): each 64 inputs are 32 bytes, byte i holding input i in
@@ -189,39 +251,57 @@ void dot_int8(const int8_t* w, float scale, const Inputs& in, float* out, int64_
 // number 128 + q (exact: bf16 holds every integer from 128 to 255), so the codes become bf16 in two
 // instructions; their products with the bf16 inputs are exact and summed in fp32, one group of 32
 // per instruction, and the group's scale multiplies the sum. Per group,
-// sum w x = s sum (128 + q) x + (z - 136 s) sum x: `zero_term[m]` is the second part (rows_of
-// computes it from the inputs' group sums); `scales` are the row's, widened to fp32.
+// sum w x = s sum (128 + q) x + (z - 136 s) sum x: `zero_terms[r * M + m]` is the second part
+// (int4_row_terms computes it from the inputs' group sums); `scales` are the R rows' widened to
+// fp32, `groups` apart. `ld`: bytes from one row to the next.
 template <int M>
-void dot_int4(const uint8_t* w, const float* scales, const float* zero_term, int64_t group, const Inputs& in, float* out,
-              int64_t stride) {
-    constexpr int U = unroll<M>();
+inline void int4_row_terms(const uint16_t* scale, const uint16_t* zero, int64_t groups, const Inputs& in, float* scales,
+                           float* zero_terms) {
+    __m512 term[M];
+    for (int m = 0; m < M; ++m) term[m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g += 16) {
+        __m512 s = widen16(scale + g, mask16(groups - g));
+        _mm512_storeu_ps(scales + g, s);
+        __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(136.f), s, widen16(zero + g, mask16(groups - g)));
+        for (int m = 0; m < M; ++m)
+            term[m] = _mm512_fmadd_ps(offset, _mm512_maskz_loadu_ps(mask16(groups - g), in.group_sums + m * groups + g), term[m]);
+    }
+    for (int m = 0; m < M; ++m) zero_terms[m] = _mm512_reduce_add_ps(term[m]);
+}
+
+template <int R, int M>
+void dot_int4(const uint8_t* w, int64_t ld, const float* scales, int64_t groups, const float* zero_terms, int64_t group,
+              const Inputs& in, float* out, int64_t stride) {
+    constexpr int U = unroll<R, M>();
     const int64_t n = in.in, full = n / 64 * 64;
     const __m512i low_bits = _mm512_set1_epi16(0x000f), bf16_128 = _mm512_set1_epi16(0x4300);
-    __m512 acc[U][M];
-    for (int u = 0; u < U; ++u)
-        for (int m = 0; m < M; ++m) acc[u][m] = _mm512_setzero_ps();
+    __m512 acc[U][R][M];
+    zero(acc);
     auto as_bf16 = [&](__m512i bytes, __m512i& low, __m512i& high) {
         low = _mm512_ternarylogic_epi32(bytes, low_bits, bf16_128, 0xea);  // (bytes & 15) | 0x4300
         high = _mm512_or_si512(_mm512_srli_epi16(bytes, 4), bf16_128);
     };
     auto block = [&](int64_t k, int u) {  // inputs k .. k + 63
-        __m512i low, high;
-        as_bf16(_mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(w + k / 2))), low, high);
-        if (group == 32) {
-            __m512 s0 = _mm512_set1_ps(scales[k / 32]), s1 = _mm512_set1_ps(scales[k / 32 + 1]);
-            for (int m = 0; m < M; ++m) {
-                const uint16_t* x = in.xb + m * n + k;
-                __m512 d0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(low), as_bh(_mm512_loadu_si512(x)));
-                __m512 d1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(high), as_bh(_mm512_loadu_si512(x + 32)));
-                acc[u][m] = _mm512_fmadd_ps(d1, s1, _mm512_fmadd_ps(d0, s0, acc[u][m]));
-            }
-        } else {
-            __m512 s = _mm512_set1_ps(scales[k / group]);
-            for (int m = 0; m < M; ++m) {
-                const uint16_t* x = in.xb + m * n + k;
-                __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(low), as_bh(_mm512_loadu_si512(x)));
-                d = _mm512_dpbf16_ps(d, as_bh(high), as_bh(_mm512_loadu_si512(x + 32)));
-                acc[u][m] = _mm512_fmadd_ps(d, s, acc[u][m]);
+        __m512i low[R], high[R];
+        for (int r = 0; r < R; ++r) {
+            if (prefetches<M>()) prefetch(w + r * ld + k / 2);
+            as_bf16(_mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(w + r * ld + k / 2))), low[r], high[r]);
+        }
+        for (int m = 0; m < M; ++m) {
+            const uint16_t* x = in.xb + m * n + k;
+            __m512bh x0 = as_bh(_mm512_loadu_si512(x)), x1 = as_bh(_mm512_loadu_si512(x + 32));
+            for (int r = 0; r < R; ++r) {
+                const float* s = scales + r * groups;
+                if (group == 32) {
+                    __m512 d0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(low[r]), x0);
+                    __m512 d1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(high[r]), x1);
+                    acc[u][r][m] = _mm512_fmadd_ps(d1, _mm512_set1_ps(s[k / 32 + 1]),
+                                                   _mm512_fmadd_ps(d0, _mm512_set1_ps(s[k / 32]), acc[u][r][m]));
+                } else {
+                    __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(low[r]), x0);
+                    d = _mm512_dpbf16_ps(d, as_bh(high[r]), x1);
+                    acc[u][r][m] = _mm512_fmadd_ps(d, _mm512_set1_ps(s[k / group]), acc[u][r][m]);
+                }
             }
         }
     };
@@ -230,17 +310,20 @@ void dot_int4(const uint8_t* w, const float* scales, const float* zero_term, int
         for (int u = 0; u < U; ++u) block(k + 64 * u, u);
     for (; k < full; k += 64) block(k, 0);
     if (n > full) {  // a last 32 inputs: 16 bytes, byte i holding inputs i and i + 16
-        __m512i low, high;
-        as_bf16(_mm512_cvtepu8_epi16(_mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)(w + full / 2)))), low, high);
-        __m512i codes = _mm512_inserti64x4(low, _mm512_castsi512_si256(high), 1);
-        __m512 s = _mm512_set1_ps(scales[full / group]);
-        for (int m = 0; m < M; ++m) {
-            __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(codes), as_bh(_mm512_loadu_si512(in.xb + m * n + full)));
-            acc[0][m] = _mm512_fmadd_ps(d, s, acc[0][m]);
+        for (int r = 0; r < R; ++r) {
+            __m512i low, high;
+            as_bf16(_mm512_cvtepu8_epi16(_mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)(w + r * ld + full / 2)))), low, high);
+            __m512i codes = _mm512_inserti64x4(low, _mm512_castsi512_si256(high), 1);
+            __m512 s = _mm512_set1_ps(scales[r * groups + full / group]);
+            for (int m = 0; m < M; ++m) {
+                __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(codes), as_bh(_mm512_loadu_si512(in.xb + m * n + full)));
+                acc[0][r][m] = _mm512_fmadd_ps(d, s, acc[0][r][m]);
+            }
         }
     }
-    store_sums<U, M>(acc, out, stride);
-    for (int m = 0; m < M; ++m) out[m * stride] += zero_term[m];
+    store_sums<U, R, M>(acc, out, stride);
+    for (int r = 0; r < R; ++r)
+        for (int m = 0; m < M; ++m) out[m * stride + r] += zero_terms[r * M + m];
 }
 
 }  // namespace buildllm
