@@ -21,6 +21,7 @@ It compiles for minutes the first time and times for minutes after: it is not pa
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -97,6 +98,10 @@ def gguf_files(source: Path, bin_dir: Path, folder: Path, precisions: list[str])
     """One GGUF per precision, converted from the Hugging Face folder by llama.cpp's own tools."""
     files = {}
     env = {**os.environ, "PYTHONPATH": str(source / "gguf-py")}
+    if importlib.util.find_spec("sentencepiece") is None:
+        # The converter tries a Llama's SentencePiece vocabulary first and only falls back to the
+        # GPT-2 one our folder carries when that file is missing: the import must succeed first.
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "sentencepiece"], check=True)
     for name in precisions:
         ggml_type, how, _ = PRECISIONS[name]
         out = folder / f"model-{ggml_type}.gguf"
