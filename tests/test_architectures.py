@@ -87,7 +87,7 @@ class ToyModel(nn.Module):
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
 
-    def forward(self, idx, kv_cache=None, padding=None):
+    def forward(self, idx, kv_cache=None, padding=None, last_only=False):
         if padding is not None and padding.any():
             raise UserError("the toy architecture does not take padded batches")
         end = (kv_cache.length if kv_cache is not None else 0) + idx.shape[1]
@@ -98,7 +98,7 @@ class ToyModel(nn.Module):
             x = block(x, kv_cache)
         if kv_cache is not None:
             kv_cache.length = end
-        return self.out_head(self.norm(x))
+        return self.out_head(self.norm(x[:, -1:] if last_only else x))
 
     @property
     def device(self):

@@ -46,8 +46,8 @@ class Recorder(nn.Module):
         super().__init__()
         self.model, self.cfg, self.logits = model, model.cfg, []
 
-    def forward(self, idx, kv_cache=None, padding=None):
-        out = self.model(idx, kv_cache=kv_cache, padding=padding)
+    def forward(self, idx, kv_cache=None, padding=None, last_only=False):
+        out = self.model(idx, kv_cache=kv_cache, padding=padding, last_only=last_only)
         self.logits.append(out[:, -1].clone())
         return out
 
@@ -63,8 +63,8 @@ class FixedLogits(nn.Module):
         self.register_buffer("fixed", torch.as_tensor(logits, dtype=torch.float32))
         self.cfg = GPTConfig(vocab_size=len(self.fixed), context_length=8, emb_dim=4, n_heads=1, n_layers=1)
 
-    def forward(self, idx, kv_cache=None, padding=None):
-        return self.fixed.expand(idx.shape[0], idx.shape[1], -1)
+    def forward(self, idx, kv_cache=None, padding=None, last_only=False):
+        return self.fixed.expand(idx.shape[0], 1 if last_only else idx.shape[1], -1)
 
 
 class Counting(nn.Module):
@@ -74,11 +74,33 @@ class Counting(nn.Module):
         super().__init__()
         self.cfg = GPTConfig(vocab_size=vocab_size, context_length=8, emb_dim=4, n_heads=1, n_layers=1)
 
-    def forward(self, idx, kv_cache=None, padding=None):
+    def forward(self, idx, kv_cache=None, padding=None, last_only=False):
+        idx = idx[:, -1:] if last_only else idx
         return torch.nn.functional.one_hot((idx + 1) % self.cfg.vocab_size, self.cfg.vocab_size).float() * 10
 
     def new_kv_cache(self, batch_size, max_length=None, device=None, dtype=torch.float32):
         return KVCache(self.cfg, batch_size, max_length, device=device or "cpu", dtype=dtype)
+
+
+@pytest.mark.parametrize("preset", ["nano", "llama-nano", "qwen3-nano"])
+def test_last_only_gives_the_last_positions_logits_and_the_same_cache(preset):
+    """A prompt's pass asks for the last position's logits alone (the output head runs for one
+    position); everything else, the cache included, is the full pass's."""
+    from buildllm.models import registry
+
+    torch.manual_seed(0)
+    model = registry.build_model(registry.preset(preset, vocab_size=61, context_length=16)).eval()
+    idx = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(3))
+    padding = torch.zeros(2, 7, dtype=torch.bool)
+    padding[0, :2] = True
+    caches = [model.new_kv_cache(2, 12) for _ in range(2)]
+    with torch.no_grad():
+        full = model(idx, kv_cache=caches[0], padding=padding)
+        last = model(idx, kv_cache=caches[1], padding=padding, last_only=True)
+    assert last.shape == (2, 1, 61)
+    torch.testing.assert_close(last, full[:, -1:], rtol=0, atol=1e-6)
+    assert caches[0].length == caches[1].length == 7
+    assert torch.equal(caches[0].keys, caches[1].keys) and torch.equal(caches[0].values, caches[1].values)
 
 
 # KV cache: identical to recomputing everything ----------------------------------------------------

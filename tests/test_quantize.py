@@ -53,6 +53,18 @@ def test_the_kernel_equals_the_written_out_form(bias):
     assert torch.allclose(written, original, rtol=0, atol=0.01 * float(original.abs().max()))
 
 
+def test_a_prompts_rows_multiply_as_pytorchs_int8_kernel_does():
+    """From MATRIX_ROWS rows on (a prompt's pass) the codes multiply as bf16 through the matrix
+    product: the same sums, rounded to bf16 once, as PyTorch's int8 kernel gives."""
+    from buildllm.generation.quantization import MATRIX_ROWS
+
+    q = Int8Linear.from_linear(random_linear(bias=False))
+    rows = torch.randn(MATRIX_ROWS + 3, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    kernel = torch._weight_int8pack_mm(rows, q.weight, q.scale).float()
+    torch.testing.assert_close(q._kernel(rows).float(), kernel, rtol=8e-3, atol=1e-3 * float(kernel.abs().max()))
+    torch.testing.assert_close(q._kernel(rows[:8]).float(), kernel[:8], rtol=0, atol=0)  # few rows: the kernel itself
+
+
 @pytest.mark.parametrize("scheme, layer", [("int8", Int8Linear), ("int4", Int4Linear)])
 def test_quantize_replaces_every_linear_and_only_those(scheme, layer):
     torch.manual_seed(0)

@@ -164,8 +164,8 @@ def _decode(model, prompt, padding, max_new_tokens, sampling, stops, use_cache, 
             start = max(0, n - context_length)
             mask = padding[:, start:n] if padding is not None else None
             if cache is not None:  # the prefill (n fits in the window): fill the cache
-                return model(tokens[:, start:n], kv_cache=cache, padding=mask)[:, -1]
-            return model(tokens[:, start:n], padding=mask)[:, -1]
+                return model(tokens[:, start:n], kv_cache=cache, padding=mask, last_only=True)[:, -1]
+            return model(tokens[:, start:n], padding=mask, last_only=True)[:, -1]
 
         finished = torch.zeros(batch, dtype=torch.bool, device=prompt.device) if stops is not None else None
         n = prompt_length

@@ -407,12 +407,15 @@ class GPTModel(nn.Module):
         idx: torch.Tensor,
         kv_cache: KVCache | None = None,
         padding: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Logits ``(batch, tokens, vocab)`` for token ids ``idx`` of shape ``(batch, tokens)``.
 
         ``kv_cache``: continue from the positions already in the cache (generation).
         ``padding``: ``(batch, tokens)`` bool, True at left-padding positions, which no token
         attends to and which do not count as positions.
+        ``last_only``: the logits of the last position alone, ``(batch, 1, vocab)``: all that a
+        prompt's pass in generation needs, without the output head's product for every position.
         """
         num_tokens = idx.shape[1]
         positions, blocked = positions_and_mask(num_tokens, kv_cache, padding, self.cfg.context_length, idx.device)
@@ -426,7 +429,7 @@ class GPTModel(nn.Module):
         for layer, block in enumerate(self.blocks):
             value_embedding = self.value_embeds[str(layer)](idx) if str(layer) in self.value_embeds else None
             x = block(x, kv_cache, blocked, rope, value_embedding)
-        x = self.final_norm(x)
+        x = self.final_norm(x[:, -1:] if last_only else x)
         if kv_cache is not None:
             kv_cache.length += num_tokens
         logits = self.out_head(x)

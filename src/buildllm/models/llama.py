@@ -155,12 +155,15 @@ class LlamaModel(nn.Module):
         idx: torch.Tensor,
         kv_cache: KVCache | None = None,
         padding: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Logits ``(batch, tokens, vocab)`` for token ids ``idx`` of shape ``(batch, tokens)``.
 
         ``kv_cache``: continue from the positions already in the cache (generation).
         ``padding``: ``(batch, tokens)`` bool, True at left-padding positions, which no token
         attends to and which do not count as positions.
+        ``last_only``: the logits of the last position alone, ``(batch, 1, vocab)`` (a prompt's
+        pass in generation).
         """
         num_tokens = idx.shape[1]
         positions, blocked = positions_and_mask(num_tokens, kv_cache, padding, self.cfg.context_length, idx.device)
@@ -169,7 +172,7 @@ class LlamaModel(nn.Module):
         rope = self.rope(positions, x.dtype)  # every layer rotates by the same angles
         for block in self.blocks:
             x = block(x, rope, kv_cache, blocked)
-        x = self.final_norm(x)
+        x = self.final_norm(x[:, -1:] if last_only else x)
         if kv_cache is not None:
             kv_cache.length += num_tokens
         return self.out_head(x)

@@ -14,7 +14,7 @@ What a model class provides (GPT-2's ``GPTModel`` is the reference):
 
     Model(cfg)                      build with fresh weights (its own initialisation)
     model.cfg                       the config it was built from
-    model(idx, kv_cache, padding)   logits; positions are computed inside the model
+    model(idx, kv_cache, padding, last_only)   logits; positions are computed inside the model
     model.new_kv_cache(batch, max_length, device, dtype)
     model.init_buffers(device)      remake non-persistent buffers after a meta-device load
     Model.lora_targets              names of the Linear layers LoRA adapts by default

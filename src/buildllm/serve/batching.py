@@ -222,7 +222,7 @@ class BatchEngine:
         prompts, padding = left_pad([r.prompt for r in newcomers], self.capacity, self.device)
         n = prompts.shape[1]
         fresh = self.model.new_kv_cache(len(newcomers), n, device=self.device, dtype=self.cache.keys.dtype)
-        logits = self.model(prompts, kv_cache=fresh, padding=padding)[:, -1]
+        logits = self.model(prompts, kv_cache=fresh, padding=padding, last_only=True)[:, -1]
         joining = [i for i, r in enumerate(newcomers) if not self._take(r, logits[i : i + 1])]
         length = self.cache.length
         if joining and n > length:  # the prompts are longer than what the batch holds: make room on the left
