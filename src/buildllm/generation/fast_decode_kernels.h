@@ -58,10 +58,10 @@ struct Inputs {
 // A kernel takes R consecutive weight rows and M input vectors at once and keeps their R x M sums
 // in registers: each weight vector it loads serves M inputs and each input vector R rows. While the
 // weights' stream from memory sets the speed, one row at a time streams best; once the batch makes
-// the core's own loads and conversions the limit (a 512-bit load costs as much as a multiply-add
-// here), R rows at once divide the input loads, and int8's and int4's code conversions, by R. Where
-// that happens differs by format (measured per format and batch: benchmarks/README.md); bf16 streams
-// best one row at a time at every batch up to 8.
+// the core's own instructions the limit (a 512-bit load costs as much as a multiply-add here), R
+// rows at once divide the input loads by R (int8's and int4's code conversions are shared by the M
+// inputs either way). Where that happens differs by format (measured per format and batch:
+// benchmarks/README.md); bf16 streams best one row at a time at every batch up to 8.
 template <int M>
 constexpr int f32_rows_at_once() { return M <= 4 ? 1 : M <= 6 ? 4 : 3; }
 template <int M>  // each row's codes widened to two registers' worth, and its input twice as wide as int8
