@@ -529,6 +529,47 @@ class Decoder {
     }
 };
 
+// The codes of a quantization.Int4Linear (packed by pack_codes) as the bf16 weight matrix they
+// stand for: (q - 8) * scale + zero in fp32, rounded to bf16 once, as Int4Linear.dequantized
+// followed by .to(bfloat16) gives it. A prompt's pass multiplies many rows by it through the bf16
+// matrix product, several times faster than PyTorch's int4 kernel there; this is one pass over the
+// codes at memory speed, where the same in PyTorch's own operations takes several.
+torch::Tensor int4_to_bf16(const torch::Tensor& packed, const torch::Tensor& scale, const torch::Tensor& zero,
+                           int64_t group) {
+    TORCH_CHECK(packed.is_contiguous() && scale.is_contiguous() && zero.is_contiguous(), "contiguous tensors expected");
+    const int64_t out = packed.size(0), n = packed.size(1) * 2, groups = n / group, full = n / 64 * 64;
+    auto weight = torch::empty({out, n}, torch::dtype(torch::kBFloat16));
+    const auto* codes = packed.data_ptr<uint8_t>();
+    const auto* s = reinterpret_cast<const uint16_t*>(scale.data_ptr());
+    const auto* z = reinterpret_cast<const uint16_t*>(zero.data_ptr());
+    auto* w = reinterpret_cast<uint16_t*>(weight.data_ptr());
+    at::parallel_for(0, out, 16, [&](int64_t r0, int64_t r1) {
+        const __m512i low4 = _mm512_set1_epi32(15), eight = _mm512_set1_epi32(8);
+        for (int64_t r = r0; r < r1; ++r) {
+            const uint8_t* row = codes + r * (n / 2);
+            // 16 codes (int32 lanes) for inputs k .. k + 15, all in one group (groups are 32 or more)
+            auto store16 = [&](__m512i q, int64_t k) {
+                const int64_t g = r * groups + k / group;
+                __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(q, eight)), _mm512_set1_ps(bf16_to_f32(s[g])),
+                                           _mm512_set1_ps(bf16_to_f32(z[g])));
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + r * n + k), (__m256i)_mm512_cvtneps_pbh(v));
+            };
+            for (int64_t k = 0; k < full; k += 64)  // 32 bytes: byte i holds inputs k + i and k + 32 + i
+                for (int64_t half = 0; half < 32; half += 16) {
+                    __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2 + half)));
+                    store16(_mm512_and_si512(b, low4), k + half);
+                    store16(_mm512_srli_epi32(b, 4), k + 32 + half);
+                }
+            if (n > full) {  // a last 32 inputs: byte i holds inputs full + i and full + 16 + i
+                __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + full / 2)));
+                store16(_mm512_and_si512(b, low4), full);
+                store16(_mm512_srli_epi32(b, 4), full + 16);
+            }
+        }
+    });
+    return weight;
+}
+
 }  // namespace buildllm
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -544,4 +585,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                       std::optional<torch::Tensor>, Norm, Linear>())
         .def("add_layer", &Decoder::add_layer)
         .def("step", &Decoder::step, py::call_guard<py::gil_scoped_release>());
+    m.def("int4_to_bf16", &int4_to_bf16, py::call_guard<py::gil_scoped_release>());
 }
