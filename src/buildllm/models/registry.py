@@ -12,14 +12,14 @@ the built-in ones, which registers them.
 
 What a model class provides (GPT-2's ``GPTModel`` is the reference):
 
-    Model(cfg)                      build with fresh weights (its own initialisation)
-    model.cfg                       the config it was built from
-    model(idx, kv_cache, padding, last_only)   logits; positions are computed inside the model
+    Model(cfg)                                  build with fresh weights (its own initialisation)
+    model.cfg                                   the config it was built from
+    model(idx, kv_cache, padding, last_only)    logits; positions are computed inside the model
     model.new_kv_cache(batch, max_length, device, dtype)
-    model.init_buffers(device)      remake non-persistent buffers after a meta-device load
-    Model.lora_targets              names of the Linear layers LoRA adapts by default
-    Model.count_parameters(cfg)     {"total", "embedding", "head", "non_embedding"}
-    Model.flops_per_token(cfg)      {"train": ..., "forward": ...}
+    model.init_buffers(device)                  remake non-persistent buffers after a meta-device load
+    Model.lora_targets                          names of the Linear layers LoRA adapts by default
+    Model.count_parameters(cfg)                 {"total", "embedding", "head", "non_embedding"}
+    Model.flops_per_token(cfg)                  {"train": ..., "forward": ...}
 
 Adding an architecture, e.g. Llama 3:
 
