@@ -11,9 +11,12 @@
 // The Python side (fast_decode.py) reads a model into a Decoder: per layer its norms, the linear
 // layers that make queries, keys and values (one fused, as GPT-2's, or three), the output
 // projection, and the feed-forward's linear layers (GELU or ReLU^2 after one, SwiGLU over two).
-#include <torch/extension.h>
-
+// ATen's tensor and PyTorch's pybind11 casters, all the step uses: parsing the whole of
+// <torch/extension.h> (autograd, nn, optim, ...) is most of the time a build takes.
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 #include <cmath>
@@ -41,12 +44,12 @@ struct Norm {
     float eps;
     std::vector<float> weight, bias;
 
-    Norm(int64_t kind, double eps, torch::Tensor weight, std::optional<torch::Tensor> bias)
+    Norm(int64_t kind, double eps, at::Tensor weight, std::optional<at::Tensor> bias)
         : kind(kind), eps(float(eps)) {
-        auto w = weight.to(torch::kFloat).contiguous();
+        auto w = weight.to(at::kFloat).contiguous();
         this->weight.assign(w.data_ptr<float>(), w.data_ptr<float>() + w.numel());
         if (bias) {
-            auto b = bias->to(torch::kFloat).contiguous();
+            auto b = bias->to(at::kFloat).contiguous();
             this->bias.assign(b.data_ptr<float>(), b.data_ptr<float>() + b.numel());
         }
     }
@@ -73,14 +76,14 @@ struct Norm {
 
 struct Linear {
     int64_t format, in, out, group;
-    torch::Tensor weight, scale, zero;  // the model's own tensors, not copies
+    at::Tensor weight, scale, zero;  // the model's own tensors, not copies
     const void* w = nullptr;
     const uint16_t *s = nullptr, *z = nullptr;
     std::vector<float> bias;
     bool bf16_activations;
 
-    Linear(int64_t format, torch::Tensor weight, std::optional<torch::Tensor> scale, std::optional<torch::Tensor> zero,
-           std::optional<torch::Tensor> bias, int64_t group, bool bf16_activations)
+    Linear(int64_t format, at::Tensor weight, std::optional<at::Tensor> scale, std::optional<at::Tensor> zero,
+           std::optional<at::Tensor> bias, int64_t group, bool bf16_activations)
         : format(format), group(group), weight(weight), bf16_activations(bf16_activations) {
         TORCH_CHECK(weight.is_contiguous() && weight.dim() == 2, "fast_decode: a weight must be a contiguous matrix");
         out = weight.size(0);
@@ -91,7 +94,7 @@ struct Linear {
         TORCH_CHECK(format != INT4 || (group >= 32 && group % 32 == 0 && in % group == 0),
                     "fast_decode: int4 groups must be a multiple of 32 inputs");
         if (bias) {
-            auto b = bias->to(torch::kFloat).contiguous();
+            auto b = bias->to(at::kFloat).contiguous();
             this->bias.assign(b.data_ptr<float>(), b.data_ptr<float>() + b.numel());
             if (bf16_activations)  // the quantized layers add their fp32 bias in the activations' dtype
                 for (auto& v : this->bias) v = round_bf16(v);
@@ -184,15 +187,15 @@ struct Layer {
 class Decoder {
    public:
     Decoder(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t activation, bool bf16_activations,
-            torch::Tensor wte, std::optional<torch::Tensor> wpe, std::optional<torch::Tensor> rope_freqs, Norm final_norm,
+            at::Tensor wte, std::optional<at::Tensor> wpe, std::optional<at::Tensor> rope_freqs, Norm final_norm,
             Linear head)
         : n_heads(n_heads), n_kv_heads(n_kv_heads), head_dim(head_dim), activation(activation), bf16(bf16_activations),
           wte(wte.contiguous()), final_norm(std::move(final_norm)), head(std::move(head)) {
-        TORCH_CHECK(wte.scalar_type() == torch::kFloat || wte.scalar_type() == torch::kBFloat16,
+        TORCH_CHECK(wte.scalar_type() == at::kFloat || wte.scalar_type() == at::kBFloat16,
                     "fast_decode: the token embedding must be fp32 or bf16");
         if (wpe) this->wpe = wpe->contiguous();
         if (rope_freqs) {
-            auto f = rope_freqs->to(torch::kFloat).contiguous();
+            auto f = rope_freqs->to(at::kFloat).contiguous();
             freqs.assign(f.data_ptr<float>(), f.data_ptr<float>() + f.numel());
         }
         emb_dim = wte.size(1);
@@ -210,15 +213,15 @@ class Decoder {
     // Logits (batch, vocab) for one new token per row; the cache's keys and values at position
     // `length` are written. keys, values: (layers, batch, kv_heads, positions, head_dim); valid:
     // (batch, positions), False at left padding (read only when `padded`).
-    torch::Tensor step(torch::Tensor tokens, torch::Tensor keys, torch::Tensor values, torch::Tensor valid,
+    at::Tensor step(at::Tensor tokens, at::Tensor keys, at::Tensor values, at::Tensor valid,
                        int64_t length, bool padded) {
-        TORCH_CHECK(tokens.dim() == 1 && tokens.scalar_type() == torch::kLong, "fast_decode: tokens must be (batch,) int64");
+        TORCH_CHECK(tokens.dim() == 1 && tokens.scalar_type() == at::kLong, "fast_decode: tokens must be (batch,) int64");
         TORCH_CHECK(keys.dim() == 5 && keys.stride(4) == 1 && values.stride(4) == 1 && keys.strides() == values.strides(),
                     "fast_decode: the cache must be (layers, batch, heads, positions, head_dim) with contiguous heads");
         TORCH_CHECK(length < keys.size(3), "fast_decode: the cache is full");
         batch = tokens.size(0);
         auto tok = tokens.contiguous();
-        auto ok = valid.to(torch::kBool).contiguous();
+        auto ok = valid.to(at::kBool).contiguous();
         const bool* valid_ptr = ok.data_ptr<bool>();
         positions.assign(batch, length);
         if (padded) {  // a row's position counts its real tokens only (models/layers.positions_and_mask)
@@ -230,7 +233,7 @@ class Decoder {
         }
         threads = std::max(1, at::get_num_threads());
         allocate(keys.size(3));
-        auto logits = torch::empty({batch, head.out}, torch::kFloat);
+        auto logits = at::empty({batch, head.out}, at::kFloat);
         const int64_t* ids = tok.data_ptr<int64_t>();
 #pragma omp parallel num_threads(threads)
         {
@@ -255,7 +258,7 @@ class Decoder {
     int64_t n_heads, n_kv_heads, head_dim, activation, emb_dim, hidden_dim = 0, batch = 0;
     int threads = 1;  // of the parallel region (asked of PyTorch outside it: inside, it answers 1)
     bool bf16;
-    torch::Tensor wte, wpe;
+    at::Tensor wte, wpe;
     std::vector<float> freqs;
     Norm final_norm;
     Linear head;
@@ -306,9 +309,9 @@ class Decoder {
         }
     }
 
-    static float value_at(const torch::Tensor& t, int64_t row, int64_t col) {
+    static float value_at(const at::Tensor& t, int64_t row, int64_t col) {
         int64_t at = row * t.size(1) + col;
-        return t.scalar_type() == torch::kFloat ? t.data_ptr<float>()[at] : bf16_to_f32(((const uint16_t*)t.data_ptr())[at]);
+        return t.scalar_type() == at::kFloat ? t.data_ptr<float>()[at] : bf16_to_f32(((const uint16_t*)t.data_ptr())[at]);
     }
 
     void normalize(const Norm& norm, const float* in, float* out, int64_t n) {
@@ -413,7 +416,7 @@ class Decoder {
 
     // RMSNorm of each head's queries and keys (Qwen3), the rotation (RoPE), and the new keys and
     // values into the cache at `length`.
-    void place_keys_and_values(const Layer& layer, torch::Tensor& keys, torch::Tensor& values, size_t l, int64_t length) {
+    void place_keys_and_values(const Layer& layer, at::Tensor& keys, at::Tensor& values, size_t l, int64_t length) {
         const int64_t heads = n_heads + n_kv_heads, w = qkv_width(), D = head_dim;
         std::vector<float> tmp(D);
 #pragma omp for schedule(static)
@@ -431,7 +434,7 @@ class Decoder {
             int64_t kvh = hd - n_heads;
             const float* value = qkv.data() + b * w + (n_heads + n_kv_heads + kvh) * D;
             int64_t at = l * keys.stride(0) + b * keys.stride(1) + kvh * keys.stride(2) + length * keys.stride(3);
-            if (keys.scalar_type() == torch::kFloat) {
+            if (keys.scalar_type() == at::kFloat) {
                 std::copy(v, v + D, keys.data_ptr<float>() + at);
                 std::copy(value, value + D, values.data_ptr<float>() + at);
             } else {
@@ -455,11 +458,11 @@ class Decoder {
         }
     }
 
-    void attend(const torch::Tensor& keys, const torch::Tensor& values, size_t l, int64_t length, bool padded,
+    void attend(const at::Tensor& keys, const at::Tensor& values, size_t l, int64_t length, bool padded,
                 const bool* valid, int64_t valid_stride) {
         const int64_t D = head_dim, group = n_heads / n_kv_heads, w = qkv_width();
         const float scale = 1.f / std::sqrt(float(D));
-        const bool f32 = keys.scalar_type() == torch::kFloat;
+        const bool f32 = keys.scalar_type() == at::kFloat;
         const void *key_data = keys.data_ptr(), *value_data = values.data_ptr();
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < batch * n_heads; ++i) {
@@ -534,11 +537,11 @@ class Decoder {
 // followed by .to(bfloat16) gives it. A prompt's pass multiplies many rows by it through the bf16
 // matrix product, several times faster than PyTorch's int4 kernel there; this is one pass over the
 // codes at memory speed, where the same in PyTorch's own operations takes several.
-torch::Tensor int4_to_bf16(const torch::Tensor& packed, const torch::Tensor& scale, const torch::Tensor& zero,
+at::Tensor int4_to_bf16(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero,
                            int64_t group) {
     TORCH_CHECK(packed.is_contiguous() && scale.is_contiguous() && zero.is_contiguous(), "contiguous tensors expected");
     const int64_t out = packed.size(0), n = packed.size(1) * 2, groups = n / group, full = n / 64 * 64;
-    auto weight = torch::empty({out, n}, torch::dtype(torch::kBFloat16));
+    auto weight = at::empty({out, n}, at::TensorOptions().dtype(at::kBFloat16));
     const auto* codes = packed.data_ptr<uint8_t>();
     const auto* s = reinterpret_cast<const uint16_t*>(scale.data_ptr());
     const auto* z = reinterpret_cast<const uint16_t*>(zero.data_ptr());
@@ -576,13 +579,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     using namespace buildllm;
     namespace py = pybind11;
     // module_local: two builds of this file (other flags, say) can be loaded side by side.
-    py::class_<Norm>(m, "Norm", py::module_local()).def(py::init<int64_t, double, torch::Tensor, std::optional<torch::Tensor>>());
+    py::class_<Norm>(m, "Norm", py::module_local()).def(py::init<int64_t, double, at::Tensor, std::optional<at::Tensor>>());
     py::class_<Linear>(m, "Linear", py::module_local())
-        .def(py::init<int64_t, torch::Tensor, std::optional<torch::Tensor>, std::optional<torch::Tensor>,
-                      std::optional<torch::Tensor>, int64_t, bool>());
+        .def(py::init<int64_t, at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>,
+                      std::optional<at::Tensor>, int64_t, bool>());
     py::class_<Decoder>(m, "Decoder", py::module_local())
-        .def(py::init<int64_t, int64_t, int64_t, int64_t, bool, torch::Tensor, std::optional<torch::Tensor>,
-                      std::optional<torch::Tensor>, Norm, Linear>())
+        .def(py::init<int64_t, int64_t, int64_t, int64_t, bool, at::Tensor, std::optional<at::Tensor>,
+                      std::optional<at::Tensor>, Norm, Linear>())
         .def("add_layer", &Decoder::add_layer)
         .def("step", &Decoder::step, py::call_guard<py::gil_scoped_release>());
     m.def("int4_to_bf16", &int4_to_bf16, py::call_guard<py::gil_scoped_release>());
