@@ -141,6 +141,7 @@ void rows_of(const Linear& L, int64_t r0, int64_t r1, const Inputs& in, float* o
             });
             break;
         default:
+            static_assert(int4_rows_at_once<M>() <= INT4_MAX_ROWS, "the int4 scales' room holds INT4_MAX_ROWS rows");
             in_passes<int4_rows_at_once<M>()>(r0, r1, [&](auto rows, int64_t r) {
                 constexpr int R = decltype(rows)::value;
                 const int64_t groups = n / L.group;
@@ -285,7 +286,7 @@ class Decoder {
         input_q.resize(batch * widest);
         input_q_scale.resize(batch);
         group_sums.resize(batch * widest);
-        int4_scale_room = 2 * (widest / 32 + 16);  // the scales of int4_rows_at_once's most rows, 2
+        int4_scale_room = INT4_MAX_ROWS * (widest / 32 + 16);  // the scales of the rows a kernel takes at once
         int4_scales.resize(threads * int4_scale_room);
         partial.resize(threads * BLOCK_ROWS * MAX_M);
         scores.resize(threads * max_positions);

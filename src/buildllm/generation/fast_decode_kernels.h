@@ -66,8 +66,9 @@ template <int M>
 constexpr int f32_rows_at_once() { return M <= 4 ? 1 : M <= 6 ? 4 : 3; }
 template <int M>  // each row's codes widened to two registers' worth, and its input twice as wide as int8
 constexpr int int8_rows_at_once() { return M <= 2 ? 1 : 2; }
+constexpr int INT4_MAX_ROWS = 2;  // the most int4_rows_at_once gives: the room for their scales
 template <int M>  // two registers of codes per row
-constexpr int int4_rows_at_once() { return M == 1 ? 1 : M <= 4 ? 2 : 1; }
+constexpr int int4_rows_at_once() { return M == 1 ? 1 : M <= 4 ? INT4_MAX_ROWS : 1; }
 
 // Independent sums per accumulator: enough of them hide the latency of the multiply-adds.
 template <int R, int M>
