@@ -7,7 +7,7 @@ from torch import nn
 
 from buildllm import cli
 from buildllm.errors import UserError
-from buildllm.generation.quantization import Int4Linear, Int8Linear, quantize
+from buildllm.generation.quantization import Int4Linear, Int8Linear, pack_codes, quantize, unpack_codes
 from buildllm.generation.sampling import generate, stream_text
 from buildllm.models.gpt2 import GPTConfig, GPTModel
 from buildllm.tokenizer import WordTokenizer
@@ -82,16 +82,28 @@ def test_quantize_replaces_every_linear_and_only_those(scheme, layer):
 def test_int4_weights_are_within_half_a_step_of_their_group():
     linear = random_linear(in_features=128, out_features=40)
     q = Int4Linear.from_linear(linear, group_size=32)
-    assert q.weight.dtype == torch.uint8 and q.weight.shape == (40, 64)  # two weights per byte
-    assert q.scale.shape == q.zero.shape == (40, 4)
+    assert q.weight.dtype == torch.uint8 and q.weight.shape == (48, 64)  # two per byte, tiles of 16 rows
+    assert q.scale.shape == q.zero.shape == (3, 4, 16) and q.scales().shape == q.zeros().shape == (40, 4)
     codes = q.codes()
     assert int(codes.max()) <= 15 and q.codes().shape == (40, 128)
-    step = q.scale.float().repeat_interleave(32, dim=1)
+    step = q.scales().float().repeat_interleave(32, dim=1)
     error = (q.dequantized() - linear.weight).abs()
     assert bool((error <= step / 2 + 1e-6).all())
     # Each group spans its own range: its smallest and largest weights take the extreme codes.
     groups = codes.view(40, 4, 32)
     assert bool((groups.amin(-1) <= 1).all() and (groups.amax(-1) >= 14).all())
+
+
+@pytest.mark.parametrize("rows, inputs", [(40, 128), (61, 96), (16, 32), (3, 64)])
+def test_int4_codes_pack_in_tiles_of_16_rows_and_back(rows, inputs):
+    codes = torch.randint(0, 16, (rows, inputs), dtype=torch.uint8, generator=torch.Generator().manual_seed(rows))
+    packed = pack_codes(codes)
+    assert packed.shape == (-(-rows // 16) * 16, inputs // 2)
+    assert torch.equal(unpack_codes(packed)[:rows], codes) and not unpack_codes(packed)[rows:].any()
+    if inputs >= 64:  # run 0 of the first tile: bytes 0..3 of its 16 rows, holding inputs 0..3 and 32..35
+        run = packed.reshape(-1)[:64].view(16, 4)
+        tile = torch.cat([codes, codes.new_zeros(16, inputs)])[:16]
+        assert torch.equal(run & 15, tile[:, :4]) and torch.equal(run >> 4, tile[:, 32:36])
 
 
 @pytest.mark.parametrize("out_features", [48, 61])  # 61: the kernel pads the output to 64 and cuts it
@@ -118,7 +130,7 @@ def test_a_prompts_rows_multiply_the_int4_weight_the_codes_stand_for(in_features
     if native is None:
         pytest.skip("needs the compiled extension (x86-64 with AVX-512 BF16 and a C++ compiler)")
     q = Int4Linear.from_linear(random_linear(in_features=in_features, out_features=40), group_size=group_size)
-    weight = native.int4_to_bf16(q.weight, q.scale, q.zero, group_size)
+    weight = native.int4_to_bf16(q.weight, q.scale, q.zero, group_size, 40)
     assert torch.equal(weight, q.dequantized(torch.float32).to(torch.bfloat16))
     rows = torch.randn(MATRIX_ROWS + 1, in_features, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     matrix = q._kernel(rows).float()[:, :40]

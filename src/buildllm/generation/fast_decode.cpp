@@ -6,7 +6,8 @@
 // its per-operation overhead about 200 times per token. The numbers follow the readable model's
 // at its precision: fp32 throughout for an fp32 model; for a bf16 model every stage's output is
 // rounded to bf16 where PyTorch's would be; int8 and int4 products take bf16 inputs and give bf16
-// outputs, as PyTorch's int8/int4 kernels do.
+// outputs, as PyTorch's int8/int4 kernels do (int4 multiplies them as int8 numbers per block of 32,
+// as llama.cpp does: fast_decode_kernels.h).
 //
 // The Python side (fast_decode.py) reads a model into a Decoder: per layer its norms, the linear
 // layers that make queries, keys and values (one fused, as GPT-2's, or three), the output
@@ -82,11 +83,13 @@ struct Linear {
     std::vector<float> bias;
     bool bf16_activations;
 
+    // `out`: the layer's outputs (int4's weight has its rows padded to tiles of 16).
     Linear(int64_t format, at::Tensor weight, std::optional<at::Tensor> scale, std::optional<at::Tensor> zero,
-           std::optional<at::Tensor> bias, int64_t group, bool bf16_activations)
-        : format(format), group(group), weight(weight), bf16_activations(bf16_activations) {
+           std::optional<at::Tensor> bias, int64_t group, bool bf16_activations, int64_t out)
+        : format(format), out(out), group(group), weight(weight), bf16_activations(bf16_activations) {
         TORCH_CHECK(weight.is_contiguous() && weight.dim() == 2, "fast_decode: a weight must be a contiguous matrix");
-        out = weight.size(0);
+        TORCH_CHECK(format == INT4 ? weight.size(0) == (out + 15) / 16 * 16 : weight.size(0) == out,
+                    "fast_decode: the weight's rows do not match the outputs");
         in = format == INT4 ? weight.size(1) * 2 : weight.size(1);
         if (scale) this->scale = scale->contiguous(), s = (const uint16_t*)this->scale.data_ptr();
         if (zero) this->zero = zero->contiguous(), z = (const uint16_t*)this->zero.data_ptr();
@@ -117,11 +120,10 @@ inline void in_passes(int64_t r0, int64_t r1, Pass&& pass) {
     for (; r < r1; ++r) pass(std::integral_constant<int, 1>{}, r);
 }
 
-// Rows [r0, r1) (at most BLOCK_ROWS) of L for M inputs: out[m * BLOCK_ROWS + r - r0], so that each
-// input's outputs lie side by side and are finished 16 at a time. `scratch`: room for the int4
-// scales of a few rows.
+// Rows [r0, r1) (at most BLOCK_ROWS, r0 a multiple of it) of L for M inputs: out[m * BLOCK_ROWS + r - r0],
+// so that each input's outputs lie side by side and are finished 16 at a time.
 template <int M>
-void rows_of(const Linear& L, int64_t r0, int64_t r1, const Inputs& in, float* out, float* scratch) {
+void rows_of(const Linear& L, int64_t r0, int64_t r1, const Inputs& in, float* out) {
     const int64_t n = L.in;
     switch (L.format) {
         case F32:
@@ -140,31 +142,25 @@ void rows_of(const Linear& L, int64_t r0, int64_t r1, const Inputs& in, float* o
                 dot_int8<R, M>((const int8_t*)L.w + r * n, n, scales, in, out + (r - r0), BLOCK_ROWS);
             });
             break;
-        default:
-            static_assert(int4_rows_at_once<M>() <= INT4_MAX_ROWS, "the int4 scales' room holds INT4_MAX_ROWS rows");
-            in_passes<int4_rows_at_once<M>()>(r0, r1, [&](auto rows, int64_t r) {
-                constexpr int R = decltype(rows)::value;
-                const int64_t groups = n / L.group;
-                float zero_terms[R * M];
-                for (int i = 0; i < R; ++i)
-                    int4_row_terms<M>(L.s + (r + i) * groups, L.z + (r + i) * groups, groups, in, scratch + i * groups,
-                                      zero_terms + i * M);
-                dot_int4<R, M>((const uint8_t*)L.w + r * (n / 2), n / 2, scratch, groups, zero_terms, L.group, in,
-                               out + (r - r0), BLOCK_ROWS);
-            });
+        default: {  // a tile of 16 rows (pack_codes)
+            static_assert(BLOCK_ROWS == 16, "int4 weights come in tiles of 16 rows");
+            const int64_t tile = r0 / 16, groups = n / L.group;
+            dot_int4<M>((const uint8_t*)L.w + tile * 16 * (n / 2), L.s + tile * groups * 16, L.z + tile * groups * 16,
+                        L.group, in, out, BLOCK_ROWS);
+        }
     }
 }
 
-void rows_of(int64_t M, const Linear& L, int64_t r0, int64_t r1, const Inputs& in, float* out, float* scratch) {
+void rows_of(int64_t M, const Linear& L, int64_t r0, int64_t r1, const Inputs& in, float* out) {
     switch (M) {
-        case 1: rows_of<1>(L, r0, r1, in, out, scratch); break;
-        case 2: rows_of<2>(L, r0, r1, in, out, scratch); break;
-        case 3: rows_of<3>(L, r0, r1, in, out, scratch); break;
-        case 4: rows_of<4>(L, r0, r1, in, out, scratch); break;
-        case 5: rows_of<5>(L, r0, r1, in, out, scratch); break;
-        case 6: rows_of<6>(L, r0, r1, in, out, scratch); break;
-        case 7: rows_of<7>(L, r0, r1, in, out, scratch); break;
-        default: rows_of<8>(L, r0, r1, in, out, scratch);
+        case 1: rows_of<1>(L, r0, r1, in, out); break;
+        case 2: rows_of<2>(L, r0, r1, in, out); break;
+        case 3: rows_of<3>(L, r0, r1, in, out); break;
+        case 4: rows_of<4>(L, r0, r1, in, out); break;
+        case 5: rows_of<5>(L, r0, r1, in, out); break;
+        case 6: rows_of<6>(L, r0, r1, in, out); break;
+        case 7: rows_of<7>(L, r0, r1, in, out); break;
+        default: rows_of<8>(L, r0, r1, in, out);
     }
 }
 
@@ -269,8 +265,10 @@ class Decoder {
     std::vector<float> x, h, qkv, context, hidden, activated, partial, scores;
     std::vector<uint16_t> input_b;  // the input of a linear layer, as Inputs has it
     std::vector<int16_t> input_q;
-    std::vector<float> input_q_scale, group_sums, int4_scales;
-    int64_t int4_scale_room = 0;
+    std::vector<float> input_q_scale, group_sums;
+    std::vector<int8_t> input_8;
+    std::vector<float> input_8_scale;
+    std::vector<int32_t> input_8_offset;
 
     int64_t qkv_width() const { return (n_heads + 2 * n_kv_heads) * head_dim; }
 
@@ -286,8 +284,9 @@ class Decoder {
         input_q.resize(batch * widest);
         input_q_scale.resize(batch);
         group_sums.resize(batch * widest);
-        int4_scale_room = INT4_MAX_ROWS * (widest / 32 + 16);  // the scales of the rows a kernel takes at once
-        int4_scales.resize(threads * int4_scale_room);
+        input_8.resize(batch * widest);
+        input_8_scale.resize(batch * widest / 32);
+        input_8_offset.resize(batch * widest / 32);
         partial.resize(threads * BLOCK_ROWS * MAX_M);
         scores.resize(threads * max_positions);
     }
@@ -337,6 +336,7 @@ class Decoder {
         for (int64_t m0 = 0; m0 < batch; m0 += MAX_M) {
             const int64_t M = std::min(MAX_M, batch - m0);
             Inputs in{n, input + m0 * n, input_b.data() + m0 * n, input_q.data() + m0 * n, input_q_scale.data() + m0,
+                      input_8.data() + m0 * n, input_8_scale.data() + m0 * (n / 32), input_8_offset.data() + m0 * (n / 32),
                       group ? group_sums.data() + m0 * (n / group) : nullptr};
 #pragma omp for schedule(static)
             for (int64_t blk = 0; blk < first_block.back(); ++blk) {
@@ -344,7 +344,7 @@ class Decoder {
                 const Linear& L = *linears[i];
                 const Destination& d = outs[i];
                 int64_t r0 = (blk - first_block[i]) * BLOCK_ROWS, r1 = std::min(L.out, r0 + BLOCK_ROWS);
-                rows_of(M, L, r0, r1, in, out, int4_scales.data() + thread_id() * int4_scale_room);
+                rows_of(M, L, r0, r1, in, out);
                 for (int64_t m = 0; m < M; ++m) finish_row_block(L, d, out + m * BLOCK_ROWS, r0, r1, m0 + m);
             }
         }
@@ -391,11 +391,22 @@ class Decoder {
                     _mm256_mask_storeu_epi16(input_q.data() + b * n + k, mask, _mm512_cvtsepi32_epi16(q));
                 }
             }
-            if (group) {  // the sum of each group (int4's zeros multiply it)
+            if (group) {  // int4: the sum of each group (its zero multiplies it), and int8 numbers per 32
                 for (int64_t g = 0; g < n / group; ++g) {
                     __m512 sum = _mm512_setzero_ps();
                     for (int64_t k = g * group; k < (g + 1) * group; k += 16) sum = _mm512_add_ps(sum, widen16(xb + k, 0xffff));
                     group_sums[b * (n / group) + g] = _mm512_reduce_add_ps(sum);
+                }
+                for (int64_t i = 0; i < n / 32; ++i) {  // round(x / scale), scale = max |x| / 127 over the 32
+                    __m512 lo = widen16(xb + 32 * i, 0xffff), hi = widen16(xb + 32 * i + 16, 0xffff);
+                    float largest = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+                    __m512 inverse = _mm512_set1_ps(largest > 0.f ? 127.f / largest : 0.f);
+                    __m512i q_lo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse)), q_hi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse));
+                    int8_t* q = input_8.data() + b * n + 32 * i;
+                    _mm_storeu_si128((__m128i*)q, _mm512_cvtsepi32_epi8(q_lo));
+                    _mm_storeu_si128((__m128i*)(q + 16), _mm512_cvtsepi32_epi8(q_hi));
+                    input_8_scale[b * (n / 32) + i] = largest / 127.f;
+                    input_8_offset[b * (n / 32) + i] = -8 * _mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi));
                 }
             }
         }
@@ -537,37 +548,49 @@ class Decoder {
 // stand for: (q - 8) * scale + zero in fp32, rounded to bf16 once, as Int4Linear.dequantized
 // followed by .to(bfloat16) gives it. A prompt's pass multiplies many rows by it through the bf16
 // matrix product, several times faster than PyTorch's int4 kernel there; this is one pass over the
-// codes at memory speed, where the same in PyTorch's own operations takes several.
-at::Tensor int4_to_bf16(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero,
-                           int64_t group) {
+// codes at memory speed, where the same in PyTorch's own operations takes several. `out`: the
+// layer's outputs (the codes' rows are padded to tiles of 16); scale, zero: (tiles, groups, 16).
+at::Tensor int4_to_bf16(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero, int64_t group,
+                        int64_t out) {
     TORCH_CHECK(packed.is_contiguous() && scale.is_contiguous() && zero.is_contiguous(), "contiguous tensors expected");
-    const int64_t out = packed.size(0), n = packed.size(1) * 2, groups = n / group, full = n / 64 * 64;
+    TORCH_CHECK(packed.size(0) == (out + 15) / 16 * 16, "int4_to_bf16: the codes' rows do not match the outputs");
+    const int64_t n = packed.size(1) * 2, groups = n / group, full = n / 64 * 64;
     auto weight = at::empty({out, n}, at::TensorOptions().dtype(at::kBFloat16));
     const auto* codes = packed.data_ptr<uint8_t>();
     const auto* s = reinterpret_cast<const uint16_t*>(scale.data_ptr());
     const auto* z = reinterpret_cast<const uint16_t*>(zero.data_ptr());
     auto* w = reinterpret_cast<uint16_t*>(weight.data_ptr());
-    at::parallel_for(0, out, 16, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, (out + 15) / 16, 1, [&](int64_t t0, int64_t t1) {
         const __m512i low4 = _mm512_set1_epi32(15), eight = _mm512_set1_epi32(8);
-        for (int64_t r = r0; r < r1; ++r) {
-            const uint8_t* row = codes + r * (n / 2);
-            // 16 codes (int32 lanes) for inputs k .. k + 15, all in one group (groups are 32 or more)
-            auto store16 = [&](__m512i q, int64_t k) {
-                const int64_t g = r * groups + k / group;
-                __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(q, eight)), _mm512_set1_ps(bf16_to_f32(s[g])),
-                                           _mm512_set1_ps(bf16_to_f32(z[g])));
-                _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + r * n + k), (__m256i)_mm512_cvtneps_pbh(v));
-            };
-            for (int64_t k = 0; k < full; k += 64)  // 32 bytes: byte i holds inputs k + i and k + 32 + i
-                for (int64_t half = 0; half < 32; half += 16) {
-                    __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2 + half)));
-                    store16(_mm512_and_si512(b, low4), k + half);
-                    store16(_mm512_srli_epi32(b, 4), k + 32 + half);
+        std::vector<uint8_t> rows(16 * (n / 2));  // the tile's codes, a row's 32 bytes per 64 inputs after another
+        for (int64_t t = t0; t < t1; ++t) {
+            const uint8_t* tile = codes + t * 16 * (n / 2);
+            for (int64_t k = 0; k < n; k += 64) {  // run j holds bytes 4j .. 4j + 3 of each row
+                const int64_t bytes = std::min<int64_t>(32, (n - k) / 2);
+                for (int64_t j = 0; j < bytes / 4; ++j)
+                    for (int r = 0; r < 16; ++r)
+                        std::memcpy(&rows[r * (n / 2) + k / 2 + 4 * j], tile + k * 8 + 64 * j + 4 * r, 4);
+            }
+            for (int64_t r = t * 16; r < std::min(out, t * 16 + 16); ++r) {
+                const uint8_t* row = rows.data() + (r - t * 16) * (n / 2);
+                // 16 codes (int32 lanes) for inputs k .. k + 15, all in one group (groups are 32 or more)
+                auto store16 = [&](__m512i q, int64_t k) {
+                    const int64_t g = (t * groups + k / group) * 16 + r - t * 16;
+                    __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(q, eight)), _mm512_set1_ps(bf16_to_f32(s[g])),
+                                               _mm512_set1_ps(bf16_to_f32(z[g])));
+                    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + r * n + k), (__m256i)_mm512_cvtneps_pbh(v));
+                };
+                for (int64_t k = 0; k < full; k += 64)  // 32 bytes: byte i holds inputs k + i and k + 32 + i
+                    for (int64_t half = 0; half < 32; half += 16) {
+                        __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2 + half)));
+                        store16(_mm512_and_si512(b, low4), k + half);
+                        store16(_mm512_srli_epi32(b, 4), k + 32 + half);
+                    }
+                if (n > full) {  // a last 32 inputs: byte i holds inputs full + i and full + 16 + i
+                    __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + full / 2)));
+                    store16(_mm512_and_si512(b, low4), full);
+                    store16(_mm512_srli_epi32(b, 4), full + 16);
                 }
-            if (n > full) {  // a last 32 inputs: byte i holds inputs full + i and full + 16 + i
-                __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + full / 2)));
-                store16(_mm512_and_si512(b, low4), full);
-                store16(_mm512_srli_epi32(b, 4), full + 16);
             }
         }
     });
@@ -583,7 +606,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     py::class_<Norm>(m, "Norm", py::module_local()).def(py::init<int64_t, double, at::Tensor, std::optional<at::Tensor>>());
     py::class_<Linear>(m, "Linear", py::module_local())
         .def(py::init<int64_t, at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>,
-                      std::optional<at::Tensor>, int64_t, bool>());
+                      std::optional<at::Tensor>, int64_t, bool, int64_t>());
     py::class_<Decoder>(m, "Decoder", py::module_local())
         .def(py::init<int64_t, int64_t, int64_t, int64_t, bool, at::Tensor, std::optional<at::Tensor>,
                       std::optional<at::Tensor>, Norm, Linear>())

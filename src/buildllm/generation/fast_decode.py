@@ -115,11 +115,13 @@ def _linear(native, layer: nn.Module, bf16: bool):
         kind = {torch.float32: F32, torch.bfloat16: BF16}.get(layer.weight.dtype)
         if kind is None or (kind == BF16) != bf16:
             raise _Unsupported(layer.weight.dtype)
-        return native.Linear(kind, _huge_pages(layer.weight.detach()), None, None, _detached(layer.bias), 0, bf16)
+        return native.Linear(kind, _huge_pages(layer.weight.detach()), None, None, _detached(layer.bias), 0, bf16,
+                             layer.out_features)
     if type(layer) is Int8Linear:
-        return native.Linear(INT8, _huge_pages(layer.weight), layer.scale, None, layer.bias, 0, bf16)
+        return native.Linear(INT8, _huge_pages(layer.weight), layer.scale, None, layer.bias, 0, bf16, layer.out_features)
     if type(layer) is Int4Linear:
-        return native.Linear(INT4, _huge_pages(layer.weight), layer.scale, layer.zero, layer.bias, layer.group_size, bf16)
+        return native.Linear(INT4, _huge_pages(layer.weight), layer.scale, layer.zero, layer.bias, layer.group_size, bf16,
+                             layer.out_features)
     raise _Unsupported(type(layer).__name__)
 
 

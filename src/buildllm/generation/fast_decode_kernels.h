@@ -52,6 +52,9 @@ struct Inputs {
     const uint16_t* xb;          // rounded to bf16, (M, in)
     const int16_t* xq;           // as int16 numbers times xq_scale[m] (int8 weights), (M, in)
     const float* xq_scale;       // (M,)
+    const int8_t* x8;            // the bf16 inputs as int8 numbers times one scale per 32 (int4 weights), (M, in)
+    const float* x8_scale;       // (M, in / 32)
+    const int32_t* x8_offset;    // -8 times the sum of each 32 int8 numbers (int4's codes are q - 8), (M, in / 32)
     const float* group_sums;     // the sum of each group of the bf16 inputs (int4's zeros multiply it), (M, groups)
 };
 
@@ -66,9 +69,6 @@ template <int M>
 constexpr int f32_rows_at_once() { return M <= 4 ? 1 : M <= 6 ? 4 : 3; }
 template <int M>  // each row's codes widened to two registers' worth, and its input twice as wide as int8
 constexpr int int8_rows_at_once() { return M <= 2 ? 1 : 2; }
-constexpr int INT4_MAX_ROWS = 2;  // the most int4_rows_at_once gives: the room for their scales
-template <int M>  // two registers of codes per row
-constexpr int int4_rows_at_once() { return M == 1 ? 1 : M <= 4 ? INT4_MAX_ROWS : 1; }
 
 // Independent sums per accumulator: enough of them hide the latency of the multiply-adds.
 template <int R, int M>
@@ -245,86 +245,65 @@ void dot_int8(const int8_t* w, int64_t ld, const float* scales, const Inputs& in
         for (int m = 0; m < M; ++m) out[m * stride + r] *= scales[r] * in.xq_scale[m];
 }
 
-// int4 (packed by quantization.pack_codes): each 64 inputs are 32 bytes, byte i holding input i in
-// its low 4 bits and input i + 32 in its high 4 bits; a group of `group` inputs is
-// (q - 8) * scale + zero. The 32 bytes widened to 16 bits hold 32 consecutive inputs' codes in their
-// low 4 bits and the next 32 in their high 4 bits. Or-ing 0x4300 into a code q makes the bf16
-// number 128 + q (exact: bf16 holds every integer from 128 to 255), so the codes become bf16 in two
-// instructions; their products with the bf16 inputs are exact and summed in fp32, one group of 32
-// per instruction, and the group's scale multiplies the sum. Per group,
-// sum w x = s sum (128 + q) x + (z - 136 s) sum x: `zero_terms[r * M + m]` is the second part
-// (int4_row_terms computes it from the inputs' group sums); `scales` are the R rows' widened to
-// fp32, `groups` apart. `ld`: bytes from one row to the next.
+// int4 (packed by quantization.pack_codes): a group of `group` inputs is (q - 8) * scale + zero,
+// q in 0..15. The rows come in tiles of 16, and a tile's codes are laid out for the multiply
+// instruction: each 64 inputs are 8 runs of 64 bytes, run j holding 4 bytes of each of the 16 rows,
+// and byte i of a row's 32 holds its input i in the low 4 bits and input i + 32 in the high ones.
+// So the low halves of run j, as 16 lanes, are the 16 rows' codes for inputs 4j .. 4j + 3, and
+// one `vpdpbusd` multiplies them by those 4 inputs (as int8, broadcast) and sums them: 64 products
+// into 16 rows' sums, where the bf16 numbers of a row at a time take 32 per instruction and a scale
+// per group, and a batch of 8 rows ran out of instructions near 1.8x its batch 1 (benchmarks/README.md).
+// The inputs are int8 numbers times one scale per 32 (Inputs::x8, made once per input), as
+// llama.cpp multiplies its Q4_0 weights: per block of 32, sum w x = scale x8_scale sum (q - 8) x8,
+// summed exactly in int32 (the -8 enters as x8_offset), plus zero times the sum of the group's
+// bf16 inputs. A last 32 inputs are 4 runs, byte i holding inputs i and i + 16. `scale`, `zero`:
+// the tile's, (groups, 16) bf16. The 16 rows' sums with input m go to out[m * stride + r].
 template <int M>
-inline void int4_row_terms(const uint16_t* scale, const uint16_t* zero, int64_t groups, const Inputs& in, float* scales,
-                           float* zero_terms) {
-    __m512 term[M];
-    for (int m = 0; m < M; ++m) term[m] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; g += 16) {
-        __m512 s = widen16(scale + g, mask16(groups - g));
-        _mm512_storeu_ps(scales + g, s);
-        __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(136.f), s, widen16(zero + g, mask16(groups - g)));
-        for (int m = 0; m < M; ++m)
-            term[m] = _mm512_fmadd_ps(offset, _mm512_maskz_loadu_ps(mask16(groups - g), in.group_sums + m * groups + g), term[m]);
-    }
-    for (int m = 0; m < M; ++m) zero_terms[m] = _mm512_reduce_add_ps(term[m]);
-}
-
-template <int R, int M>
-void dot_int4(const uint8_t* w, int64_t ld, const float* scales, int64_t groups, const float* zero_terms, int64_t group,
-              const Inputs& in, float* out, int64_t stride) {
-    constexpr int U = unroll<R, M>();
-    const int64_t n = in.in, full = n / 64 * 64;
-    const __m512i low_bits = _mm512_set1_epi16(0x000f), bf16_128 = _mm512_set1_epi16(0x4300);
-    __m512 acc[U][R][M];
-    zero(acc);
-    auto as_bf16 = [&](__m512i bytes, __m512i& low, __m512i& high) {
-        low = _mm512_ternarylogic_epi32(bytes, low_bits, bf16_128, 0xea);  // (bytes & 15) | 0x4300
-        high = _mm512_or_si512(_mm512_srli_epi16(bytes, 4), bf16_128);
-    };
-    auto block = [&](int64_t k, int u) {  // inputs k .. k + 63
-        __m512i low[R], high[R];
-        for (int r = 0; r < R; ++r) {
-            if (prefetches<M>()) prefetch(w + r * ld + k / 2);
-            as_bf16(_mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(w + r * ld + k / 2))), low[r], high[r]);
-        }
+void dot_int4(const uint8_t* w, const uint16_t* scale, const uint16_t* zero, int64_t group, const Inputs& in,
+              float* out, int64_t stride) {
+    const int64_t n = in.in, blocks = n / 32, groups = n / group, full = n / 64 * 64;
+    const __m512i low_bits = _mm512_set1_epi8(15);
+    __m512 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+    auto block = [&](const __m512i* codes, int64_t b) {  // inputs 32b .. 32b + 31: codes[j] for inputs 4j .. 4j + 3
+        const int64_t g = b * 32 / group;
+        const __m512 s = widen16(scale + g * 16, 0xffff);
         for (int m = 0; m < M; ++m) {
-            const uint16_t* x = in.xb + m * n + k;
-            __m512bh x0 = as_bh(_mm512_loadu_si512(x)), x1 = as_bh(_mm512_loadu_si512(x + 32));
-            for (int r = 0; r < R; ++r) {
-                const float* s = scales + r * groups;
-                if (group == 32) {
-                    __m512 d0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(low[r]), x0);
-                    __m512 d1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(high[r]), x1);
-                    acc[u][r][m] = _mm512_fmadd_ps(d1, _mm512_set1_ps(s[k / 32 + 1]),
-                                                   _mm512_fmadd_ps(d0, _mm512_set1_ps(s[k / 32]), acc[u][r][m]));
-                } else {
-                    __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(low[r]), x0);
-                    d = _mm512_dpbf16_ps(d, as_bh(high[r]), x1);
-                    acc[u][r][m] = _mm512_fmadd_ps(d, _mm512_set1_ps(s[k / group]), acc[u][r][m]);
-                }
+            const int8_t* x = in.x8 + m * n + 32 * b;
+            // two chains of four, so that one row of the batch does not wait on each sum in turn
+            __m512i d0 = _mm512_set1_epi32(in.x8_offset[m * blocks + b]), d1 = _mm512_setzero_si512();
+            for (int j = 0; j < 4; ++j) {
+                d0 = _mm512_dpbusd_epi32(d0, codes[j], _mm512_set1_epi32(*(const int32_t*)(x + 4 * j)));
+                d1 = _mm512_dpbusd_epi32(d1, codes[4 + j], _mm512_set1_epi32(*(const int32_t*)(x + 16 + 4 * j)));
             }
+            __m512 scaled = _mm512_mul_ps(s, _mm512_set1_ps(in.x8_scale[m * blocks + b]));
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1)), scaled, acc[m]);
+        }
+        if (b * 32 % group == 0) {  // the group's zero, once
+            const __m512 z = widen16(zero + g * 16, 0xffff);
+            for (int m = 0; m < M; ++m)
+                acc[m] = _mm512_fmadd_ps(z, _mm512_set1_ps(in.group_sums[m * groups + g]), acc[m]);
         }
     };
-    int64_t k = 0;
-    for (; k + 64 * U <= full; k += 64 * U)
-        for (int u = 0; u < U; ++u) block(k + 64 * u, u);
-    for (; k < full; k += 64) block(k, 0);
-    if (n > full) {  // a last 32 inputs: 16 bytes, byte i holding inputs i and i + 16
-        for (int r = 0; r < R; ++r) {
-            __m512i low, high;
-            as_bf16(_mm512_cvtepu8_epi16(_mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)(w + r * ld + full / 2)))), low, high);
-            __m512i codes = _mm512_inserti64x4(low, _mm512_castsi512_si256(high), 1);
-            __m512 s = _mm512_set1_ps(scales[r * groups + full / group]);
-            for (int m = 0; m < M; ++m) {
-                __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(codes), as_bh(_mm512_loadu_si512(in.xb + m * n + full)));
-                acc[0][r][m] = _mm512_fmadd_ps(d, s, acc[0][r][m]);
-            }
+    __m512i codes[16];
+    for (int64_t k = 0; k < full; k += 64, w += 512) {
+        for (int j = 0; j < 8; ++j) {
+            __m512i run = _mm512_loadu_si512(w + 64 * j);
+            codes[j] = _mm512_and_si512(run, low_bits);
+            codes[8 + j] = _mm512_and_si512(_mm512_srli_epi16(run, 4), low_bits);
         }
+        block(codes, k / 32);
+        block(codes + 8, k / 32 + 1);
     }
-    store_sums<U, R, M>(acc, out, stride);
-    for (int r = 0; r < R; ++r)
-        for (int m = 0; m < M; ++m) out[m * stride + r] += zero_terms[r * M + m];
+    if (n > full) {
+        for (int j = 0; j < 4; ++j) {
+            __m512i run = _mm512_loadu_si512(w + 64 * j);
+            codes[j] = _mm512_and_si512(run, low_bits);
+            codes[4 + j] = _mm512_and_si512(_mm512_srli_epi16(run, 4), low_bits);
+        }
+        block(codes, full / 32);
+    }
+    for (int m = 0; m < M; ++m) _mm512_storeu_ps(out + m * stride, acc[m]);
 }
 
 }  // namespace buildllm

@@ -8,7 +8,9 @@ GPT-2 124M in fp32 is 500 MB per token; with int8 weights it is 125 MB, with int
 
 *Weight-only* quantization stores the weights as small integers and a few floats that map them
 back; activations are not quantized. The matrix product runs in bf16 through PyTorch's fused
-kernels, which convert the integers on the fly, so nothing larger is ever read.
+kernels, which convert the integers on the fly, so nothing larger is ever read. (The C++ decoding
+step, ``fast_decode.py``, multiplies int4 codes by its inputs rounded to int8 numbers per block of
+32, as llama.cpp does for its 4-bit formats: a batch of rows then costs far fewer instructions.)
 
 - ``int8``: each row (one output feature) is ``q * scale``, ``q`` in [-127, 127], ``scale =
   max|row| / 127`` (symmetric, per output channel). The error per weight is at most half a step,
@@ -37,6 +39,7 @@ from buildllm.generation.native import extension
 
 MAX_INT8 = 127  # symmetric: -127..127, so that -q is always representable
 MATRIX_ROWS = 32  # from this many input rows on, a layer multiplies through the bf16 matrix product
+TILE_ROWS = 16  # int4 rows are stored in tiles of this many, as the fast decoding step multiplies them
 
 
 class QuantizedLinear(nn.Module):
@@ -127,11 +130,13 @@ class Int4Linear(QuantizedLinear):
                             f"inputs and group size {group_size}: use int8, or a group size that divides it")
         super().__init__(in_features, out_features, bias, device)
         self.group_size = group_size
-        groups = in_features // group_size
-        # Two weights per byte, in the order the fast decoding step reads them (see pack_codes).
-        self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
-        self.register_buffer("scale", torch.ones(out_features, groups, dtype=torch.bfloat16, device=device))
-        self.register_buffer("zero", torch.zeros(out_features, groups, dtype=torch.bfloat16, device=device))
+        groups, tiles = in_features // group_size, -(-out_features // TILE_ROWS)
+        # Two weights per byte, in tiles of 16 rows, in the order the fast decoding step reads them
+        # (see pack_codes); the scales and zeros as (tiles, groups, 16 rows) to match. codes(),
+        # scales() and zeros() give them back row by row.
+        self.register_buffer("weight", torch.zeros(tiles * TILE_ROWS, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scale", torch.ones(tiles, groups, TILE_ROWS, dtype=torch.bfloat16, device=device))
+        self.register_buffer("zero", torch.zeros(tiles, groups, TILE_ROWS, dtype=torch.bfloat16, device=device))
         # The CPU kernel's own arrangement of the same numbers, made at the first CPU forward pass.
         self.register_buffer("_kernel_weight", None, persistent=False)
         self.register_buffer("_kernel_scale_zero", None, persistent=False)
@@ -148,34 +153,43 @@ class Int4Linear(QuantizedLinear):
         zero = (low + 8 * scale.float()).to(torch.bfloat16)
         codes = torch.round((groups - zero.float()[..., None]) / scale.float()[..., None] + 8).clamp(0, 15)
         q.weight.copy_(pack_codes(codes.to(torch.uint8).view(q.out_features, q.in_features)))
-        q.scale.copy_(scale)
-        q.zero.copy_(zero)
+        q.scale.copy_(_in_tiles(scale))
+        q.zero.copy_(_in_tiles(zero))
         if linear.bias is not None:
             q.bias.copy_(linear.bias.detach().float())
         return q
 
     def codes(self) -> torch.Tensor:
         """The 4-bit numbers, one per weight, as a ``(out, in)`` uint8 tensor."""
-        return unpack_codes(self.weight)
+        return unpack_codes(self.weight)[: self.out_features]
+
+    def scales(self) -> torch.Tensor:
+        """Each group's scale, ``(out, groups)``."""
+        return _by_row(self.scale)[: self.out_features]
+
+    def zeros(self) -> torch.Tensor:
+        """Each group's zero, ``(out, groups)``."""
+        return _by_row(self.zero)[: self.out_features]
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight matrix the codes stand for: ``(q - 8) * scale + zero``, group by group."""
         q = self.codes().to(dtype).view(self.out_features, -1, self.group_size)
-        w = (q - 8) * self.scale.to(dtype)[..., None] + self.zero.to(dtype)[..., None]
+        w = (q - 8) * self.scales().to(dtype)[..., None] + self.zeros().to(dtype)[..., None]
         return w.view(self.out_features, self.in_features)
 
     def _kernel(self, rows: torch.Tensor) -> torch.Tensor:
         if rows.shape[0] >= MATRIX_ROWS and (native := extension()) is not None:
             # A prompt's pass: the bf16 matrix product over the weight the codes stand for, made
             # in one pass by the compiled extension, is 2-3x PyTorch's int4 kernel at 128 rows.
-            return F.linear(rows, native.int4_to_bf16(self.weight, self.scale, self.zero, self.group_size))
+            return F.linear(rows, native.int4_to_bf16(self.weight, self.scale, self.zero, self.group_size,
+                                                      self.out_features))
         if self._kernel_weight is None:
             # The kernel wants the output size in multiples of 16 (padded with zero rows, whose
             # outputs are cut off again) and the scales and zeros as (groups, out, 2).
             pad = -self.out_features % 16
             codes = F.pad(self.codes().to(torch.int32), (0, 0, 0, pad))
             self._kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-            scale_zero = F.pad(torch.stack([self.scale, self.zero], dim=-1), (0, 0, 0, 0, 0, pad))
+            scale_zero = F.pad(torch.stack([self.scales(), self.zeros()], dim=-1), (0, 0, 0, 0, 0, pad))
             self._kernel_scale_zero = scale_zero.transpose(0, 1).contiguous()
         return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self._kernel_weight, self.group_size,
                                                           self._kernel_scale_zero)
@@ -185,30 +199,52 @@ class Int4Linear(QuantizedLinear):
 
 
 def pack_codes(codes: torch.Tensor) -> torch.Tensor:
-    """``(out, in)`` 4-bit codes, two per byte: each 64 inputs are 32 bytes, byte ``i`` holding
-    input ``i`` in its low 4 bits and input ``i + 32`` in its high 4 bits (a last 32 inputs: byte
-    ``i`` holds inputs ``i`` and ``i + 16``). The low halves of 32 bytes are then 32 consecutive
-    inputs, one group of 32, which the fast decoding step multiplies in one instruction."""
+    """``(out, in)`` 4-bit codes, two per byte, in tiles of 16 rows (the last filled with zero rows):
+    ``(out`` rounded up to 16``, in / 2)`` bytes.
+
+    Within a row, each 64 inputs are 32 bytes, byte ``i`` holding input ``i`` in its low 4 bits and
+    input ``i + 32`` in its high 4 bits (a last 32 inputs: 16 bytes, inputs ``i`` and ``i + 16``).
+    A tile stores each 64 inputs as 8 runs of 64 bytes, run ``j`` holding bytes ``4j .. 4j + 3`` of
+    its 16 rows in turn: the low halves of a run are then the 16 rows' codes for 4 consecutive
+    inputs, which the fast decoding step multiplies in one instruction (fast_decode_kernels.h).
+    """
     out, n = codes.shape
     full = n // 64 * 64
-    blocks = codes[:, :full].reshape(out, -1, 2, 32)
-    parts = [(blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(out, -1)]
+    codes = F.pad(codes, (0, 0, 0, -out % TILE_ROWS))
+    tiles = codes.shape[0] // TILE_ROWS
+    halves = codes[:, :full].reshape(codes.shape[0], full // 64, 2, 32)
+    row_bytes = halves[:, :, 0] | (halves[:, :, 1] << 4)  # (rows, 64-input blocks, 32)
+    parts = [row_bytes.reshape(tiles, TILE_ROWS, full // 64, 8, 4).permute(0, 2, 3, 1, 4).reshape(tiles, -1)]
     if n > full:
-        tail = codes[:, full:].reshape(out, 2, -1)
-        parts.append(tail[:, 0] | (tail[:, 1] << 4))
-    return torch.cat(parts, dim=1)
+        tail = codes[:, full:].reshape(-1, 2, 16)
+        tail_bytes = tail[:, 0] | (tail[:, 1] << 4)  # (rows, 16)
+        parts.append(tail_bytes.reshape(tiles, TILE_ROWS, 4, 4).permute(0, 2, 1, 3).reshape(tiles, -1))
+    return torch.cat(parts, dim=1).reshape(tiles * TILE_ROWS, n // 2)
 
 
 def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
-    """The ``(out, in)`` codes ``pack_codes`` packed."""
-    out, half = packed.shape
-    full = half // 32 * 32
-    blocks = packed[:, :full].reshape(out, -1, 1, 32)
-    parts = [torch.cat([blocks & 15, blocks >> 4], dim=2).reshape(out, -1)]
-    if half > full:
-        tail = packed[:, full:]
+    """The codes ``pack_codes`` packed, ``(rows, in)`` with the last tile's filling rows."""
+    rows, n = packed.shape[0], packed.shape[1] * 2
+    full, tiles = n // 64 * 64, rows // TILE_ROWS
+    flat = packed.reshape(tiles, -1)
+    runs = flat[:, : full * 8].reshape(tiles, full // 64, 8, TILE_ROWS, 4).permute(0, 3, 1, 2, 4)
+    row_bytes = runs.reshape(rows, full // 64, 1, 32)
+    parts = [torch.cat([row_bytes & 15, row_bytes >> 4], dim=2).reshape(rows, full)]
+    if n > full:
+        tail = flat[:, full * 8 :].reshape(tiles, 4, TILE_ROWS, 4).permute(0, 2, 1, 3).reshape(rows, 16)
         parts.append(torch.cat([tail & 15, tail >> 4], dim=1))
     return torch.cat(parts, dim=1)
+
+
+def _in_tiles(per_row: torch.Tensor) -> torch.Tensor:
+    """``(out, groups)`` -> ``(tiles, groups, 16)``, the last tile filled with zeros."""
+    padded = F.pad(per_row, (0, 0, 0, -per_row.shape[0] % TILE_ROWS))
+    return padded.view(-1, TILE_ROWS, per_row.shape[1]).transpose(1, 2).contiguous()
+
+
+def _by_row(tiled: torch.Tensor) -> torch.Tensor:
+    """``(tiles, groups, 16)`` -> ``(tiles * 16, groups)``."""
+    return tiled.transpose(1, 2).reshape(-1, tiled.shape[1])
 
 
 SCHEMES = ("int8", "int4")
