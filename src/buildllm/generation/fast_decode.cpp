@@ -482,26 +482,32 @@ class Decoder {
             const float* q = qkv.data() + b * w + hd * D;
             float* p = scores.data() + thread_id() * (length + 1);
             int64_t base = l * keys.stride(0) + b * keys.stride(1) + kvh * keys.stride(2), step = keys.stride(3);
+            auto visible = [&](int64_t j) { return !padded || j == length || valid[b * valid_stride + j]; };
+            for (int64_t j = 0; j <= length; j += 8) {
+                const int count = int(std::min<int64_t>(8, length + 1 - j));
+                if (f32) key_scores(q, (const float*)key_data + base + j * step, step, D, count, scale, p + j);
+                else key_scores(q, (const uint16_t*)key_data + base + j * step, step, D, count, scale, p + j);
+            }
             float top = -std::numeric_limits<float>::infinity();
             for (int64_t j = 0; j <= length; ++j) {
-                if (padded && j != length && !valid[b * valid_stride + j]) {
-                    p[j] = -std::numeric_limits<float>::infinity();
-                    continue;
-                }
-                p[j] = scale * (f32 ? dot(q, (const float*)key_data + base + j * step, D)
-                                    : dot(q, (const uint16_t*)key_data + base + j * step, D));
+                if (!visible(j)) p[j] = -std::numeric_limits<float>::infinity();
                 top = std::max(top, p[j]);
             }
-            float total = 0.f;
-            for (int64_t j = 0; j <= length; ++j) total += (p[j] = std::exp(p[j] - top));
-            float* out = context.data() + b * n_heads * D + hd * D;
-            std::fill(out, out + D, 0.f);
-            for (int64_t j = 0; j <= length; ++j) {
-                if (p[j] == 0.f) continue;
-                if (f32) axpy(out, p[j] / total, (const float*)value_data + base + j * step, D);
-                else axpy(out, p[j] / total, (const uint16_t*)value_data + base + j * step, D);
+            __m512 sum = _mm512_setzero_ps();
+            const __m512 inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+            for (int64_t j = 0; j <= length; j += 16) {  // e^(score - top), 0 where masked
+                const __mmask16 mask = mask16(length + 1 - j);
+                const __m512 score = _mm512_maskz_loadu_ps(mask, p + j);
+                const __m512 e = _mm512_maskz_mov_ps(mask & _mm512_cmp_ps_mask(score, inf, _CMP_NEQ_OQ),
+                                                     exp16(_mm512_sub_ps(score, _mm512_set1_ps(top))));
+                _mm512_mask_storeu_ps(p + j, mask, e);
+                sum = _mm512_add_ps(sum, e);
             }
-            for (int64_t d = 0; d < D; ++d) out[d] = activation_round(out[d], bf16);
+            const float inverse_total = 1.f / _mm512_reduce_add_ps(sum);
+            float* out = context.data() + b * n_heads * D + hd * D;
+            if (f32) weighted_values(p, (const float*)value_data + base, step, length + 1, D, out);
+            else weighted_values(p, (const uint16_t*)value_data + base, step, length + 1, D, out);
+            for (int64_t d = 0; d < D; ++d) out[d] = activation_round(out[d] * inverse_total, bf16);
         }
     }
 

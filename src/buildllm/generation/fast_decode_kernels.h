@@ -312,24 +312,41 @@ namespace buildllm {
 
 // Small vector helpers for attention over the KV cache (float or bf16 keys and values).
 
-inline float dot(const float* a, const float* b, int64_t n) {
-    __m512 acc = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= n; k += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), acc);
-    float s = _mm512_reduce_add_ps(acc);
-    for (; k < n; ++k) s += a[k] * b[k];
-    return s;
+inline __m512 load16(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+inline __m512 load16(const uint16_t* p, __mmask16 mask) { return widen16(p, mask); }
+
+// The query's dot products with the keys of positions j0 .. j0 + count - 1 (count <= 8, `step`
+// apart), times `scale`, into scores[0 .. count): eight dot products summed by one transposing
+// reduction (reduce8), where a reduction per position costs more than its multiply-adds.
+template <typename T>
+inline void key_scores(const float* q, const T* keys, int64_t step, int64_t D, int count, float scale, float* scores) {
+    __m512 part[8];
+    for (int i = 0; i < 8; ++i) part[i] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) {
+        const __mmask16 mask = mask16(D - d);
+        const __m512 qv = load16(q + d, mask);
+        for (int i = 0; i < 8; ++i)  // positions past `count` load nothing
+            part[i] = _mm512_fmadd_ps(qv, load16(keys + i * step + d, i < count ? mask : __mmask16(0)), part[i]);
+    }
+    _mm256_mask_storeu_ps(scores, __mmask8((1u << count) - 1), _mm256_mul_ps(reduce8(part), _mm256_set1_ps(scale)));
 }
 
-inline float dot(const float* a, const uint16_t* b, int64_t n) {
-    __m512 acc = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= n; k += 16) {
-        acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), widen16(b + k, 0xffff), acc);
+// out[0 .. D) = sum over positions j of weights[j] * values[j * step .. + D), in registers 64
+// numbers at a time (positions of weight 0, the masked ones, skipped).
+template <typename T>
+inline void weighted_values(const float* weights, const T* values, int64_t step, int64_t positions, int64_t D, float* out) {
+    for (int64_t d0 = 0; d0 < D; d0 += 64) {
+        __m512 acc[4];
+        for (int c = 0; c < 4; ++c) acc[c] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < positions; ++j) {
+            if (weights[j] == 0.f) continue;
+            const __m512 a = _mm512_set1_ps(weights[j]);
+            for (int c = 0; c < 4; ++c)
+                if (d0 + 16 * c < D) acc[c] = _mm512_fmadd_ps(a, load16(values + j * step + d0 + 16 * c, mask16(D - d0 - 16 * c)), acc[c]);
+        }
+        for (int c = 0; c < 4; ++c)
+            if (d0 + 16 * c < D) _mm512_mask_storeu_ps(out + d0 + 16 * c, mask16(D - d0 - 16 * c), acc[c]);
     }
-    float s = _mm512_reduce_add_ps(acc);
-    for (; k < n; ++k) s += a[k] * bf16_to_f32(b[k]);
-    return s;
 }
 
 // e^x for 16 numbers, within about an ulp: x = k ln 2 + r with |r| <= ln(2) / 2, Cephes' degree-6
@@ -353,14 +370,6 @@ inline __m512 exp16(__m512 x) {
 // 16 numbers rounded to bf16 (to nearest, ties to even) and back.
 inline __m512 round16_bf16(__m512 v) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
-}
-
-inline void axpy(float* y, float a, const float* x, int64_t n) {
-    for (int64_t k = 0; k < n; ++k) y[k] += a * x[k];
-}
-
-inline void axpy(float* y, float a, const uint16_t* x, int64_t n) {
-    for (int64_t k = 0; k < n; ++k) y[k] += a * bf16_to_f32(x[k]);
 }
 
 }  // namespace buildllm
