@@ -1,10 +1,9 @@
 """The C++ decoding step (generation/fast_decode.py) against the readable model it stands for.
 
-fp32: the same tokens, logits equal to float rounding. bf16 and int8: logits within 1% of the
-largest logit of the readable model at that precision (the step rounds where PyTorch rounds, but
-sums in another order, and int8 multiplies int16 inputs where PyTorch's kernel takes bf16 ones).
-int4: within 2%, because the step multiplies its codes by the inputs as int8 numbers per block of
-32, as llama.cpp does (PyTorch's int4 kernel takes them in bf16).
+fp32: the same tokens, logits equal to float rounding. bf16: logits within 1% of the largest
+logit of the readable model at that precision (the step rounds where PyTorch rounds, but sums in
+another order). int8 and int4: within 2%, because the step multiplies the codes by its inputs as
+int8 numbers per block of 32, as llama.cpp does, where PyTorch's kernels take them in bf16.
 """
 
 import warnings
@@ -16,7 +15,7 @@ from buildllm.errors import UserError
 from buildllm.finetune.lora import apply_lora
 from buildllm.generation import fast_decode
 from buildllm.generation.fast_decode import fast_decoder
-from buildllm.generation.quantization import Int4Linear, quantize
+from buildllm.generation.quantization import QuantizedLinear, quantize
 from buildllm.generation.sampling import generate
 from buildllm.models import registry
 from buildllm.models.gpt2 import GPTConfig, GPTModel
@@ -25,7 +24,7 @@ from buildllm.serve.batching import BatchEngine, Request, Sampling
 pytestmark = pytest.mark.skipif(fast_decode.extension() is None,
                                 reason="the fast decoding step needs x86-64 with AVX-512 BF16 and a C++ compiler")
 
-TOLERANCE = {"fp32": 1e-5, "bf16": 1e-2, "int8": 1e-2, "int4": 2e-2}  # of the largest logit
+TOLERANCE = {"fp32": 1e-5, "bf16": 1e-2, "int8": 2e-2, "int4": 2e-2}  # of the largest logit
 
 
 def gpt(seed=0, **overrides):
@@ -71,7 +70,7 @@ def largest_step_error(model, steps=6, prompt_length=5, batch=3):
             worst = max(worst, ((fast - readable).abs().max() / readable.abs().max()).item())
     assert caches[1].length == caches[0].length
     close = 1e-5 if dtype == torch.float32 and not any(b.dtype != dtype for b in model.buffers()) else 2e-2
-    if any(type(m) is Int4Linear for m in model.modules()):
+    if any(isinstance(m, QuantizedLinear) for m in model.modules()):
         close = 5e-2  # keys after Qwen3's QK-norm carry the int8 inputs' rounding most
     assert torch.allclose(caches[1].keys.float(), caches[0].keys.float(), rtol=close, atol=close)
     assert torch.allclose(caches[1].values.float(), caches[0].values.float(), rtol=close, atol=close)

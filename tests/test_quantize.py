@@ -7,7 +7,8 @@ from torch import nn
 
 from buildllm import cli
 from buildllm.errors import UserError
-from buildllm.generation.quantization import Int4Linear, Int8Linear, pack_codes, quantize, unpack_codes
+from buildllm.generation.quantization import (Int4Linear, Int8Linear, int8_by_row, int8_in_tiles, pack_codes, quantize,
+                                              unpack_codes)
 from buildllm.generation.sampling import generate, stream_text
 from buildllm.models.gpt2 import GPTConfig, GPTModel
 from buildllm.tokenizer import WordTokenizer
@@ -30,8 +31,8 @@ def random_linear(in_features=64, out_features=48, bias=True, seed=0) -> nn.Line
 def test_each_weight_is_within_half_a_step_of_the_original():
     linear = random_linear()
     q = Int8Linear.from_linear(linear)
-    assert q.weight.dtype == torch.int8 and q.scale.shape == (48,)
-    assert int(q.weight.abs().max(dim=1).values.min()) == 127  # each row's largest weight uses the full range
+    assert q.weight.dtype == torch.int8 and q.weight.shape == (48, 64) and q.scale.shape == (48,)
+    assert int(q.codes().abs().max(dim=1).values.min()) == 127  # each row's largest weight uses the full range
     step = q.scale.float()[:, None]
     error = (q.dequantized() - linear.weight).abs()
     assert bool((error <= step / 2 + 1e-7).all())
@@ -53,6 +54,17 @@ def test_the_kernel_equals_the_written_out_form(bias):
     assert torch.allclose(written, original, rtol=0, atol=0.01 * float(original.abs().max()))
 
 
+@pytest.mark.parametrize("rows, inputs", [(40, 128), (61, 96), (16, 32), (3, 48), (17, 70)])
+def test_int8_codes_sit_in_tiles_of_16_rows_and_come_back(rows, inputs):
+    codes = torch.randint(-127, 128, (rows, inputs), dtype=torch.int8, generator=torch.Generator().manual_seed(rows))
+    tiled = int8_in_tiles(codes)
+    assert tiled.shape == (-(-rows // 16) * 16, -(-inputs // 32) * 32)
+    back = int8_by_row(tiled)
+    assert torch.equal(back[:rows, :inputs], codes) and not back[rows:].any() and not back[:, inputs:].any()
+    run = tiled.reshape(-1)[:64].view(16, 4)  # the first 4 inputs of each of the first tile's 16 rows
+    assert torch.equal(run[: min(rows, 16)], codes[:16, :4])
+
+
 def test_a_prompts_rows_multiply_as_pytorchs_int8_kernel_does():
     """From MATRIX_ROWS rows on (a prompt's pass) the codes multiply as bf16 through the matrix
     product: the same sums, rounded to bf16 once, as PyTorch's int8 kernel gives."""
@@ -60,7 +72,7 @@ def test_a_prompts_rows_multiply_as_pytorchs_int8_kernel_does():
 
     q = Int8Linear.from_linear(random_linear(bias=False))
     rows = torch.randn(MATRIX_ROWS + 3, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
-    kernel = torch._weight_int8pack_mm(rows, q.weight, q.scale).float()
+    kernel = torch._weight_int8pack_mm(rows, q.codes().contiguous(), q.scale).float()
     torch.testing.assert_close(q._kernel(rows).float(), kernel, rtol=8e-3, atol=1e-3 * float(kernel.abs().max()))
     torch.testing.assert_close(q._kernel(rows[:8]).float(), kernel[:8], rtol=0, atol=0)  # few rows: the kernel itself
 
@@ -194,10 +206,11 @@ def test_the_kv_cache_stays_exact_with_quantized_weights(word_model, scheme):
     model, tok = word_model
     quantized = quantize(copy.deepcopy(model), scheme)
     prompts = [tok.encode("the cat sat"), tok.encode("a dog"), tok.encode("then it slept . a dog ran")]
-    # Past the 16-token window too, and with prompts of different lengths in one batch.
-    with_cache = generate(quantized, prompts, 30, use_cache=True)
+    # Past the 16-token window too, and with prompts of different lengths in one batch. (The readable
+    # model's steps: the C++ step rounds its inputs to int8, see test_fast_decode.py.)
+    with_cache = generate(quantized, prompts, 30, use_cache=True, fast=False)
     assert with_cache == generate(quantized, prompts, 30, use_cache=False)
-    assert with_cache[1] == generate(quantized, [prompts[1]], 30)[0]
+    assert with_cache[1] == generate(quantized, [prompts[1]], 30, fast=False)[0]
 
 
 def test_a_quantized_model_is_not_saved(word_model, tmp_path):

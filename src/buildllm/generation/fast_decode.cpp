@@ -6,7 +6,7 @@
 // its per-operation overhead about 200 times per token. The numbers follow the readable model's
 // at its precision: fp32 throughout for an fp32 model; for a bf16 model every stage's output is
 // rounded to bf16 where PyTorch's would be; int8 and int4 products take bf16 inputs and give bf16
-// outputs, as PyTorch's int8/int4 kernels do (int4 multiplies them as int8 numbers per block of 32,
+// outputs, as PyTorch's int8/int4 kernels do (and multiply them as int8 numbers per block of 32,
 // as llama.cpp does: fast_decode_kernels.h).
 //
 // The Python side (fast_decode.py) reads a model into a Decoder: per layer its norms, the linear
@@ -83,14 +83,16 @@ struct Linear {
     std::vector<float> bias;
     bool bf16_activations;
 
-    // `out`: the layer's outputs (int4's weight has its rows padded to tiles of 16).
+    // `in`, `out`: the layer's sizes (int8 and int4 codes have their rows padded to tiles of 16,
+    // and int8's inputs to a multiple of 32: quantization.py).
     Linear(int64_t format, at::Tensor weight, std::optional<at::Tensor> scale, std::optional<at::Tensor> zero,
-           std::optional<at::Tensor> bias, int64_t group, bool bf16_activations, int64_t out)
-        : format(format), out(out), group(group), weight(weight), bf16_activations(bf16_activations) {
+           std::optional<at::Tensor> bias, int64_t group, bool bf16_activations, int64_t in, int64_t out)
+        : format(format), in(in), out(out), group(group), weight(weight), bf16_activations(bf16_activations) {
         TORCH_CHECK(weight.is_contiguous() && weight.dim() == 2, "fast_decode: a weight must be a contiguous matrix");
-        TORCH_CHECK(format == INT4 ? weight.size(0) == (out + 15) / 16 * 16 : weight.size(0) == out,
-                    "fast_decode: the weight's rows do not match the outputs");
-        in = format == INT4 ? weight.size(1) * 2 : weight.size(1);
+        const bool tiled = format == INT8 || format == INT4;
+        const int64_t stored = format == INT4 ? in / 2 : format == INT8 ? (in + 31) / 32 * 32 : in;
+        TORCH_CHECK(weight.size(0) == (tiled ? (out + 15) / 16 * 16 : out) && weight.size(1) == stored,
+                    "fast_decode: the weight's shape does not match the layer's sizes");
         if (scale) this->scale = scale->contiguous(), s = (const uint16_t*)this->scale.data_ptr();
         if (zero) this->zero = zero->contiguous(), z = (const uint16_t*)this->zero.data_ptr();
         w = weight.data_ptr();
@@ -107,8 +109,9 @@ struct Linear {
 
 // Up to 8 rows of the batch share each pass over a weight row. At batch 1 the weight rows are read
 // one after another (one sequential stream per thread is what the processor's prefetcher follows
-// best); with more rows of the batch a kernel takes a few weight rows at once (*_rows_at_once in
-// fast_decode_kernels.h) and asks for them ahead.
+// best); with more rows of the batch an fp32 kernel takes a few weight rows at once
+// (f32_rows_at_once in fast_decode_kernels.h) and fp32 and bf16 ones ask for them ahead. int8 and
+// int4 kernels take a tile of 16 rows.
 constexpr int64_t MAX_M = 8;
 constexpr int64_t BLOCK_ROWS = 16;
 
@@ -134,16 +137,11 @@ void rows_of(const Linear& L, int64_t r0, int64_t r1, const Inputs& in, float* o
         case BF16:
             for (int64_t r = r0; r < r1; ++r) dot_bf16<1, M>((const uint16_t*)L.w + r * n, n, in, out + (r - r0), BLOCK_ROWS);
             break;
-        case INT8:
-            in_passes<int8_rows_at_once<M>()>(r0, r1, [&](auto rows, int64_t r) {
-                constexpr int R = decltype(rows)::value;
-                float scales[R];
-                for (int i = 0; i < R; ++i) scales[i] = bf16_to_f32(L.s[r + i]);
-                dot_int8<R, M>((const int8_t*)L.w + r * n, n, scales, in, out + (r - r0), BLOCK_ROWS);
-            });
+        case INT8:  // a tile of 16 rows
+            static_assert(BLOCK_ROWS == 16, "int8 and int4 weights come in tiles of 16 rows");
+            dot_int8<M>((const int8_t*)L.w + r0 * ((n + 31) / 32 * 32), L.s + r0, r1 - r0, in, out, BLOCK_ROWS);
             break;
         default: {  // a tile of 16 rows (pack_codes)
-            static_assert(BLOCK_ROWS == 16, "int4 weights come in tiles of 16 rows");
             const int64_t tile = r0 / 16, groups = n / L.group;
             dot_int4<M>((const uint8_t*)L.w + tile * 16 * (n / 2), L.s + tile * groups * 16, L.z + tile * groups * 16,
                         L.group, in, out, BLOCK_ROWS);
@@ -264,11 +262,10 @@ class Decoder {
     std::vector<int64_t> positions;
     std::vector<float> x, h, qkv, context, hidden, activated, partial, scores;
     std::vector<uint16_t> input_b;  // the input of a linear layer, as Inputs has it
-    std::vector<int16_t> input_q;
-    std::vector<float> input_q_scale, group_sums;
+    std::vector<float> group_sums;
     std::vector<int8_t> input_8;
     std::vector<float> input_8_scale;
-    std::vector<int32_t> input_8_offset;
+    std::vector<int32_t> input_8_sum;
 
     int64_t qkv_width() const { return (n_heads + 2 * n_kv_heads) * head_dim; }
 
@@ -281,12 +278,11 @@ class Decoder {
         hidden.resize(batch * std::max<int64_t>(hidden_dim, 1));
         activated.resize(batch * std::max<int64_t>(hidden_dim, 1));
         input_b.resize(batch * widest);
-        input_q.resize(batch * widest);
-        input_q_scale.resize(batch);
+        const int64_t blocks = (widest + 31) / 32;
         group_sums.resize(batch * widest);
-        input_8.resize(batch * widest);
-        input_8_scale.resize(batch * widest / 32);
-        input_8_offset.resize(batch * widest / 32);
+        input_8.resize(batch * blocks * 32);
+        input_8_scale.resize(batch * blocks);
+        input_8_sum.resize(batch * blocks);
         partial.resize(threads * BLOCK_ROWS * MAX_M);
         scores.resize(threads * max_positions);
     }
@@ -324,19 +320,20 @@ class Decoder {
     void run_linears(std::vector<const Linear*> linears, const float* input, std::vector<Destination> outs) {
         const int64_t n = linears[0]->in;
         int64_t group = 0;
-        bool int8 = false;
+        bool as_int8 = false;
         for (auto* L : linears) {
             if (L->format == INT4) group = L->group;
-            int8 |= L->format == INT8;
+            as_int8 |= L->format == INT8 || L->format == INT4;
         }
-        prepare_inputs(input, n, int8, group);
+        prepare_inputs(input, n, as_int8, group);
+        const int64_t blocks = (n + 31) / 32;
         std::vector<int64_t> first_block{0};
         for (auto* L : linears) first_block.push_back(first_block.back() + (L->out + BLOCK_ROWS - 1) / BLOCK_ROWS);
         float* out = partial.data() + thread_id() * BLOCK_ROWS * MAX_M;
         for (int64_t m0 = 0; m0 < batch; m0 += MAX_M) {
             const int64_t M = std::min(MAX_M, batch - m0);
-            Inputs in{n, input + m0 * n, input_b.data() + m0 * n, input_q.data() + m0 * n, input_q_scale.data() + m0,
-                      input_8.data() + m0 * n, input_8_scale.data() + m0 * (n / 32), input_8_offset.data() + m0 * (n / 32),
+            Inputs in{n, input + m0 * n, input_b.data() + m0 * n, input_8.data() + m0 * blocks * 32,
+                      input_8_scale.data() + m0 * blocks, input_8_sum.data() + m0 * blocks,
                       group ? group_sums.data() + m0 * (n / group) : nullptr};
 #pragma omp for schedule(static)
             for (int64_t blk = 0; blk < first_block.back(); ++blk) {
@@ -368,45 +365,35 @@ class Decoder {
     }
 
     // The input in the forms the kernels multiply (see Inputs), made once for all the rows that read it.
-    void prepare_inputs(const float* input, int64_t n, bool int8, int64_t group) {
+    void prepare_inputs(const float* input, int64_t n, bool as_int8, int64_t group) {
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < batch; ++b) {
             const float* x = input + b * n;
             uint16_t* xb = input_b.data() + b * n;
-            __m512 top = _mm512_setzero_ps();
             for (int64_t k = 0; k < n; k += 16) {
-                __mmask16 mask = n - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - k)) - 1);
-                __m512 v = _mm512_maskz_loadu_ps(mask, x + k);
-                _mm256_mask_storeu_epi16(xb + k, mask, (__m256i)_mm512_cvtneps_pbh(v));
-                top = _mm512_max_ps(top, _mm512_abs_ps(v));
+                __mmask16 mask = mask16(n - k);
+                _mm256_mask_storeu_epi16(xb + k, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, x + k)));
             }
-            if (int8) {  // int16 numbers times one scale per input: +-16383 (see dot_int8)
-                float largest = _mm512_reduce_max_ps(top);
-                float scale = largest > 0.f ? largest / 16383.f : 1.f;
-                input_q_scale[b] = scale;
-                __m512 inverse = _mm512_set1_ps(1.f / scale);
-                for (int64_t k = 0; k < n; k += 16) {
-                    __mmask16 mask = n - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - k)) - 1);
-                    __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, x + k), inverse));
-                    _mm256_mask_storeu_epi16(input_q.data() + b * n + k, mask, _mm512_cvtsepi32_epi16(q));
+            if (as_int8) {  // int8 numbers per block of 32: round(x / scale), scale = max |x| / 127
+                const int64_t blocks = (n + 31) / 32;
+                for (int64_t i = 0; i < blocks; ++i) {
+                    const int64_t k = 32 * i;
+                    __m512 lo = widen16(xb + k, mask16(n - k)), hi = widen16(xb + k + 16, n - k > 16 ? mask16(n - k - 16) : 0);
+                    float largest = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+                    __m512 inverse = _mm512_set1_ps(largest > 0.f ? 127.f / largest : 0.f);
+                    __m512i q_lo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse)), q_hi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse));
+                    int8_t* q = input_8.data() + (b * blocks + i) * 32;
+                    _mm_storeu_si128((__m128i*)q, _mm512_cvtsepi32_epi8(q_lo));
+                    _mm_storeu_si128((__m128i*)(q + 16), _mm512_cvtsepi32_epi8(q_hi));
+                    input_8_scale[b * blocks + i] = largest / 127.f;
+                    input_8_sum[b * blocks + i] = _mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi));
                 }
             }
-            if (group) {  // int4: the sum of each group (its zero multiplies it), and int8 numbers per 32
+            if (group) {  // int4: the sum of each group (its zero multiplies it)
                 for (int64_t g = 0; g < n / group; ++g) {
                     __m512 sum = _mm512_setzero_ps();
                     for (int64_t k = g * group; k < (g + 1) * group; k += 16) sum = _mm512_add_ps(sum, widen16(xb + k, 0xffff));
                     group_sums[b * (n / group) + g] = _mm512_reduce_add_ps(sum);
-                }
-                for (int64_t i = 0; i < n / 32; ++i) {  // round(x / scale), scale = max |x| / 127 over the 32
-                    __m512 lo = widen16(xb + 32 * i, 0xffff), hi = widen16(xb + 32 * i + 16, 0xffff);
-                    float largest = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-                    __m512 inverse = _mm512_set1_ps(largest > 0.f ? 127.f / largest : 0.f);
-                    __m512i q_lo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse)), q_hi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse));
-                    int8_t* q = input_8.data() + b * n + 32 * i;
-                    _mm_storeu_si128((__m128i*)q, _mm512_cvtsepi32_epi8(q_lo));
-                    _mm_storeu_si128((__m128i*)(q + 16), _mm512_cvtsepi32_epi8(q_hi));
-                    input_8_scale[b * (n / 32) + i] = largest / 127.f;
-                    input_8_offset[b * (n / 32) + i] = -8 * _mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi));
                 }
             }
         }
@@ -612,7 +599,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     py::class_<Norm>(m, "Norm", py::module_local()).def(py::init<int64_t, double, at::Tensor, std::optional<at::Tensor>>());
     py::class_<Linear>(m, "Linear", py::module_local())
         .def(py::init<int64_t, at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>,
-                      std::optional<at::Tensor>, int64_t, bool, int64_t>());
+                      std::optional<at::Tensor>, int64_t, bool, int64_t, int64_t>());
     py::class_<Decoder>(m, "Decoder", py::module_local())
         .def(py::init<int64_t, int64_t, int64_t, int64_t, bool, at::Tensor, std::optional<at::Tensor>,
                       std::optional<at::Tensor>, Norm, Linear>())

@@ -116,12 +116,13 @@ def _linear(native, layer: nn.Module, bf16: bool):
         if kind is None or (kind == BF16) != bf16:
             raise _Unsupported(layer.weight.dtype)
         return native.Linear(kind, _huge_pages(layer.weight.detach()), None, None, _detached(layer.bias), 0, bf16,
-                             layer.out_features)
+                             layer.in_features, layer.out_features)
     if type(layer) is Int8Linear:
-        return native.Linear(INT8, _huge_pages(layer.weight), layer.scale, None, layer.bias, 0, bf16, layer.out_features)
+        return native.Linear(INT8, _huge_pages(layer.weight), layer.scale, None, layer.bias, 0, bf16,
+                             layer.in_features, layer.out_features)
     if type(layer) is Int4Linear:
         return native.Linear(INT4, _huge_pages(layer.weight), layer.scale, layer.zero, layer.bias, layer.group_size, bf16,
-                             layer.out_features)
+                             layer.in_features, layer.out_features)
     raise _Unsupported(type(layer).__name__)
 
 

@@ -6,9 +6,10 @@
 // registers, and turn int8 and int4 codes into numbers in registers (nothing dequantized is ever
 // written to memory).
 //
-// Every kernel computes the dot products of R weight rows with M input vectors and writes them to
-// out[m * stride + r]. Row-major (out, in) weights, as PyTorch stores them: the fast path reads the
-// model's own tensors.
+// Every kernel computes the dot products of several weight rows with M input vectors and writes
+// them to out[m * stride + r]. fp32 and bf16 weights are row-major (out, in), as PyTorch stores
+// them; int8 and int4 codes come in tiles of 16 rows (quantization.py stores them so). Either way
+// the fast path reads the model's own tensors.
 #pragma once
 
 #include <cmath>
@@ -50,25 +51,23 @@ struct Inputs {
     int64_t in;                  // their length
     const float* x;              // fp32, (M, in)
     const uint16_t* xb;          // rounded to bf16, (M, in)
-    const int16_t* xq;           // as int16 numbers times xq_scale[m] (int8 weights), (M, in)
-    const float* xq_scale;       // (M,)
-    const int8_t* x8;            // the bf16 inputs as int8 numbers times one scale per 32 (int4 weights), (M, in)
-    const float* x8_scale;       // (M, in / 32)
-    const int32_t* x8_offset;    // -8 times the sum of each 32 int8 numbers (int4's codes are q - 8), (M, in / 32)
+    // int8 and int4 weights: the bf16 inputs as int8 numbers times one scale per block of 32 (the
+    // last block filled with zeros), and each block's sum of those numbers
+    const int8_t* x8;            // (M, blocks * 32)
+    const float* x8_scale;       // (M, blocks)
+    const int32_t* x8_sum;       // (M, blocks)
     const float* group_sums;     // the sum of each group of the bf16 inputs (int4's zeros multiply it), (M, groups)
 };
 
-// A kernel takes R consecutive weight rows and M input vectors at once and keeps their R x M sums
-// in registers: each weight vector it loads serves M inputs and each input vector R rows. While the
-// weights' stream from memory sets the speed, one row at a time streams best; once the batch makes
-// the core's own instructions the limit (a 512-bit load costs as much as a multiply-add here), R
-// rows at once divide the input loads by R (int8's and int4's code conversions are shared by the M
-// inputs either way). Where that happens differs by format (measured per format and batch:
-// benchmarks/README.md); bf16 streams best one row at a time at every batch up to 8.
+// An fp32 or bf16 kernel takes R consecutive weight rows and M input vectors at once and keeps
+// their R x M sums in registers: each weight vector it loads serves M inputs and each input vector
+// R rows. While the weights' stream from memory sets the speed, one row at a time streams best;
+// once the batch makes the core's own instructions the limit (a 512-bit load costs as much as a
+// multiply-add here), R rows at once divide the input loads by R. Where that happens was measured
+// per format and batch (benchmarks/README.md): bf16 streams best one row at a time at every batch
+// up to 8. (int8 and int4 kernels take a tile of 16 rows at once.)
 template <int M>
 constexpr int f32_rows_at_once() { return M <= 4 ? 1 : M <= 6 ? 4 : 3; }
-template <int M>  // each row's codes widened to two registers' worth, and its input twice as wide as int8
-constexpr int int8_rows_at_once() { return M <= 2 ? 1 : 2; }
 
 // Independent sums per accumulator: enough of them hide the latency of the multiply-adds.
 template <int R, int M>
@@ -195,69 +194,53 @@ void dot_bf16(const uint16_t* w, int64_t ld, const Inputs& in, float* out, int64
     store_sums<U, R, M>(acc, out, stride);
 }
 
-// int8 (q * scale, one scale per row): the codes widened to int16 and multiplied by the inputs as
-// int16 numbers (scaled to +-16383), 32 products per instruction summed exactly in int32; the
-// sums move to fp32 every 8192 inputs, before they could overflow. `scales`: the R rows'.
-constexpr int64_t INT16_SPAN = 8192;
-
-template <int R, int M>
-void dot_int8(const int8_t* w, int64_t ld, const float* scales, const Inputs& in, float* out, int64_t stride) {
-    constexpr int U = unroll<R, M>();
-    const int64_t n = in.in;
-    __m512 total[1][R][M];
-    zero(total);
-    for (int64_t k0 = 0; k0 < n; k0 += INT16_SPAN) {
-        const int64_t end = k0 + INT16_SPAN < n ? k0 + INT16_SPAN : n;
-        __m512i acc[U][R][M];
-        for (int u = 0; u < U; ++u)
-            for (int r = 0; r < R; ++r)
-                for (int m = 0; m < M; ++m) acc[u][r][m] = _mm512_setzero_si512();
-        int64_t k = k0;
-        for (; k + 32 * U <= end; k += 32 * U)
-            for (int u = 0; u < U; ++u) {
-                __m512i wv[R];
-                for (int r = 0; r < R; ++r) {
-                    if (prefetches<M>()) prefetch(w + r * ld + k + 32 * u);
-                    wv[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + r * ld + k + 32 * u)));
-                }
-                for (int m = 0; m < M; ++m) {
-                    __m512i xv = _mm512_loadu_si512(in.xq + m * n + k + 32 * u);
-                    for (int r = 0; r < R; ++r) acc[u][r][m] = _mm512_dpwssd_epi32(acc[u][r][m], wv[r], xv);
-                }
+// int8 weights (q * scale, one scale per row; quantization.Int8Linear) and int4 weights come in
+// tiles of 16 rows laid out for `vpdpbusd`, which multiplies 64 pairs of bytes and sums them by
+// fours into 16 int32 lanes: a run of 64 bytes holds 4 consecutive weights of each of the 16 rows,
+// and one instruction multiplies them by the same 4 inputs (as int8 numbers, broadcast) into the
+// 16 rows' sums. Where a row at a time takes 32 products per instruction (bf16 or int16 numbers)
+// and a batch of 8 rows ran out of instructions near 2-2.5x its batch 1, this takes 64 (the
+// measurements: benchmarks/README.md). The inputs are int8 numbers times one scale per block of 32
+// (Inputs::x8, made once per input), as llama.cpp multiplies its Q8_0 and Q4_0 weights: each
+// block's sum is exact in int32, and its scale multiplies it. The 16 rows' sums with input m go
+// to out[m * stride + r].
+//
+// vpdpbusd takes one side unsigned: int8 codes become q + 128 (their top bit flipped), and
+// sum (q + 128) x = sum q x + 128 sum x, so each block's sum starts from -128 sum x. int8: the
+// runs of a tile follow each other 4 inputs at a time (quantization.Int8Linear), the inputs padded
+// with zero weights to a multiple of 32; `scale`: the tile's 16 rows' (bf16), `rows` of them real.
+template <int M>
+void dot_int8(const int8_t* w, const uint16_t* scale, int64_t rows, const Inputs& in, float* out, int64_t stride) {
+    const int64_t blocks = (in.in + 31) / 32;
+    const __m512i flip = _mm512_set1_epi8(char(0x80));
+    __m512 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b, w += 512) {
+        __m512i codes[8];  // codes[j]: the 16 rows' weights for inputs 32b + 4j .. + 3, plus 128
+        for (int j = 0; j < 8; ++j) codes[j] = _mm512_xor_si512(_mm512_loadu_si512(w + 64 * j), flip);
+        for (int m = 0; m < M; ++m) {
+            const int8_t* x = in.x8 + (m * blocks + b) * 32;
+            // two chains of four, so that one row of the batch does not wait on each sum in turn
+            __m512i d0 = _mm512_set1_epi32(-128 * in.x8_sum[m * blocks + b]), d1 = _mm512_setzero_si512();
+            for (int j = 0; j < 4; ++j) {
+                d0 = _mm512_dpbusd_epi32(d0, codes[j], _mm512_set1_epi32(*(const int32_t*)(x + 4 * j)));
+                d1 = _mm512_dpbusd_epi32(d1, codes[4 + j], _mm512_set1_epi32(*(const int32_t*)(x + 16 + 4 * j)));
             }
-        for (; k < end; k += 32) {
-            __m512i wv[R];
-            for (int r = 0; r < R; ++r) wv[r] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask32(end - k), w + r * ld + k));
-            for (int m = 0; m < M; ++m) {
-                __m512i xv = _mm512_maskz_loadu_epi16(mask32(end - k), in.xq + m * n + k);
-                for (int r = 0; r < R; ++r) acc[0][r][m] = _mm512_dpwssd_epi32(acc[0][r][m], wv[r], xv);
-            }
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1)), _mm512_set1_ps(in.x8_scale[m * blocks + b]), acc[m]);
         }
-        for (int r = 0; r < R; ++r)
-            for (int m = 0; m < M; ++m) {
-                __m512i sum = acc[0][r][m];
-                for (int u = 1; u < U; ++u) sum = _mm512_add_epi32(sum, acc[u][r][m]);
-                total[0][r][m] = _mm512_add_ps(total[0][r][m], _mm512_cvtepi32_ps(sum));
-            }
     }
-    store_sums<1, R, M>(total, out, stride);
-    for (int r = 0; r < R; ++r)
-        for (int m = 0; m < M; ++m) out[m * stride + r] *= scales[r] * in.xq_scale[m];
+    const __m512 s = widen16(scale, mask16(rows));
+    for (int m = 0; m < M; ++m) _mm512_storeu_ps(out + m * stride, _mm512_mul_ps(acc[m], s));
 }
 
 // int4 (packed by quantization.pack_codes): a group of `group` inputs is (q - 8) * scale + zero,
-// q in 0..15. The rows come in tiles of 16, and a tile's codes are laid out for the multiply
-// instruction: each 64 inputs are 8 runs of 64 bytes, run j holding 4 bytes of each of the 16 rows,
-// and byte i of a row's 32 holds its input i in the low 4 bits and input i + 32 in the high ones.
-// So the low halves of run j, as 16 lanes, are the 16 rows' codes for inputs 4j .. 4j + 3, and
-// one `vpdpbusd` multiplies them by those 4 inputs (as int8, broadcast) and sums them: 64 products
-// into 16 rows' sums, where the bf16 numbers of a row at a time take 32 per instruction and a scale
-// per group, and a batch of 8 rows ran out of instructions near 1.8x its batch 1 (benchmarks/README.md).
-// The inputs are int8 numbers times one scale per 32 (Inputs::x8, made once per input), as
-// llama.cpp multiplies its Q4_0 weights: per block of 32, sum w x = scale x8_scale sum (q - 8) x8,
-// summed exactly in int32 (the -8 enters as x8_offset), plus zero times the sum of the group's
-// bf16 inputs. A last 32 inputs are 4 runs, byte i holding inputs i and i + 16. `scale`, `zero`:
-// the tile's, (groups, 16) bf16. The 16 rows' sums with input m go to out[m * stride + r].
+// q in 0..15. Each 64 inputs of a tile are 8 runs of 64 bytes, run j holding bytes 4j .. 4j + 3 of
+// each of the 16 rows, and byte i of a row's 32 holds its input i in the low 4 bits and input
+// i + 32 in the high ones: the low halves of run j are the rows' codes for inputs 4j .. 4j + 3,
+// the high halves those for 32 + 4j .. 32 + 4j + 3. Per block of 32 inputs,
+// sum w x = scale x8_scale sum (q - 8) x8 (exact in int32, starting from -8 sum x8) plus zero
+// times the sum of the group's bf16 inputs. A last 32 inputs are 4 runs, byte i holding inputs i
+// and i + 16. `scale`, `zero`: the tile's, (groups, 16) bf16.
 template <int M>
 void dot_int4(const uint8_t* w, const uint16_t* scale, const uint16_t* zero, int64_t group, const Inputs& in,
               float* out, int64_t stride) {
@@ -271,7 +254,7 @@ void dot_int4(const uint8_t* w, const uint16_t* scale, const uint16_t* zero, int
         for (int m = 0; m < M; ++m) {
             const int8_t* x = in.x8 + m * n + 32 * b;
             // two chains of four, so that one row of the batch does not wait on each sum in turn
-            __m512i d0 = _mm512_set1_epi32(in.x8_offset[m * blocks + b]), d1 = _mm512_setzero_si512();
+            __m512i d0 = _mm512_set1_epi32(-8 * in.x8_sum[m * blocks + b]), d1 = _mm512_setzero_si512();
             for (int j = 0; j < 4; ++j) {
                 d0 = _mm512_dpbusd_epi32(d0, codes[j], _mm512_set1_epi32(*(const int32_t*)(x + 4 * j)));
                 d1 = _mm512_dpbusd_epi32(d1, codes[4 + j], _mm512_set1_epi32(*(const int32_t*)(x + 16 + 4 * j)));

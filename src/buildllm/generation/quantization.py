@@ -85,10 +85,15 @@ class Int8Linear(QuantizedLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None):
         super().__init__(in_features, out_features, bias, device)
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        # In tiles of 16 rows, in the order the fast decoding step reads them (see int8_in_tiles);
+        # codes() gives them back row by row.
+        rows, width = -(-out_features // TILE_ROWS) * TILE_ROWS, -(-in_features // 32) * 32
+        self.register_buffer("weight", torch.zeros(rows, width, dtype=torch.int8, device=device))
         # bf16, because the kernel takes its scales in the activations' dtype; the scales are
         # chosen as bf16 numbers to begin with (see from_linear), so no rounding happens here.
         self.register_buffer("scale", torch.ones(out_features, dtype=torch.bfloat16, device=device))
+        # The codes in rows for PyTorch's int8 kernel, where it decodes (see _kernel).
+        self.register_buffer("_kernel_weight", None, persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -97,24 +102,33 @@ class Int8Linear(QuantizedLinear):
         scale = (w.abs().amax(dim=1) / MAX_INT8).clamp(min=1e-12).to(torch.bfloat16)
         q.scale.copy_(scale)
         # Dividing by the scale as stored makes dequantization (q * scale) the exact inverse.
-        q.weight.copy_(torch.round(w / scale.float()[:, None]).clamp(-MAX_INT8, MAX_INT8).to(torch.int8))
+        q.weight.copy_(int8_in_tiles(torch.round(w / scale.float()[:, None]).clamp(-MAX_INT8, MAX_INT8).to(torch.int8)))
         if linear.bias is not None:
             q.bias.copy_(linear.bias.detach().float())
         return q
 
+    def codes(self) -> torch.Tensor:
+        """The int8 numbers, ``(out, in)``."""
+        return int8_by_row(self.weight)[: self.out_features, : self.in_features]
+
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight matrix the int8 numbers stand for: ``q * scale``, row by row."""
-        return self.weight.to(dtype) * self.scale.to(dtype)[:, None]
+        return self.codes().to(dtype) * self.scale.to(dtype)[:, None]
 
     def _kernel(self, rows: torch.Tensor) -> torch.Tensor:
-        if self.in_features % 16:  # PyTorch's kernel crashes on such widths: the definition instead
-            return F.linear(rows, self.dequantized(rows.dtype))
-        if rows.shape[0] >= MATRIX_ROWS:
+        if rows.shape[0] >= MATRIX_ROWS or self.in_features % 16:
             # A prompt's pass: PyTorch's int8 kernel multiplies row by row, while the codes as bf16
             # (exact: every integer up to 256 is a bf16 number) go through the bf16 matrix
-            # product, 2-3x faster at 128 rows; the scales then multiply the outputs, as in the kernel.
-            return (F.linear(rows, self.weight.to(rows.dtype)).float() * self.scale.float()).to(rows.dtype)
-        return torch._weight_int8pack_mm(rows, self.weight, self.scale)
+            # product, 2-3x faster at 128 rows; the scales then multiply the outputs, as in the
+            # kernel (which also crashes on widths that are not a multiple of 16).
+            return (F.linear(rows, self.codes().to(rows.dtype)).float() * self.scale.float()).to(rows.dtype)
+        # PyTorch's kernel wants the codes in rows. Where the fast decoding step exists, only a
+        # short prompt comes here: the rows are made for the call and dropped. Elsewhere every
+        # generated token comes here, and they are kept (twice the codes' memory).
+        weight = self._kernel_weight if self._kernel_weight is not None else self.codes().contiguous()
+        if extension() is None:
+            self._kernel_weight = weight
+        return torch._weight_int8pack_mm(rows, weight, self.scale)
 
 
 class Int4Linear(QuantizedLinear):
@@ -234,6 +248,21 @@ def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
         tail = flat[:, full * 8 :].reshape(tiles, 4, TILE_ROWS, 4).permute(0, 2, 1, 3).reshape(rows, 16)
         parts.append(torch.cat([tail & 15, tail >> 4], dim=1))
     return torch.cat(parts, dim=1)
+
+
+def int8_in_tiles(codes: torch.Tensor) -> torch.Tensor:
+    """``(out, in)`` int8 codes in tiles of 16 rows, as the fast decoding step reads them: the
+    inputs padded with zeros to a multiple of 32 and the rows to a multiple of 16, and each tile
+    stored 4 inputs at a time, 4 bytes of each of its 16 rows in turn (fast_decode_kernels.h)."""
+    padded = F.pad(codes, (0, -codes.shape[1] % 32, 0, -codes.shape[0] % TILE_ROWS))
+    rows, width = padded.shape
+    return padded.view(-1, TILE_ROWS, width // 4, 4).transpose(1, 2).reshape(rows, width)
+
+
+def int8_by_row(tiled: torch.Tensor) -> torch.Tensor:
+    """The codes ``int8_in_tiles`` arranged, row by row (with its padding)."""
+    rows, width = tiled.shape
+    return tiled.view(-1, width // 4, TILE_ROWS, 4).transpose(1, 2).reshape(rows, width)
 
 
 def _in_tiles(per_row: torch.Tensor) -> torch.Tensor:
