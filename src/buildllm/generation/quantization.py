@@ -151,7 +151,8 @@ class Int4Linear(QuantizedLinear):
         self.register_buffer("weight", torch.zeros(tiles * TILE_ROWS, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer("scale", torch.ones(tiles, groups, TILE_ROWS, dtype=torch.bfloat16, device=device))
         self.register_buffer("zero", torch.zeros(tiles, groups, TILE_ROWS, dtype=torch.bfloat16, device=device))
-        # The CPU kernel's own arrangement of the same numbers, made at the first CPU forward pass.
+        # PyTorch's CPU kernel's own arrangement of the same numbers, made at its first use (where
+        # the compiled extension is missing: see _kernel).
         self.register_buffer("_kernel_weight", None, persistent=False)
         self.register_buffer("_kernel_scale_zero", None, persistent=False)
 
@@ -192,9 +193,12 @@ class Int4Linear(QuantizedLinear):
         return w.view(self.out_features, self.in_features)
 
     def _kernel(self, rows: torch.Tensor) -> torch.Tensor:
-        if rows.shape[0] >= MATRIX_ROWS and (native := extension()) is not None:
-            # A prompt's pass: the bf16 matrix product over the weight the codes stand for, made
-            # in one pass by the compiled extension, is 2-3x PyTorch's int4 kernel at 128 rows.
+        if (native := extension()) is not None:
+            # The bf16 matrix product over the weight the codes stand for, made in one pass by the
+            # compiled extension: for a prompt's pass 2-3x PyTorch's int4 kernel at 128 rows. The
+            # fast decoding step decodes, so only prompts come here, and a short one too: PyTorch's
+            # kernel needs its own arrangement of the codes, seconds to make for a 1B model (the
+            # first prompt waited for it) and a second copy to keep.
             return F.linear(rows, native.int4_to_bf16(self.weight, self.scale, self.zero, self.group_size,
                                                       self.out_features))
         if self._kernel_weight is None:
