@@ -162,6 +162,32 @@ void rows_of(int64_t M, const Linear& L, int64_t r0, int64_t r1, const Inputs& i
     }
 }
 
+// One bf16 input row in the forms the int8 and int4 kernels multiply (see Inputs): int8 numbers per
+// block of 32 (`as_int8`), and for int4 (`group`) the sum of each group.
+void prepare_row(const uint16_t* xb, int64_t n, bool as_int8, int64_t group, int8_t* x8, float* x8_scale, int32_t* x8_sum,
+                 float* group_sums) {
+    if (as_int8) {  // round(x / scale), scale = max |x| / 127 over the block
+        for (int64_t i = 0; i < (n + 31) / 32; ++i) {
+            const int64_t k = 32 * i;
+            __m512 lo = widen16(xb + k, mask16(n - k)), hi = widen16(xb + k + 16, n - k > 16 ? mask16(n - k - 16) : 0);
+            float largest = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+            __m512 inverse = _mm512_set1_ps(largest > 0.f ? 127.f / largest : 0.f);
+            __m512i q_lo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse)), q_hi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse));
+            _mm_storeu_si128((__m128i*)(x8 + k), _mm512_cvtsepi32_epi8(q_lo));
+            _mm_storeu_si128((__m128i*)(x8 + k + 16), _mm512_cvtsepi32_epi8(q_hi));
+            x8_scale[i] = largest / 127.f;
+            x8_sum[i] = _mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi));
+        }
+    }
+    if (group) {
+        for (int64_t g = 0; g < n / group; ++g) {
+            __m512 sum = _mm512_setzero_ps();
+            for (int64_t k = g * group; k < (g + 1) * group; k += 16) sum = _mm512_add_ps(sum, widen16(xb + k, 0xffff));
+            group_sums[g] = _mm512_reduce_add_ps(sum);
+        }
+    }
+}
+
 // Where a linear layer's output goes: stored, or added to the residual stream.
 struct Destination {
     float* data;
@@ -374,28 +400,9 @@ class Decoder {
                 __mmask16 mask = mask16(n - k);
                 _mm256_mask_storeu_epi16(xb + k, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, x + k)));
             }
-            if (as_int8) {  // int8 numbers per block of 32: round(x / scale), scale = max |x| / 127
-                const int64_t blocks = (n + 31) / 32;
-                for (int64_t i = 0; i < blocks; ++i) {
-                    const int64_t k = 32 * i;
-                    __m512 lo = widen16(xb + k, mask16(n - k)), hi = widen16(xb + k + 16, n - k > 16 ? mask16(n - k - 16) : 0);
-                    float largest = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-                    __m512 inverse = _mm512_set1_ps(largest > 0.f ? 127.f / largest : 0.f);
-                    __m512i q_lo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse)), q_hi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse));
-                    int8_t* q = input_8.data() + (b * blocks + i) * 32;
-                    _mm_storeu_si128((__m128i*)q, _mm512_cvtsepi32_epi8(q_lo));
-                    _mm_storeu_si128((__m128i*)(q + 16), _mm512_cvtsepi32_epi8(q_hi));
-                    input_8_scale[b * blocks + i] = largest / 127.f;
-                    input_8_sum[b * blocks + i] = _mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi));
-                }
-            }
-            if (group) {  // int4: the sum of each group (its zero multiplies it)
-                for (int64_t g = 0; g < n / group; ++g) {
-                    __m512 sum = _mm512_setzero_ps();
-                    for (int64_t k = g * group; k < (g + 1) * group; k += 16) sum = _mm512_add_ps(sum, widen16(xb + k, 0xffff));
-                    group_sums[b * (n / group) + g] = _mm512_reduce_add_ps(sum);
-                }
-            }
+            const int64_t blocks = (n + 31) / 32;
+            prepare_row(xb, n, as_int8, group, input_8.data() + b * blocks * 32, input_8_scale.data() + b * blocks,
+                        input_8_sum.data() + b * blocks, group ? group_sums.data() + b * (n / group) : nullptr);
         }
     }
 
