@@ -68,9 +68,14 @@ def test_int8_codes_sit_in_tiles_of_16_rows_and_come_back(rows, inputs):
 def test_a_prompts_rows_multiply_as_pytorchs_int8_kernel_does():
     """From MATRIX_ROWS rows on (a prompt's pass) the codes multiply as bf16 through the matrix
     product: the same sums, rounded to bf16 once, as PyTorch's int8 kernel gives."""
+    from buildllm.generation.native import extension
     from buildllm.generation.quantization import MATRIX_ROWS
 
     q = Int8Linear.from_linear(random_linear(bias=False))
+    if (native := extension()) is not None:  # the codes as bf16, untiled in one pass (a width of 96: a last 32)
+        for rows, inputs in [(48, 64), (61, 96), (3, 48)]:
+            codes = torch.randint(-127, 128, (rows, inputs), dtype=torch.int8, generator=torch.Generator().manual_seed(3))
+            assert torch.equal(native.int8_to_bf16(int8_in_tiles(codes), inputs, rows), codes.to(torch.bfloat16))
     rows = torch.randn(MATRIX_ROWS + 3, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     kernel = torch._weight_int8pack_mm(rows, q.codes().contiguous(), q.scale).float()
     torch.testing.assert_close(q._kernel(rows).float(), kernel, rtol=8e-3, atol=1e-3 * float(kernel.abs().max()))

@@ -544,6 +544,36 @@ class Decoder {
     }
 };
 
+// The codes of a quantization.Int8Linear (in tiles of 16 rows: int8_in_tiles) as bf16 numbers,
+// (out, in) row by row: exact, since bf16 holds every integer up to 256. A prompt's pass multiplies
+// them through the bf16 matrix product; this is one pass over the codes, where untiling them with
+// PyTorch's own operations and then converting takes two slower ones.
+at::Tensor int8_to_bf16(const at::Tensor& tiled, int64_t in, int64_t out) {
+    TORCH_CHECK(tiled.is_contiguous() && tiled.size(0) == (out + 15) / 16 * 16 && tiled.size(1) == (in + 31) / 32 * 32,
+                "int8_to_bf16: the codes' shape does not match the layer's sizes");
+    const int64_t width = tiled.size(1);
+    auto weight = at::empty({out, in}, at::TensorOptions().dtype(at::kBFloat16));
+    const auto* codes = tiled.data_ptr<int8_t>();
+    auto* w = reinterpret_cast<uint16_t*>(weight.data_ptr());
+    at::parallel_for(0, (out + 15) / 16, 1, [&](int64_t t0, int64_t t1) {
+        const __m512i runs = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                _mm512_set1_epi32(64));  // 16 runs of 4 inputs, 64 bytes apart
+        for (int64_t r = t0 * 16; r < std::min(out, t1 * 16); ++r) {
+            const int8_t* row = codes + (r / 16) * 16 * width + 4 * (r % 16);
+            for (int64_t k = 0; k < width; k += 64) {  // a row's inputs k .. k + 63
+                alignas(64) int8_t bytes[64];
+                const __mmask16 there = mask16((width - k) / 4);  // a width of 32 past the last 64: 8 runs
+                _mm512_store_si512(bytes, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), there, runs, row + k * 16, 1));
+                for (int part = 0; part < 4 && k + 16 * part < in; ++part) {
+                    __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128((const __m128i*)(bytes + 16 * part))));
+                    _mm256_mask_storeu_epi16(w + r * in + k + 16 * part, mask16(in - k - 16 * part), (__m256i)_mm512_cvtneps_pbh(f));
+                }
+            }
+        }
+    });
+    return weight;
+}
+
 // The codes of a quantization.Int4Linear (packed by pack_codes) as the bf16 weight matrix they
 // stand for: (q - 8) * scale + zero in fp32, rounded to bf16 once, as Int4Linear.dequantized
 // followed by .to(bfloat16) gives it. A prompt's pass multiplies many rows by it through the bf16
@@ -613,4 +643,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         .def("add_layer", &Decoder::add_layer)
         .def("step", &Decoder::step, py::call_guard<py::gil_scoped_release>());
     m.def("int4_to_bf16", &int4_to_bf16, py::call_guard<py::gil_scoped_release>());
+    m.def("int8_to_bf16", &int8_to_bf16, py::call_guard<py::gil_scoped_release>());
 }

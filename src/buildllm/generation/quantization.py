@@ -121,7 +121,9 @@ class Int8Linear(QuantizedLinear):
             # (exact: every integer up to 256 is a bf16 number) go through the bf16 matrix
             # product, 2-3x faster at 128 rows; the scales then multiply the outputs, as in the
             # kernel (which also crashes on widths that are not a multiple of 16).
-            return (F.linear(rows, self.codes().to(rows.dtype)).float() * self.scale.float()).to(rows.dtype)
+            native = extension()
+            codes = native.int8_to_bf16(self.weight, self.in_features, self.out_features) if native else self.codes()
+            return (F.linear(rows, codes.to(rows.dtype)).float() * self.scale.float()).to(rows.dtype)
         # PyTorch's kernel wants the codes in rows. Where the fast decoding step exists, only a
         # short prompt comes here: the rows are made for the call and dropped. Elsewhere every
         # generated token comes here, and they are kept (twice the codes' memory).
