@@ -93,6 +93,17 @@ def test_fp32_generation_gives_the_same_tokens(make):
     assert fast == [generate(model, [p], 30, fast=False)[0] for p in prompts]
 
 
+def test_a_one_token_prompt_starts_with_the_fast_step_and_gives_the_same_tokens():
+    model = gpt(seed=3)
+    prompts = torch.tensor([[5], [17], [40]])
+    forwards = []
+    hook = model.register_forward_hook(lambda *_: forwards.append(1))
+    fast = generate(model, prompts, 20)
+    hook.remove()
+    assert not forwards  # no prefill through the model: every step in C++
+    assert torch.equal(fast, generate(model, prompts, 20, fast=False))
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "int8", "int4"])
 def test_every_batch_up_to_eight_rows_gives_the_readable_models_logits(precision):
     """Each batch size has its own kernels (several weight rows at once for some formats and sizes,

@@ -169,7 +169,10 @@ def _decode(model, prompt, padding, max_new_tokens, sampling, stops, use_cache, 
 
         finished = torch.zeros(batch, dtype=torch.bool, device=prompt.device) if stops is not None else None
         n = prompt_length
-        logits = window_logits(n)
+        if fast is not None and n == 1 and padding is None:
+            logits = fast.step(tokens[:, 0], cache)  # a one-token prompt is one decoding step
+        else:
+            logits = window_logits(n)
         for step in range(max_new_tokens):
             next_token = sample_next_token(logits, **sampling)
             if finished is not None:
