@@ -1,4 +1,6 @@
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -263,3 +265,25 @@ def test_int8_layers_of_any_width_run():
     q = Int8Linear.from_linear(linear)
     x = torch.randn(3, 40)
     assert torch.allclose(q(x), linear(x), rtol=0.05, atol=0.05)
+
+
+def test_decode_quality_scores_the_same_text_both_ways(word_model, tmp_path, capsys):
+    """benchmarks/decode_quality.py: at fp32 the C++ step's score is the readable forward's."""
+    from buildllm.generation.native import extension
+
+    if extension() is None:
+        pytest.skip("needs the compiled extension (x86-64 with AVX-512 BF16 and a C++ compiler)")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import decode_quality
+
+    model, tok = word_model
+    save_model(tmp_path / "run", model, tok)
+    (tmp_path / "text.txt").write_text(TEXT * 20)
+    argv = ["--model", str(tmp_path / "run"), "--text", str(tmp_path / "text.txt"), "--windows", "2", "--new-tokens", "6",
+            "--threads", str(torch.get_num_threads())]  # the process's own: later tests depend on it
+    assert decode_quality.main(argv) == 0
+    rows = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| fp32") or line.startswith("| int")}
+    assert set(rows) == {"fp32", "int8", "int4"}
+    assert rows["fp32"][1] == rows["fp32"][2] and rows["fp32"][3:] == ["1.000"] * 3
+    assert abs(float(rows["int8"][1]) - float(rows["int8"][2])) < 0.01
