@@ -11,8 +11,10 @@ parallel region, with the threads splitting every product by rows and meeting be
 
 The readable model stays the definition: ``tests/test_fast_decode.py`` proves the C++ step gives
 the same tokens (fp32) or the same logits within a stated tolerance (bf16, int8, int4: it rounds
-where PyTorch's ops round, but sums in another order). The prompt's pass (the prefill) stays the
-model's own forward, as fast as training's; only the one-token steps come here.
+where PyTorch's ops round, but sums in another order, and multiplies int8 and int4 codes by its
+inputs rounded to int8 numbers per block of 32, as llama.cpp does; ``benchmarks/decode_quality.py``
+measures what that costs a trained model). The prompt's pass (the prefill) stays the model's own
+forward, as fast as training's; only the one-token steps come here (and a one-token prompt).
 
     decoder = fast_decoder(model)          # None where the fast path does not apply
     logits = decoder.step(tokens, cache)   # == model(tokens[:, None], kv_cache=cache)[:, -1]
