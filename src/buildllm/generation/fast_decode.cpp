@@ -90,8 +90,8 @@ struct Linear {
         : format(format), in(in), out(out), group(group), weight(weight), bf16_activations(bf16_activations) {
         TORCH_CHECK(weight.is_contiguous() && weight.dim() == 2, "fast_decode: a weight must be a contiguous matrix");
         const bool tiled = format == INT8 || format == INT4;
-        const int64_t stored = format == INT4 ? in / 2 : format == INT8 ? (in + 31) / 32 * 32 : in;
-        TORCH_CHECK(weight.size(0) == (tiled ? (out + 15) / 16 * 16 : out) && weight.size(1) == stored,
+        const int64_t stored = format == INT4 ? in / 2 : format == INT8 ? input_blocks(in) * INPUT_BLOCK : in;
+        TORCH_CHECK(weight.size(0) == (tiled ? tiles_of(out) * TILE_ROWS : out) && weight.size(1) == stored,
                     "fast_decode: the weight's shape does not match the layer's sizes");
         if (scale) this->scale = scale->contiguous(), s = (const uint16_t*)this->scale.data_ptr();
         if (zero) this->zero = zero->contiguous(), z = (const uint16_t*)this->zero.data_ptr();
@@ -138,13 +138,13 @@ void rows_of(const Linear& L, int64_t r0, int64_t r1, const Inputs& in, float* o
             for (int64_t r = r0; r < r1; ++r) dot_bf16<1, M>((const uint16_t*)L.w + r * n, n, in, out + (r - r0), BLOCK_ROWS);
             break;
         case INT8:  // a tile of 16 rows
-            static_assert(BLOCK_ROWS == 16, "int8 and int4 weights come in tiles of 16 rows");
-            dot_int8<M>((const int8_t*)L.w + r0 * ((n + 31) / 32 * 32), L.s + r0, r1 - r0, in, out, BLOCK_ROWS);
+            static_assert(BLOCK_ROWS == TILE_ROWS, "int8 and int4 kernels take a tile at a time");
+            dot_int8<M>((const int8_t*)L.w + r0 * L.weight.size(1), L.s + r0, r1 - r0, in, out, BLOCK_ROWS);
             break;
-        default: {  // a tile of 16 rows (pack_codes)
-            const int64_t tile = r0 / 16, groups = n / L.group;
-            dot_int4<M>((const uint8_t*)L.w + tile * 16 * (n / 2), L.s + tile * groups * 16, L.z + tile * groups * 16,
-                        L.group, in, out, BLOCK_ROWS);
+        default: {  // a tile of 16 rows (pack_codes); its scales and zeros (groups, 16)
+            const int64_t groups = n / L.group;
+            dot_int4<M>((const uint8_t*)L.w + r0 * L.weight.size(1), L.s + r0 * groups, L.z + r0 * groups, L.group, in,
+                        out, BLOCK_ROWS);
         }
     }
 }
@@ -159,32 +159,6 @@ void rows_of(int64_t M, const Linear& L, int64_t r0, int64_t r1, const Inputs& i
         case 6: rows_of<6>(L, r0, r1, in, out); break;
         case 7: rows_of<7>(L, r0, r1, in, out); break;
         default: rows_of<8>(L, r0, r1, in, out);
-    }
-}
-
-// One bf16 input row in the forms the int8 and int4 kernels multiply (see Inputs): int8 numbers per
-// block of 32 (`as_int8`), and for int4 (`group`) the sum of each group.
-void prepare_row(const uint16_t* xb, int64_t n, bool as_int8, int64_t group, int8_t* x8, float* x8_scale, int32_t* x8_sum,
-                 float* group_sums) {
-    if (as_int8) {  // round(x / scale), scale = max |x| / 127 over the block
-        for (int64_t i = 0; i < (n + 31) / 32; ++i) {
-            const int64_t k = 32 * i;
-            __m512 lo = widen16(xb + k, mask16(n - k)), hi = widen16(xb + k + 16, n - k > 16 ? mask16(n - k - 16) : 0);
-            float largest = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-            __m512 inverse = _mm512_set1_ps(largest > 0.f ? 127.f / largest : 0.f);
-            __m512i q_lo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse)), q_hi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse));
-            _mm_storeu_si128((__m128i*)(x8 + k), _mm512_cvtsepi32_epi8(q_lo));
-            _mm_storeu_si128((__m128i*)(x8 + k + 16), _mm512_cvtsepi32_epi8(q_hi));
-            x8_scale[i] = largest / 127.f;
-            x8_sum[i] = _mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi));
-        }
-    }
-    if (group) {
-        for (int64_t g = 0; g < n / group; ++g) {
-            __m512 sum = _mm512_setzero_ps();
-            for (int64_t k = g * group; k < (g + 1) * group; k += 16) sum = _mm512_add_ps(sum, widen16(xb + k, 0xffff));
-            group_sums[g] = _mm512_reduce_add_ps(sum);
-        }
     }
 }
 
@@ -304,9 +278,9 @@ class Decoder {
         hidden.resize(batch * std::max<int64_t>(hidden_dim, 1));
         activated.resize(batch * std::max<int64_t>(hidden_dim, 1));
         input_b.resize(batch * widest);
-        const int64_t blocks = (widest + 31) / 32;
+        const int64_t blocks = input_blocks(widest);
         group_sums.resize(batch * widest);
-        input_8.resize(batch * blocks * 32);
+        input_8.resize(batch * blocks * INPUT_BLOCK);
         input_8_scale.resize(batch * blocks);
         input_8_sum.resize(batch * blocks);
         partial.resize(threads * BLOCK_ROWS * MAX_M);
@@ -352,13 +326,13 @@ class Decoder {
             as_int8 |= L->format == INT8 || L->format == INT4;
         }
         prepare_inputs(input, n, as_int8, group);
-        const int64_t blocks = (n + 31) / 32;
+        const int64_t blocks = input_blocks(n);
         std::vector<int64_t> first_block{0};
         for (auto* L : linears) first_block.push_back(first_block.back() + (L->out + BLOCK_ROWS - 1) / BLOCK_ROWS);
         float* out = partial.data() + thread_id() * BLOCK_ROWS * MAX_M;
         for (int64_t m0 = 0; m0 < batch; m0 += MAX_M) {
             const int64_t M = std::min(MAX_M, batch - m0);
-            Inputs in{n, input + m0 * n, input_b.data() + m0 * n, input_8.data() + m0 * blocks * 32,
+            Inputs in{n, input + m0 * n, input_b.data() + m0 * n, input_8.data() + m0 * blocks * INPUT_BLOCK,
                       input_8_scale.data() + m0 * blocks, input_8_sum.data() + m0 * blocks,
                       group ? group_sums.data() + m0 * (n / group) : nullptr};
 #pragma omp for schedule(static)
@@ -400,9 +374,28 @@ class Decoder {
                 __mmask16 mask = mask16(n - k);
                 _mm256_mask_storeu_epi16(xb + k, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, x + k)));
             }
-            const int64_t blocks = (n + 31) / 32;
-            prepare_row(xb, n, as_int8, group, input_8.data() + b * blocks * 32, input_8_scale.data() + b * blocks,
-                        input_8_sum.data() + b * blocks, group ? group_sums.data() + b * (n / group) : nullptr);
+            if (as_int8) {  // int8 numbers per block: round(x / scale), scale = max |x| / 127 over the block
+                const int64_t blocks = input_blocks(n);
+                int8_t* x8 = input_8.data() + b * blocks * INPUT_BLOCK;
+                for (int64_t i = 0; i < blocks; ++i) {
+                    const int64_t k = INPUT_BLOCK * i;
+                    __m512 lo = widen16(xb + k, mask16(n - k)), hi = widen16(xb + k + 16, n - k > 16 ? mask16(n - k - 16) : 0);
+                    float largest = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+                    __m512 inverse = _mm512_set1_ps(largest > 0.f ? 127.f / largest : 0.f);
+                    __m512i q_lo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse)), q_hi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse));
+                    _mm_storeu_si128((__m128i*)(x8 + k), _mm512_cvtsepi32_epi8(q_lo));
+                    _mm_storeu_si128((__m128i*)(x8 + k + 16), _mm512_cvtsepi32_epi8(q_hi));
+                    input_8_scale[b * blocks + i] = largest / 127.f;
+                    input_8_sum[b * blocks + i] = _mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi));
+                }
+            }
+            if (group) {  // int4: the sum of each group (its zero multiplies it)
+                for (int64_t g = 0; g < n / group; ++g) {
+                    __m512 sum = _mm512_setzero_ps();
+                    for (int64_t k = g * group; k < (g + 1) * group; k += 16) sum = _mm512_add_ps(sum, widen16(xb + k, 0xffff));
+                    group_sums[b * (n / group) + g] = _mm512_reduce_add_ps(sum);
+                }
+            }
         }
     }
 
@@ -549,13 +542,14 @@ class Decoder {
 // them through the bf16 matrix product; this is one pass over the codes, where untiling them with
 // PyTorch's own operations and then converting takes two slower ones.
 at::Tensor int8_to_bf16(const at::Tensor& tiled, int64_t in, int64_t out) {
-    TORCH_CHECK(tiled.is_contiguous() && tiled.size(0) == (out + 15) / 16 * 16 && tiled.size(1) == (in + 31) / 32 * 32,
+    TORCH_CHECK(tiled.is_contiguous() && tiled.size(0) == tiles_of(out) * TILE_ROWS &&
+                    tiled.size(1) == input_blocks(in) * INPUT_BLOCK,
                 "int8_to_bf16: the codes' shape does not match the layer's sizes");
     const int64_t width = tiled.size(1);
     auto weight = at::empty({out, in}, at::TensorOptions().dtype(at::kBFloat16));
     const auto* codes = tiled.data_ptr<int8_t>();
     auto* w = reinterpret_cast<uint16_t*>(weight.data_ptr());
-    at::parallel_for(0, (out + 15) / 16, 1, [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, tiles_of(out), 1, [&](int64_t t0, int64_t t1) {
         const __m512i runs = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                                 _mm512_set1_epi32(64));  // 16 runs of 4 inputs, 64 bytes apart
         for (int64_t r = t0 * 16; r < std::min(out, t1 * 16); ++r) {
@@ -583,14 +577,14 @@ at::Tensor int8_to_bf16(const at::Tensor& tiled, int64_t in, int64_t out) {
 at::Tensor int4_to_bf16(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero, int64_t group,
                         int64_t out) {
     TORCH_CHECK(packed.is_contiguous() && scale.is_contiguous() && zero.is_contiguous(), "contiguous tensors expected");
-    TORCH_CHECK(packed.size(0) == (out + 15) / 16 * 16, "int4_to_bf16: the codes' rows do not match the outputs");
+    TORCH_CHECK(packed.size(0) == tiles_of(out) * TILE_ROWS, "int4_to_bf16: the codes' rows do not match the outputs");
     const int64_t n = packed.size(1) * 2, groups = n / group, full = n / 64 * 64;
     auto weight = at::empty({out, n}, at::TensorOptions().dtype(at::kBFloat16));
     const auto* codes = packed.data_ptr<uint8_t>();
     const auto* s = reinterpret_cast<const uint16_t*>(scale.data_ptr());
     const auto* z = reinterpret_cast<const uint16_t*>(zero.data_ptr());
     auto* w = reinterpret_cast<uint16_t*>(weight.data_ptr());
-    at::parallel_for(0, (out + 15) / 16, 1, [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, tiles_of(out), 1, [&](int64_t t0, int64_t t1) {
         const __m512i low4 = _mm512_set1_epi32(15), eight = _mm512_set1_epi32(8);
         std::vector<uint8_t> rows(16 * (n / 2));  // the tile's codes, a row's 32 bytes per 64 inputs after another
         for (int64_t t = t0; t < t1; ++t) {

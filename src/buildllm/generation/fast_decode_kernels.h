@@ -45,6 +45,12 @@ inline __m512 widen16(const uint16_t* p, __mmask16 mask) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
 }
 
+// int8 and int4 kernels take their inputs as int8 numbers in blocks of 32 (the last filled with
+// zeros) and their weight rows in tiles of 16 (quantization.py stores them so).
+constexpr int64_t INPUT_BLOCK = 32, TILE_ROWS = 16;
+inline int64_t input_blocks(int64_t n) { return (n + INPUT_BLOCK - 1) / INPUT_BLOCK; }
+inline int64_t tiles_of(int64_t rows) { return (rows + TILE_ROWS - 1) / TILE_ROWS; }
+
 // What a kernel reads: the M input vectors in the forms the kernels multiply, made once per input
 // (fast_decode.cpp, prepare_inputs) and shared by every row of every layer that reads that input.
 struct Inputs {
@@ -211,7 +217,7 @@ void dot_bf16(const uint16_t* w, int64_t ld, const Inputs& in, float* out, int64
 // with zero weights to a multiple of 32; `scale`: the tile's 16 rows' (bf16), `rows` of them real.
 template <int M>
 void dot_int8(const int8_t* w, const uint16_t* scale, int64_t rows, const Inputs& in, float* out, int64_t stride) {
-    const int64_t blocks = (in.in + 31) / 32;
+    const int64_t blocks = input_blocks(in.in);
     const __m512i flip = _mm512_set1_epi8(char(0x80));
     __m512 acc[M];
     for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();

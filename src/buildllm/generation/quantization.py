@@ -9,8 +9,9 @@ GPT-2 124M in fp32 is 500 MB per token; with int8 weights it is 125 MB, with int
 *Weight-only* quantization stores the weights as small integers and a few floats that map them
 back; activations are not quantized. The matrix product runs in bf16 through PyTorch's fused
 kernels, which convert the integers on the fly, so nothing larger is ever read. (The C++ decoding
-step, ``fast_decode.py``, multiplies int4 codes by its inputs rounded to int8 numbers per block of
-32, as llama.cpp does for its 4-bit formats: a batch of rows then costs far fewer instructions.)
+step, ``fast_decode.py``, multiplies int8 and int4 codes by its inputs rounded to int8 numbers per
+block of 32, as llama.cpp does for its Q8_0 and Q4_0 formats: a batch of rows then costs far fewer
+instructions.)
 
 - ``int8``: each row (one output feature) is ``q * scale``, ``q`` in [-127, 127], ``scale =
   max|row| / 127`` (symmetric, per output channel). The error per weight is at most half a step,
@@ -39,7 +40,8 @@ from buildllm.generation.native import extension
 
 MAX_INT8 = 127  # symmetric: -127..127, so that -q is always representable
 MATRIX_ROWS = 32  # from this many input rows on, a layer multiplies through the bf16 matrix product
-TILE_ROWS = 16  # int4 rows are stored in tiles of this many, as the fast decoding step multiplies them
+TILE_ROWS = 16  # int8 and int4 rows are stored in tiles of this many, as the fast decoding step multiplies them
+INPUT_BLOCK = 32  # and int8 rows padded to a multiple of this many inputs, the step's blocks of int8 inputs
 
 
 class QuantizedLinear(nn.Module):
@@ -87,7 +89,7 @@ class Int8Linear(QuantizedLinear):
         super().__init__(in_features, out_features, bias, device)
         # In tiles of 16 rows, in the order the fast decoding step reads them (see int8_in_tiles);
         # codes() gives them back row by row.
-        rows, width = -(-out_features // TILE_ROWS) * TILE_ROWS, -(-in_features // 32) * 32
+        rows, width = -(-out_features // TILE_ROWS) * TILE_ROWS, -(-in_features // INPUT_BLOCK) * INPUT_BLOCK
         self.register_buffer("weight", torch.zeros(rows, width, dtype=torch.int8, device=device))
         # bf16, because the kernel takes its scales in the activations' dtype; the scales are
         # chosen as bf16 numbers to begin with (see from_linear), so no rounding happens here.
@@ -260,7 +262,7 @@ def int8_in_tiles(codes: torch.Tensor) -> torch.Tensor:
     """``(out, in)`` int8 codes in tiles of 16 rows, as the fast decoding step reads them: the
     inputs padded with zeros to a multiple of 32 and the rows to a multiple of 16, and each tile
     stored 4 inputs at a time, 4 bytes of each of its 16 rows in turn (fast_decode_kernels.h)."""
-    padded = F.pad(codes, (0, -codes.shape[1] % 32, 0, -codes.shape[0] % TILE_ROWS))
+    padded = F.pad(codes, (0, -codes.shape[1] % INPUT_BLOCK, 0, -codes.shape[0] % TILE_ROWS))
     rows, width = padded.shape
     return padded.view(-1, TILE_ROWS, width // 4, 4).transpose(1, 2).reshape(rows, width)
 
