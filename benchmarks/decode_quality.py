@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from buildllm import generate, load_model  # noqa: E402
+from buildllm.errors import UserError  # noqa: E402
 from buildllm.generation.fast_decode import fast_decoder  # noqa: E402
 from buildllm.generation.quantization import quantize  # noqa: E402
 
@@ -67,11 +68,17 @@ def same_tokens(a: list[list[int]], b: list[list[int]], start: int) -> float:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    base, tokenizer = load_model(args.model, dtype=torch.float32)
-    text = Path(args.text).read_text(encoding="utf-8")
+    try:
+        base, tokenizer = load_model(args.model, dtype=torch.float32)
+        text = Path(args.text).read_text(encoding="utf-8")
+    except (UserError, OSError) as e:
+        sys.exit(f"error: {e}")
     length = base.cfg.context_length
     ids = tokenizer.encode(text[len(text) // 4 :])[: args.windows * length]  # past the front matter
     windows = [ids[i * length : (i + 1) * length] for i in range(len(ids) // length)]
+    if not windows:
+        sys.exit(f"error: the last three quarters of {args.text} are fewer than {length} tokens (the model's "
+                 "context length): give a longer text")
     chars = sum(len(tokenizer.decode(w[1:])) for w in windows)
     prompts = [w[:8] for w in windows]
     reference = generate(base, prompts, args.new_tokens, fast=False)
