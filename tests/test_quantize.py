@@ -289,4 +289,4 @@ def test_decode_quality_scores_the_same_text_both_ways(word_model, tmp_path, cap
     assert abs(float(rows["int8"][1]) - float(rows["int8"][2])) < 0.01
     (tmp_path / "short.txt").write_text("the cat")
     with pytest.raises(SystemExit, match="fewer than 16 tokens .* give a longer text"):
-        decode_quality.main([*argv[:2], "--text", str(tmp_path / "short.txt")])
+        decode_quality.main([*argv[:2], "--text", str(tmp_path / "short.txt"), *argv[-2:]])
