@@ -80,11 +80,12 @@ template <int R, int M>
 constexpr int unroll() { return R * M == 1 ? 4 : R * M == 2 ? 2 : 1; }
 
 // With several inputs a kernel reads its weights slowly enough that the processor's own
-// prefetcher falls behind (measured: benchmarks/README.md); it asks for them this far ahead.
-constexpr int64_t PREFETCH_AHEAD = 8192;  // bytes
+// prefetcher falls behind (measured: benchmarks/README.md); it asks for them `ahead` bytes ahead,
+// a distance measured per format (fp32's kernel goes through its bytes fastest).
 template <int M>
 constexpr bool prefetches() { return M >= 4; }
-inline void prefetch(const void* p) { _mm_prefetch((const char*)p + PREFETCH_AHEAD, _MM_HINT_T0); }
+template <int64_t ahead>
+inline void prefetch(const void* p) { _mm_prefetch((const char*)p + ahead, _MM_HINT_T0); }
 
 // The lanes of eight vectors summed, sum i in lane i: a transposing tree of 24 instructions
 // where eight reductions one vector at a time take about 70.
@@ -149,7 +150,7 @@ void dot_f32(const float* w, int64_t ld, const Inputs& in, float* out, int64_t s
         for (int u = 0; u < U; ++u) {
             __m512 wv[R];
             for (int r = 0; r < R; ++r) {
-                if (prefetches<M>()) prefetch(w + r * ld + k + 16 * u);
+                if (prefetches<M>()) prefetch<8192>(w + r * ld + k + 16 * u);
                 wv[r] = _mm512_loadu_ps(w + r * ld + k + 16 * u);
             }
             for (int m = 0; m < M; ++m) {
@@ -181,7 +182,7 @@ void dot_bf16(const uint16_t* w, int64_t ld, const Inputs& in, float* out, int64
         for (int u = 0; u < U; ++u) {
             __m512i wv[R];
             for (int r = 0; r < R; ++r) {
-                if (prefetches<M>()) prefetch(w + r * ld + k + 32 * u);
+                if (prefetches<M>()) prefetch<2048>(w + r * ld + k + 32 * u);
                 wv[r] = _mm512_loadu_si512(w + r * ld + k + 32 * u);
             }
             for (int m = 0; m < M; ++m) {
@@ -223,7 +224,11 @@ void dot_int8(const int8_t* w, const uint16_t* scale, int64_t rows, const Inputs
     for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < blocks; ++b, w += 512) {
         __m512i codes[8];  // codes[j]: the 16 rows' weights for inputs 32b + 4j .. + 3, plus 128
-        for (int j = 0; j < 8; ++j) codes[j] = _mm512_xor_si512(_mm512_loadu_si512(w + 64 * j), flip);
+        for (int j = 0; j < 8; ++j) {
+            if (prefetches<M>()) prefetch<2048>(w + 64 * j);
+            codes[j] = _mm512_xor_si512(_mm512_loadu_si512(w + 64 * j), flip);
+        }
+#pragma GCC unroll 8
         for (int m = 0; m < M; ++m) {
             const int8_t* x = in.x8 + (m * blocks + b) * 32;
             // two chains of four, so that one row of the batch does not wait on each sum in turn
@@ -257,6 +262,7 @@ void dot_int4(const uint8_t* w, const uint16_t* scale, const uint16_t* zero, int
     auto block = [&](const __m512i* codes, int64_t b) {  // inputs 32b .. 32b + 31: codes[j] for inputs 4j .. 4j + 3
         const int64_t g = b * 32 / group;
         const __m512 s = widen16(scale + g * 16, 0xffff);
+#pragma GCC unroll 8
         for (int m = 0; m < M; ++m) {
             const int8_t* x = in.x8 + m * n + 32 * b;
             // two chains of four, so that one row of the batch does not wait on each sum in turn
@@ -277,6 +283,7 @@ void dot_int4(const uint8_t* w, const uint16_t* scale, const uint16_t* zero, int
     __m512i codes[16];
     for (int64_t k = 0; k < full; k += 64, w += 512) {
         for (int j = 0; j < 8; ++j) {
+            if (prefetches<M>()) prefetch<2048>(w + 64 * j);
             __m512i run = _mm512_loadu_si512(w + 64 * j);
             codes[j] = _mm512_and_si512(run, low_bits);
             codes[8 + j] = _mm512_and_si512(_mm512_srli_epi16(run, 4), low_bits);
