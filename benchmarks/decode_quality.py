@@ -7,7 +7,8 @@ The C++ decoding step multiplies int8 and int4 codes by its inputs rounded to in
 block of 32 (as llama.cpp does), where the readable model's PyTorch kernels take them in bf16. For
 fp32, int8 and int4 weights this prints the bits per character of ``--windows`` windows of the
 text (the model's context length each), scored by the readable model's forward and, token by
-token, by the C++ step; and how many greedy tokens after an 8-token prompt from each window are
+token, by the C++ step over the KV cache generation keeps (bf16 under int8 and int4 weights:
+``sampling.cache_dtype``); and how many greedy tokens after an 8-token prompt from each window are
 the same from the C++ step and from the readable steps, and from the readable fp32 model.
 """
 
@@ -29,6 +30,7 @@ from buildllm import generate, load_model  # noqa: E402
 from buildllm.errors import UserError  # noqa: E402
 from buildllm.generation.fast_decode import fast_decoder  # noqa: E402
 from buildllm.generation.quantization import quantize  # noqa: E402
+from buildllm.generation.sampling import cache_dtype  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,7 +52,7 @@ def bits_per_char(model, windows, chars: int, fast: bool) -> float:
             if fast:  # the first token through the model, then one C++ step per token
                 decoder = fast_decoder(model)
                 assert decoder is not None, "the C++ step is not available here"
-                cache = model.new_kv_cache(1, len(window), dtype=torch.float32)
+                cache = model.new_kv_cache(1, len(window), dtype=cache_dtype(model))
                 logits = [model(ids[:, :1], kv_cache=cache)[:, -1].float()]
                 logits += [decoder.step(ids[:, i], cache) for i in range(1, len(window) - 1)]
                 logits = torch.cat(logits)

@@ -16,7 +16,7 @@ from buildllm.finetune.lora import apply_lora
 from buildllm.generation import fast_decode
 from buildllm.generation.fast_decode import fast_decoder
 from buildllm.generation.quantization import QuantizedLinear, quantize
-from buildllm.generation.sampling import generate
+from buildllm.generation.sampling import cache_dtype, generate
 from buildllm.models import registry
 from buildllm.models.gpt2 import GPTConfig, GPTModel
 from buildllm.serve.batching import BatchEngine, Request, Sampling
@@ -53,7 +53,7 @@ def at_precision(model, precision):
 def largest_step_error(model, steps=6, prompt_length=5, batch=3):
     """Prefill a left-padded batch through the model, then compare the C++ step with the model's own
     one-token forward at each step; the largest difference relative to the largest logit."""
-    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    dtype = cache_dtype(model)  # bf16 keys and values under int8 and int4 weights, as generation has them
     tokens = torch.randint(0, model.cfg.vocab_size, (batch, prompt_length + steps))
     padding = torch.zeros(batch, prompt_length, dtype=torch.bool)
     padding[0, :2] = True  # row 0 starts two tokens later

@@ -11,7 +11,7 @@ from buildllm import cli
 from buildllm.errors import UserError
 from buildllm.generation.quantization import (Int4Linear, Int8Linear, int8_by_row, int8_in_tiles, pack_codes, quantize,
                                               unpack_codes)
-from buildllm.generation.sampling import generate, stream_text
+from buildllm.generation.sampling import cache_dtype, generate, stream_text
 from buildllm.models.gpt2 import GPTConfig, GPTModel
 from buildllm.tokenizer import WordTokenizer
 from buildllm.weights.checkpoint import save_model
@@ -211,7 +211,25 @@ def test_a_quantized_model_predicts_like_the_full_precision_one(word_model, sche
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_the_kv_cache_stays_exact_with_quantized_weights(word_model, scheme):
+def test_quantized_models_cache_bf16_keys_and_values_and_their_logits_barely_move(word_model, scheme):
+    """Generation keeps a quantized model's KV cache in bf16 (sampling.cache_dtype): the logits of
+    12 steps over it are those over an fp32 cache, within 1% of the largest."""
+    model, tok = word_model
+    quantized = quantize(copy.deepcopy(model), scheme)
+    assert cache_dtype(quantized) == torch.bfloat16 and cache_dtype(model) == torch.float32
+    ids = torch.tensor([tok.encode(TEXT * 2)[:16]])
+    logits = {}
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16):
+            cache = quantized.new_kv_cache(1, 16, dtype=dtype)
+            quantized(ids[:, :4], kv_cache=cache)
+            logits[dtype] = torch.cat([quantized(ids[:, i : i + 1], kv_cache=cache)[:, -1] for i in range(4, 16)])
+    error = (logits[torch.bfloat16] - logits[torch.float32]).abs().max() / logits[torch.float32].abs().max()
+    assert 0 < error < 1e-2, error
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_the_kv_cache_gives_the_tokens_of_no_cache_with_quantized_weights(word_model, scheme):
     model, tok = word_model
     quantized = quantize(copy.deepcopy(model), scheme)
     prompts = [tok.encode("the cat sat"), tok.encode("a dog"), tok.encode("then it slept . a dog ran")]

@@ -50,11 +50,12 @@ class KVCache:
         self.length = 0
 
     def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor):
-        """Store the new positions' keys and values; return all cached ones for this layer."""
+        """Store the new positions' keys and values; return all cached ones for this layer, in the
+        new ones' dtype (a cache may hold them rounded to a narrower one: generation's cache_dtype)."""
         start, end = self.length, self.length + keys.shape[2]
         self.keys[layer, :, :, start:end] = keys
         self.values[layer, :, :, start:end] = values
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        return self.keys[layer, :, :, :end].to(keys.dtype), self.values[layer, :, :, :end].to(values.dtype)
 
 
 def causal_mask(context_length: int, device: torch.device | str | None = None) -> torch.Tensor:
