@@ -113,6 +113,17 @@ def test_every_batch_up_to_eight_rows_gives_the_readable_models_logits(precision
         assert largest_step_error(model, steps=2, batch=batch) < TOLERANCE[precision], batch
 
 
+def test_bf16_inputs_wider_than_the_l1_cache_take_four_weight_rows_at_once():
+    """From batch 5, bf16 layers whose inputs outgrow the L1 cache (bf16_rows_by_four) run 4 rows at
+    a time: here the feed-forward's 4104-wide output layer, with 72 rows (a last tile of 8) and a
+    last block of 8 inputs."""
+    model = registry.build_model(registry.preset("llama-nano", vocab_size=97, context_length=48, emb_dim=72,
+                                                  n_heads=4, n_kv_heads=2, hidden_dim=4104)).eval()
+    model = model.to(torch.bfloat16)
+    for batch in (4, 5, 8):
+        assert largest_step_error(model, steps=2, batch=batch) < TOLERANCE["bf16"], batch
+
+
 def test_a_batch_wider_than_eight_rows_and_a_bigger_int4_group():
     model = quantize(gpt(), "int4", group_size=64)
     assert largest_step_error(model) < TOLERANCE["int4"]

@@ -109,9 +109,9 @@ struct Linear {
 
 // Up to 8 rows of the batch share each pass over a weight row. At batch 1 the weight rows are read
 // one after another (one sequential stream per thread is what the processor's prefetcher follows
-// best); with more rows of the batch an fp32 kernel takes a few weight rows at once
-// (f32_rows_at_once in fast_decode_kernels.h) and fp32 and bf16 ones ask for them ahead. int8 and
-// int4 kernels take a tile of 16 rows.
+// best); with more rows of the batch an fp32 kernel takes a few weight rows at once, a bf16 one
+// too where its inputs are wide (f32_rows_at_once, bf16_rows_by_four in fast_decode_kernels.h),
+// and all ask for them ahead. int8 and int4 kernels take a tile of 16 rows.
 constexpr int64_t MAX_M = 8;
 constexpr int64_t BLOCK_ROWS = 16;
 
@@ -135,7 +135,12 @@ void rows_of(const Linear& L, int64_t r0, int64_t r1, const Inputs& in, float* o
             });
             break;
         case BF16:
-            for (int64_t r = r0; r < r1; ++r) dot_bf16<1, M>((const uint16_t*)L.w + r * n, n, in, out + (r - r0), BLOCK_ROWS);
+            if (bf16_rows_by_four<M>(n))
+                in_passes<4>(r0, r1, [&](auto rows, int64_t r) {
+                    dot_bf16<decltype(rows)::value, M>((const uint16_t*)L.w + r * n, n, in, out + (r - r0), BLOCK_ROWS);
+                });
+            else
+                for (int64_t r = r0; r < r1; ++r) dot_bf16<1, M>((const uint16_t*)L.w + r * n, n, in, out + (r - r0), BLOCK_ROWS);
             break;
         case INT8:  // a tile of 16 rows
             static_assert(BLOCK_ROWS == TILE_ROWS, "int8 and int4 kernels take a tile at a time");

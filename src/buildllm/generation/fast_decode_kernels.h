@@ -70,10 +70,15 @@ struct Inputs {
 // R rows. While the weights' stream from memory sets the speed, one row at a time streams best;
 // once the batch makes the core's own instructions the limit (a 512-bit load costs as much as a
 // multiply-add here), R rows at once divide the input loads by R. Where that happens was measured
-// per format and batch (benchmarks/README.md): bf16 streams best one row at a time at every batch
-// up to 8. (int8 and int4 kernels take a tile of 16 rows at once.)
+// per format and batch (benchmarks/README.md): fp32 from batch 5; bf16 one row at a time while
+// its M inputs stay in the L1 cache (GPT-2's 768-wide inputs), and 4 rows from batch 5 where the
+// inputs are wider and come back from L2 for every row (GPT-2's 3072, a Llama's 2048 and 8192).
+// (int8 and int4 kernels take a tile of 16 rows at once.)
 template <int M>
 constexpr int f32_rows_at_once() { return M <= 4 ? 1 : M <= 6 ? 4 : 3; }
+constexpr int64_t L1_BYTES = 32768;
+template <int M>
+constexpr bool bf16_rows_by_four(int64_t in) { return M >= 5 && M * in * 2 > L1_BYTES; }
 
 // Independent sums per accumulator: enough of them hide the latency of the multiply-adds.
 template <int R, int M>
