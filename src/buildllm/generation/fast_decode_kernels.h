@@ -86,7 +86,8 @@ constexpr int unroll() { return R * M == 1 ? 4 : R * M == 2 ? 2 : 1; }
 
 // With several inputs a kernel reads its weights slowly enough that the processor's own
 // prefetcher falls behind (measured: benchmarks/README.md); it asks for them `ahead` bytes ahead,
-// a distance measured per format (fp32's kernel goes through its bytes fastest).
+// a distance measured per format (fp32's kernel goes through its bytes fastest). int4, whose
+// codes take the most instructions per byte, asks at every batch, 4 KiB ahead.
 template <int M>
 constexpr bool prefetches() { return M >= 4; }
 template <int64_t ahead>
@@ -288,7 +289,7 @@ void dot_int4(const uint8_t* w, const uint16_t* scale, const uint16_t* zero, int
     __m512i codes[16];
     for (int64_t k = 0; k < full; k += 64, w += 512) {
         for (int j = 0; j < 8; ++j) {
-            if (prefetches<M>()) prefetch<2048>(w + 64 * j);
+            prefetch<4096>(w + 64 * j);
             __m512i run = _mm512_loadu_si512(w + 64 * j);
             codes[j] = _mm512_and_si512(run, low_bits);
             codes[8 + j] = _mm512_and_si512(_mm512_srli_epi16(run, 4), low_bits);
