@@ -222,6 +222,19 @@ void dot_bf16(const uint16_t* w, int64_t ld, const Inputs& in, float* out, int64
 // sum (q + 128) x = sum q x + 128 sum x, so each block's sum starts from -128 sum x. int8: the
 // runs of a tile follow each other 4 inputs at a time (quantization.Int8Linear), the inputs padded
 // with zero weights to a multiple of 32; `scale`: the tile's 16 rows' (bf16), `rows` of them real.
+// One block of 32 inputs of a tile: each of its 16 rows' sum of codes times inputs, from `start`.
+// codes[j]: the rows' codes (unsigned bytes) for inputs 4j .. 4j + 3; x: the 32 inputs as int8
+// numbers, 4 of them broadcast to each instruction. Two chains of four, so that one row of the
+// batch does not wait on each sum in turn.
+inline __m512i block_dot(const __m512i* codes, const int8_t* x, __m512i start) {
+    __m512i d0 = start, d1 = _mm512_setzero_si512();
+    for (int j = 0; j < 4; ++j) {
+        d0 = _mm512_dpbusd_epi32(d0, codes[j], _mm512_set1_epi32(*(const int32_t*)(x + 4 * j)));
+        d1 = _mm512_dpbusd_epi32(d1, codes[4 + j], _mm512_set1_epi32(*(const int32_t*)(x + 16 + 4 * j)));
+    }
+    return _mm512_add_epi32(d0, d1);
+}
+
 template <int M>
 void dot_int8(const int8_t* w, const uint16_t* scale, int64_t rows, const Inputs& in, float* out, int64_t stride) {
     const int64_t blocks = input_blocks(in.in);
@@ -236,14 +249,9 @@ void dot_int8(const int8_t* w, const uint16_t* scale, int64_t rows, const Inputs
         }
 #pragma GCC unroll 8
         for (int m = 0; m < M; ++m) {
-            const int8_t* x = in.x8 + (m * blocks + b) * 32;
-            // two chains of four, so that one row of the batch does not wait on each sum in turn
-            __m512i d0 = _mm512_set1_epi32(-128 * in.x8_sum[m * blocks + b]), d1 = _mm512_setzero_si512();
-            for (int j = 0; j < 4; ++j) {
-                d0 = _mm512_dpbusd_epi32(d0, codes[j], _mm512_set1_epi32(*(const int32_t*)(x + 4 * j)));
-                d1 = _mm512_dpbusd_epi32(d1, codes[4 + j], _mm512_set1_epi32(*(const int32_t*)(x + 16 + 4 * j)));
-            }
-            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1)), _mm512_set1_ps(in.x8_scale[m * blocks + b]), acc[m]);
+            const int64_t mb = m * blocks + b;
+            const __m512i sums = block_dot(codes, in.x8 + mb * INPUT_BLOCK, _mm512_set1_epi32(-128 * in.x8_sum[mb]));
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(in.x8_scale[mb]), acc[m]);
         }
     }
     const __m512 s = widen16(scale, mask16(rows));
@@ -270,15 +278,9 @@ void dot_int4(const uint8_t* w, const uint16_t* scale, const uint16_t* zero, int
         const __m512 s = widen16(scale + g * 16, 0xffff);
 #pragma GCC unroll 8
         for (int m = 0; m < M; ++m) {
-            const int8_t* x = in.x8 + m * n + 32 * b;
-            // two chains of four, so that one row of the batch does not wait on each sum in turn
-            __m512i d0 = _mm512_set1_epi32(-8 * in.x8_sum[m * blocks + b]), d1 = _mm512_setzero_si512();
-            for (int j = 0; j < 4; ++j) {
-                d0 = _mm512_dpbusd_epi32(d0, codes[j], _mm512_set1_epi32(*(const int32_t*)(x + 4 * j)));
-                d1 = _mm512_dpbusd_epi32(d1, codes[4 + j], _mm512_set1_epi32(*(const int32_t*)(x + 16 + 4 * j)));
-            }
-            __m512 scaled = _mm512_mul_ps(s, _mm512_set1_ps(in.x8_scale[m * blocks + b]));
-            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1)), scaled, acc[m]);
+            const int64_t mb = m * blocks + b;
+            const __m512i sums = block_dot(codes, in.x8 + mb * INPUT_BLOCK, _mm512_set1_epi32(-8 * in.x8_sum[mb]));
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(s, _mm512_set1_ps(in.x8_scale[mb])), acc[m]);
         }
         if (b * 32 % group == 0) {  // the group's zero, once
             const __m512 z = widen16(zero + g * 16, 0xffff);
