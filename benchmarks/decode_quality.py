@@ -46,12 +46,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def bits_per_char(model, windows, chars: int, fast: bool) -> float:
     """Cross-entropy of every window's tokens after its first, in bits, per character."""
     bits = 0.0
+    decoder = fast_decoder(model) if fast else None
     with torch.inference_mode():
         for window in windows:
             ids = torch.tensor([window])
             if fast:  # the first token through the model, then one C++ step per token
-                decoder = fast_decoder(model)
-                assert decoder is not None, "the C++ step is not available here"
                 cache = model.new_kv_cache(1, len(window), dtype=cache_dtype(model))
                 logits = [model(ids[:, :1], kv_cache=cache)[:, -1].float()]
                 logits += [decoder.step(ids[:, i], cache) for i in range(1, len(window) - 1)]
@@ -75,6 +74,9 @@ def main(argv=None) -> int:
         text = Path(args.text).read_text(encoding="utf-8")
     except (UserError, OSError) as e:
         sys.exit(f"error: {e}")
+    if fast_decoder(base) is None:
+        sys.exit("error: the C++ decoding step is not available here (it needs x86-64 with AVX-512 BF16 and a "
+                 "C++ compiler, and BUILDLLM_FAST_DECODE not 0): nothing to compare")
     length = base.cfg.context_length
     ids = tokenizer.encode(text[len(text) // 4 :])[: args.windows * length]  # past the front matter
     windows = [ids[i * length : (i + 1) * length] for i in range(len(ids) // length)]
