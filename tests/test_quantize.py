@@ -67,21 +67,32 @@ def test_int8_codes_sit_in_tiles_of_16_rows_and_come_back(rows, inputs):
     assert torch.equal(run[: min(rows, 16)], codes[:16, :4])
 
 
-def test_a_prompts_rows_multiply_as_pytorchs_int8_kernel_does():
-    """From MATRIX_ROWS rows on (a prompt's pass) the codes multiply as bf16 through the matrix
-    product: the same sums, rounded to bf16 once, as PyTorch's int8 kernel gives."""
+def test_many_rows_multiply_as_pytorchs_int8_kernel_does():
+    """Where it is built, the compiled extension multiplies by the codes as bf16 (exact: identity
+    rows give them back, a width of 96 leaving a last 32), then by the scales: the matrix product
+    from MATRIX_ROWS rows on rounds the sums to bf16 and again after the scale; below it the
+    decoding step's kernel rounds once, as PyTorch's int8 kernel does."""
     from buildllm.generation.native import extension
     from buildllm.generation.quantization import MATRIX_ROWS
 
     q = Int8Linear.from_linear(random_linear(bias=False))
-    if (native := extension()) is not None:  # the codes as bf16, untiled in one pass (a width of 96: a last 32)
-        for rows, inputs in [(48, 64), (61, 96), (3, 48)]:
+    if (native := extension()) is not None:
+        for rows, inputs in [(48, 64), (61, 96), (3, 48), (20, 40)]:
             codes = torch.randint(-127, 128, (rows, inputs), dtype=torch.int8, generator=torch.Generator().manual_seed(3))
-            assert torch.equal(native.int8_to_bf16(int8_in_tiles(codes), inputs, rows), codes.to(torch.bfloat16))
-    rows = torch.randn(MATRIX_ROWS + 3, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
-    kernel = torch._weight_int8pack_mm(rows, q.codes().contiguous(), q.scale).float()
-    torch.testing.assert_close(q._kernel(rows).float(), kernel, rtol=8e-3, atol=1e-3 * float(kernel.abs().max()))
-    torch.testing.assert_close(q._kernel(rows[:8]).float(), kernel[:8], rtol=0, atol=0)  # few rows: the kernel itself
+            ones = torch.ones(rows, dtype=torch.bfloat16)
+            for identity in (torch.eye(inputs), torch.eye(inputs)[:7]):  # the matrix product; the step's kernel
+                back = native.quantized_matmul(identity.to(torch.bfloat16), int8_in_tiles(codes), ones, None, 0, inputs, rows)
+                assert torch.equal(back[:, :rows], codes.T[: len(identity)].to(torch.bfloat16))
+        # small whole numbers: every sum exact in fp32, so the roundings alone decide
+        for count, roundings in [(MATRIX_ROWS + 3, 2), (5, 1)]:
+            rows = torch.randint(-3, 4, (count, 64), generator=torch.Generator().manual_seed(count)).to(torch.bfloat16)
+            sums = (rows.double() @ q.codes().double().T).float()
+            want = (sums.to(torch.bfloat16).float() if roundings == 2 else sums) * q.scale.float()
+            assert torch.equal(q._kernel(rows)[:, :48], want.to(torch.bfloat16))
+    for count in (MATRIX_ROWS + 3, MATRIX_ROWS - 1, 1):
+        rows = torch.randn(count, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+        kernel = torch._weight_int8pack_mm(rows, q.codes().contiguous(), q.scale).float()
+        torch.testing.assert_close(q._kernel(rows).float()[:, :48], kernel, rtol=8e-3, atol=1e-3 * float(kernel.abs().max()))
 
 
 @pytest.mark.parametrize("scheme, layer", [("int8", Int8Linear), ("int4", Int4Linear)])
@@ -139,9 +150,10 @@ def test_the_int4_kernel_equals_the_written_out_form(out_features):
 
 @pytest.mark.parametrize("in_features, group_size", [(128, 32), (96, 32), (256, 64), (256, 128)])
 def test_a_prompts_rows_multiply_the_int4_weight_the_codes_stand_for(in_features, group_size, monkeypatch):
-    """Where it is built, the compiled extension turns the codes into the bf16 weight (one pass; 96
-    inputs leave a last block of 32) and the bf16 matrix product multiplies it: the very numbers of
-    ``dequantized`` rounded to bf16, and the same products as PyTorch's int4 kernel (elsewhere)."""
+    """Where it is built, the compiled extension turns the codes into the bf16 weight, a chunk at a
+    time (96 inputs leave a last block of 32), and multiplies by it: identity rows give back the
+    very numbers of ``dequantized`` rounded to bf16, through the matrix product and through the
+    decoding step's kernel (few rows); and the same products as PyTorch's int4 kernel (elsewhere)."""
     from buildllm.generation import quantization
     from buildllm.generation.native import extension
     from buildllm.generation.quantization import MATRIX_ROWS
@@ -150,13 +162,16 @@ def test_a_prompts_rows_multiply_the_int4_weight_the_codes_stand_for(in_features
     if native is None:
         pytest.skip("needs the compiled extension (x86-64 with AVX-512 BF16 and a C++ compiler)")
     q = Int4Linear.from_linear(random_linear(in_features=in_features, out_features=40), group_size=group_size)
-    weight = native.int4_to_bf16(q.weight, q.scale, q.zero, group_size, 40)
-    assert torch.equal(weight, q.dequantized(torch.float32).to(torch.bfloat16))
+    weight = q.dequantized(torch.float32).to(torch.bfloat16)
+    for identity in (torch.eye(in_features), torch.eye(in_features)[:7]):  # the matrix product; the step's kernel
+        back = native.quantized_matmul(identity.to(torch.bfloat16), q.weight, q.scale, q.zero, group_size, in_features, 40)
+        assert torch.equal(back[:, :40], weight.T[: len(identity)])
     rows = torch.randn(MATRIX_ROWS + 1, in_features, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
-    matrix = q._kernel(rows).float()[:, :40]
+    products = [q._kernel(rows).float()[:, :40], q._kernel(rows[:5]).float()[:, :40]]
     monkeypatch.setattr(quantization, "extension", lambda: None)
     kernel = q._kernel(rows).float()[:, :40]  # PyTorch's int4 kernel
-    torch.testing.assert_close(matrix, kernel, rtol=8e-3, atol=2e-3 * float(kernel.abs().max()))
+    for product in products:
+        torch.testing.assert_close(product, kernel[: len(product)], rtol=8e-3, atol=2e-3 * float(kernel.abs().max()))
 
 
 def test_int4_refuses_layers_it_cannot_group():

@@ -17,6 +17,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
@@ -154,17 +156,23 @@ void rows_of(const Linear& L, int64_t r0, int64_t r1, const Inputs& in, float* o
     }
 }
 
-void rows_of(int64_t M, const Linear& L, int64_t r0, int64_t r1, const Inputs& in, float* out) {
+// f(std::integral_constant<int, M>{}) for a batch of M rows known at run time, 1 to MAX_M.
+template <typename F>
+inline void with_batch(int64_t M, F&& f) {
     switch (M) {
-        case 1: rows_of<1>(L, r0, r1, in, out); break;
-        case 2: rows_of<2>(L, r0, r1, in, out); break;
-        case 3: rows_of<3>(L, r0, r1, in, out); break;
-        case 4: rows_of<4>(L, r0, r1, in, out); break;
-        case 5: rows_of<5>(L, r0, r1, in, out); break;
-        case 6: rows_of<6>(L, r0, r1, in, out); break;
-        case 7: rows_of<7>(L, r0, r1, in, out); break;
-        default: rows_of<8>(L, r0, r1, in, out);
+        case 1: f(std::integral_constant<int, 1>{}); break;
+        case 2: f(std::integral_constant<int, 2>{}); break;
+        case 3: f(std::integral_constant<int, 3>{}); break;
+        case 4: f(std::integral_constant<int, 4>{}); break;
+        case 5: f(std::integral_constant<int, 5>{}); break;
+        case 6: f(std::integral_constant<int, 6>{}); break;
+        case 7: f(std::integral_constant<int, 7>{}); break;
+        default: f(std::integral_constant<int, 8>{});
     }
+}
+
+void rows_of(int64_t M, const Linear& L, int64_t r0, int64_t r1, const Inputs& in, float* out) {
+    with_batch(M, [&](auto m) { rows_of<decltype(m)::value>(L, r0, r1, in, out); });
 }
 
 // Where a linear layer's output goes: stored, or added to the residual stream.
@@ -542,88 +550,152 @@ class Decoder {
     }
 };
 
-// The codes of a quantization.Int8Linear (in tiles of 16 rows: int8_in_tiles) as bf16 numbers,
-// (out, in) row by row: exact, since bf16 holds every integer up to 256. A prompt's pass multiplies
-// them through the bf16 matrix product; this is one pass over the codes, where untiling them with
-// PyTorch's own operations and then converting takes two slower ones.
-at::Tensor int8_to_bf16(const at::Tensor& tiled, int64_t in, int64_t out) {
-    TORCH_CHECK(tiled.is_contiguous() && tiled.size(0) == tiles_of(out) * TILE_ROWS &&
-                    tiled.size(1) == input_blocks(in) * INPUT_BLOCK,
-                "int8_to_bf16: the codes' shape does not match the layer's sizes");
-    const int64_t width = tiled.size(1);
-    auto weight = at::empty({out, in}, at::TensorOptions().dtype(at::kBFloat16));
-    const auto* codes = tiled.data_ptr<int8_t>();
-    auto* w = reinterpret_cast<uint16_t*>(weight.data_ptr());
-    at::parallel_for(0, tiles_of(out), 1, [&](int64_t t0, int64_t t1) {
-        const __m512i runs = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                                _mm512_set1_epi32(64));  // 16 runs of 4 inputs, 64 bytes apart
-        for (int64_t r = t0 * 16; r < std::min(out, t1 * 16); ++r) {
-            const int8_t* row = codes + (r / 16) * 16 * width + 4 * (r % 16);
-            for (int64_t k = 0; k < width; k += 64) {  // a row's inputs k .. k + 63
-                alignas(64) int8_t bytes[64];
-                const __mmask16 there = mask16((width - k) / 4);  // a width of 32 past the last 64: 8 runs
-                _mm512_store_si512(bytes, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), there, runs, row + k * 16, 1));
-                for (int part = 0; part < 4 && k + 16 * part < in; ++part) {
-                    __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128((const __m128i*)(bytes + 16 * part))));
-                    _mm256_mask_storeu_epi16(w + r * in + k + 16 * part, mask16(in - k - 16 * part), (__m256i)_mm512_cvtneps_pbh(f));
-                }
-            }
+// A prompt's pass through an int8 or int4 layer: many input rows, each weight used by all of them,
+// so the arithmetic is the bf16 matrix product's, over the weight the codes stand for in bf16, as
+// the readable layer defines it (quantization.py). Writing that whole matrix out first costs more
+// than the product (a fresh 32 MB buffer per layer of a 1B model, page by page); instead each
+// thread turns a chunk of tiles at a time into bf16 rows in a buffer of its own, small enough to
+// stay in its core's L2 cache, and multiplies the input rows by it there.
+
+// Tile t of an int8 layer's codes (in tiles of 16 rows: int8_in_tiles) as bf16 numbers, exact
+// (bf16 holds every integer up to 256): row r of the tile to dst + r * in. Each 64 inputs are 16
+// runs of 64 bytes, run j holding 4 bytes of each row: as a 16 x 16 matrix of 4-byte numbers,
+// transposed in registers, they are the 16 rows' 64 bytes.
+void int8_tile_to_bf16(const int8_t* tile, int64_t width, int64_t in, uint16_t* dst) {
+    for (int64_t k = 0; k < in; k += 64) {  // inputs k .. k + 63 (a width of 32 past the last 64: 8 runs)
+        const int64_t runs = std::min<int64_t>(16, (width - k) / 4);
+        __m512i a[16], t[16];
+        for (int j = 0; j < 16; ++j) a[j] = j < runs ? _mm512_loadu_si512(tile + k * 16 + 64 * j) : _mm512_setzero_si512();
+        for (int i = 0; i < 8; ++i) {  // in each 128-bit block L: rows 4L, 4L + 1 of runs 2i, 2i + 1; then rows 4L + 2, 4L + 3
+            t[2 * i] = _mm512_unpacklo_epi32(a[2 * i], a[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_epi32(a[2 * i], a[2 * i + 1]);
         }
-    });
-    return weight;
+        for (int i = 0; i < 4; ++i) {  // a[4i + q], block L: row 4L + q of runs 4i .. 4i + 3
+            a[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+            a[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+            a[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+            a[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+        }
+        for (int q = 0; q < 4; ++q) {  // row 4L + q: block L of a[q], a[4 + q], a[8 + q], a[12 + q]
+            const __m512i v1 = _mm512_shuffle_i32x4(a[q], a[4 + q], 0x44), v2 = _mm512_shuffle_i32x4(a[q], a[4 + q], 0xEE);
+            const __m512i w1 = _mm512_shuffle_i32x4(a[8 + q], a[12 + q], 0x44), w2 = _mm512_shuffle_i32x4(a[8 + q], a[12 + q], 0xEE);
+            t[q] = _mm512_shuffle_i32x4(v1, w1, 0x88);
+            t[4 + q] = _mm512_shuffle_i32x4(v1, w1, 0xDD);
+            t[8 + q] = _mm512_shuffle_i32x4(v2, w2, 0x88);
+            t[12 + q] = _mm512_shuffle_i32x4(v2, w2, 0xDD);
+        }
+        for (int r = 0; r < 16; ++r)  // t[r]: row r's 64 codes, 32 at a time as bf16
+            for (int half = 0; half < 2 && k + 32 * half < in; ++half) {
+                const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(t[r], 2 * half)));
+                const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(t[r], 2 * half + 1)));
+                _mm512_mask_storeu_epi16(dst + r * in + k + 32 * half, mask32(in - k - 32 * half),
+                                         (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+            }
+    }
 }
 
-// The codes of a quantization.Int4Linear (packed by pack_codes) as the bf16 weight matrix they
-// stand for: (q - 8) * scale + zero in fp32, rounded to bf16 once, as Int4Linear.dequantized
-// followed by .to(bfloat16) gives it. A prompt's pass multiplies many rows by it through the bf16
-// matrix product, several times faster than PyTorch's int4 kernel there; this is one pass over the
-// codes at memory speed, where the same in PyTorch's own operations takes several. `out`: the
-// layer's outputs (the codes' rows are padded to tiles of 16); scale, zero: (tiles, groups, 16).
-at::Tensor int4_to_bf16(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero, int64_t group,
-                        int64_t out) {
-    TORCH_CHECK(packed.is_contiguous() && scale.is_contiguous() && zero.is_contiguous(), "contiguous tensors expected");
-    TORCH_CHECK(packed.size(0) == tiles_of(out) * TILE_ROWS, "int4_to_bf16: the codes' rows do not match the outputs");
-    const int64_t n = packed.size(1) * 2, groups = n / group, full = n / 64 * 64;
-    auto weight = at::empty({out, n}, at::TensorOptions().dtype(at::kBFloat16));
-    const auto* codes = packed.data_ptr<uint8_t>();
-    const auto* s = reinterpret_cast<const uint16_t*>(scale.data_ptr());
-    const auto* z = reinterpret_cast<const uint16_t*>(zero.data_ptr());
-    auto* w = reinterpret_cast<uint16_t*>(weight.data_ptr());
-    at::parallel_for(0, tiles_of(out), 1, [&](int64_t t0, int64_t t1) {
-        const __m512i low4 = _mm512_set1_epi32(15), eight = _mm512_set1_epi32(8);
-        std::vector<uint8_t> rows(16 * (n / 2));  // the tile's codes, a row's 32 bytes per 64 inputs after another
-        for (int64_t t = t0; t < t1; ++t) {
-            const uint8_t* tile = codes + t * 16 * (n / 2);
-            for (int64_t k = 0; k < n; k += 64) {  // run j holds bytes 4j .. 4j + 3 of each row
-                const int64_t bytes = std::min<int64_t>(32, (n - k) / 2);
-                for (int64_t j = 0; j < bytes / 4; ++j)
-                    for (int r = 0; r < 16; ++r)
-                        std::memcpy(&rows[r * (n / 2) + k / 2 + 4 * j], tile + k * 8 + 64 * j + 4 * r, 4);
+// Tile t of an int4 layer's codes (packed by pack_codes) as the bf16 weights they stand for:
+// (q - 8) * scale + zero in fp32, rounded to bf16 once, as Int4Linear.dequantized followed by
+// .to(bfloat16) gives them; row r of the tile to dst + r * n. scale, zero: the tile's (groups, 16).
+// A group's 16 possible weights are made once, and its codes pick from them (vpermw, 32 at once).
+void int4_tile_to_bf16(const uint8_t* tile, const uint16_t* scale, const uint16_t* zero, int64_t n, int64_t group,
+                       uint16_t* dst) {
+    const int64_t full = n / 64 * 64;
+    const __m512 levels = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    const __m512i low4 = _mm512_set1_epi16(15);
+    const __m256i runs = _mm256_setr_epi32(0, 64, 128, 192, 256, 320, 384, 448);  // a row's 4 bytes in each of 8 runs
+    for (int r = 0; r < 16; ++r) {
+        uint16_t* row = dst + r * n;
+        auto table = [&](int64_t k) {  // the 16 bf16 weights of the group holding input k
+            const int64_t g = k / group * 16 + r;
+            return _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(
+                _mm512_fmadd_ps(levels, _mm512_set1_ps(bf16_to_f32(scale[g])), _mm512_set1_ps(bf16_to_f32(zero[g])))));
+        };
+        for (int64_t k = 0; k < full; k += 64) {  // the row's 32 bytes: byte i holds inputs k + i and k + 32 + i
+            const __m512i codes = _mm512_cvtepu8_epi16(_mm256_i32gather_epi32((const int*)(tile + k * 8 + 4 * r), runs, 1));
+            _mm512_storeu_si512(row + k, _mm512_permutexvar_epi16(_mm512_and_si512(codes, low4), table(k)));
+            _mm512_storeu_si512(row + k + 32, _mm512_permutexvar_epi16(_mm512_srli_epi16(codes, 4), table(k + 32)));
+        }
+        if (n > full) {  // a last 32 inputs in 4 runs: byte i holds inputs full + i and full + 16 + i
+            const __m256i codes = _mm256_cvtepu8_epi16(_mm_i32gather_epi32((const int*)(tile + full * 8 + 4 * r),
+                                                                           _mm256_castsi256_si128(runs), 1));
+            const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(codes, _mm512_castsi512_si256(low4))),
+                                                    _mm256_srli_epi16(codes, 4), 1);
+            _mm512_storeu_si512(row + full, _mm512_permutexvar_epi16(both, table(full)));
+        }
+    }
+}
+
+// rows (R, in) bf16 times an int8 (`zero` absent) or int4 layer's weight: (R, out rounded up to
+// 16) bf16, as the readable layer computes it (up to the order of the sums). int4: the product
+// with the bf16 weights its codes stand for (Int4Linear.dequantized, rounded to bf16). int8: the
+// product with the codes (exact in bf16), times each row's scale, rounded to bf16 once as
+// PyTorch's int8 kernel does below MATRIX_ROWS rows, and from there rounded before the scale as
+// well (the bf16 matrix product's output is rounded: Int8Linear._kernel). Below MATRIX_ROWS rows
+// (a prompt's last position through the output head, a short prompt) the decoding step's bf16
+// kernel multiplies, 8 rows at a time: there the matrix product's call per chunk costs more than
+// its arithmetic (measured: benchmarks/README.md).
+constexpr int64_t MATRIX_ROWS = 32;
+at::Tensor quantized_matmul(const at::Tensor& rows, const at::Tensor& codes, const at::Tensor& scale,
+                            const std::optional<at::Tensor>& zero, int64_t group, int64_t in, int64_t out) {
+    TORCH_CHECK(rows.dim() == 2 && rows.size(1) == in && rows.scalar_type() == at::kBFloat16 && rows.is_contiguous(),
+                "quantized_matmul: the input must be (rows, in) contiguous bf16");
+    TORCH_CHECK(codes.is_contiguous() && scale.is_contiguous() && (!zero || zero->is_contiguous()), "contiguous tensors expected");
+    TORCH_CHECK(codes.size(0) == tiles_of(out) * TILE_ROWS, "quantized_matmul: the codes' rows do not match the outputs");
+    const bool int4 = zero.has_value();
+    TORCH_CHECK(int4 ? codes.size(1) * 2 == in && group % 32 == 0 && in % group == 0
+                     : codes.size(1) == input_blocks(in) * INPUT_BLOCK,
+                "quantized_matmul: the codes' width does not match the inputs");
+    const int64_t R = rows.size(0), tiles = tiles_of(out), width = codes.size(1), groups = int4 ? in / group : 0;
+    const auto* row_scale = reinterpret_cast<const uint16_t*>(scale.data_ptr());
+    constexpr int64_t CHUNK_BYTES = 512 * 1024;  // a thread's bf16 rows: half its L2 cache
+    const int64_t chunk = std::max<int64_t>(1, CHUNK_BYTES / (TILE_ROWS * in * 2));  // tiles
+    const bool few = R < MATRIX_ROWS;
+    // few rows: (R, tiles * 16); else transposed, (tiles * 16, R), so that a chunk's rows are contiguous
+    auto result = few ? at::empty({R, tiles * TILE_ROWS}, rows.options()) : at::empty({tiles * TILE_ROWS, R}, rows.options());
+    auto* y = reinterpret_cast<uint16_t*>(result.data_ptr());
+    const auto inputs = rows.t();
+    const bool inference = c10::InferenceMode::is_enabled();  // a thread-local mode: the workers take the caller's
+    at::parallel_for(0, (tiles + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
+        c10::InferenceMode mode(inference);
+        auto weight = at::empty({chunk * TILE_ROWS, in}, rows.options());
+        auto* w = reinterpret_cast<uint16_t*>(weight.data_ptr());
+        for (int64_t c = c0; c < c1; ++c) {
+            const int64_t t0 = c * chunk, t1 = std::min(tiles, t0 + chunk);
+            for (int64_t t = t0; t < t1; ++t) {
+                uint16_t* dst = w + (t - t0) * TILE_ROWS * in;
+                if (int4)
+                    int4_tile_to_bf16(codes.data_ptr<uint8_t>() + t * TILE_ROWS * width, row_scale + t * groups * 16,
+                                      reinterpret_cast<const uint16_t*>(zero->data_ptr()) + t * groups * 16, in, group, dst);
+                else
+                    int8_tile_to_bf16(codes.data_ptr<int8_t>() + t * TILE_ROWS * width, width, in, dst);
             }
-            for (int64_t r = t * 16; r < std::min(out, t * 16 + 16); ++r) {
-                const uint8_t* row = rows.data() + (r - t * 16) * (n / 2);
-                // 16 codes (int32 lanes) for inputs k .. k + 15, all in one group (groups are 32 or more)
-                auto store16 = [&](__m512i q, int64_t k) {
-                    const int64_t g = (t * groups + k / group) * 16 + r - t * 16;
-                    __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(q, eight)), _mm512_set1_ps(bf16_to_f32(s[g])),
-                                               _mm512_set1_ps(bf16_to_f32(z[g])));
-                    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + r * n + k), (__m256i)_mm512_cvtneps_pbh(v));
-                };
-                for (int64_t k = 0; k < full; k += 64)  // 32 bytes: byte i holds inputs k + i and k + 32 + i
-                    for (int64_t half = 0; half < 32; half += 16) {
-                        __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2 + half)));
-                        store16(_mm512_and_si512(b, low4), k + half);
-                        store16(_mm512_srli_epi32(b, 4), k + 32 + half);
-                    }
-                if (n > full) {  // a last 32 inputs: byte i holds inputs full + i and full + 16 + i
-                    __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + full / 2)));
-                    store16(_mm512_and_si512(b, low4), full);
-                    store16(_mm512_srli_epi32(b, 4), full + 16);
+            if (!few) {
+                auto part = result.narrow(0, t0 * TILE_ROWS, (t1 - t0) * TILE_ROWS);
+                at::mm_out(part, weight.narrow(0, 0, (t1 - t0) * TILE_ROWS), inputs);  // one thread's: inside parallel_for
+                if (!int4)
+                    for (int64_t r = t0 * TILE_ROWS; r < std::min(out, t1 * TILE_ROWS); ++r)
+                        for (int64_t i = 0; i < R; ++i) y[r * R + i] = f32_to_bf16(bf16_to_f32(y[r * R + i]) * bf16_to_f32(row_scale[r]));
+                continue;
+            }
+            float sums[TILE_ROWS * MAX_M];  // sums[m * 16 + r]
+            for (int64_t t = t0; t < t1; ++t)
+                for (int64_t m0 = 0; m0 < R; m0 += MAX_M) {
+                    const int64_t M = std::min(MAX_M, R - m0);
+                    const Inputs x{in, nullptr, reinterpret_cast<const uint16_t*>(rows.data_ptr()) + m0 * in};
+                    with_batch(M, [&](auto m) {
+                        for (int r = 0; r < TILE_ROWS; ++r)
+                            dot_bf16<1, decltype(m)::value>(w + ((t - t0) * TILE_ROWS + r) * in, in, x, sums + r, TILE_ROWS);
+                    });
+                    for (int64_t m = 0; m < M; ++m)
+                        for (int64_t r = t * TILE_ROWS; r < std::min(out, (t + 1) * TILE_ROWS); ++r) {
+                            const float sum = sums[m * TILE_ROWS + r - t * TILE_ROWS];
+                            y[(m0 + m) * tiles * TILE_ROWS + r] = f32_to_bf16(int4 ? sum : sum * bf16_to_f32(row_scale[r]));
+                        }
                 }
-            }
         }
     });
-    return weight;
+    return few ? result : result.t().contiguous();
 }
 
 }  // namespace buildllm
@@ -641,6 +713,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                       std::optional<at::Tensor>, Norm, Linear>())
         .def("add_layer", &Decoder::add_layer)
         .def("step", &Decoder::step, py::call_guard<py::gil_scoped_release>());
-    m.def("int4_to_bf16", &int4_to_bf16, py::call_guard<py::gil_scoped_release>());
-    m.def("int8_to_bf16", &int8_to_bf16, py::call_guard<py::gil_scoped_release>());
+    m.def("quantized_matmul", &quantized_matmul, py::call_guard<py::gil_scoped_release>());
 }

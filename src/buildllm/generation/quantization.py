@@ -7,10 +7,12 @@ GPT-2 124M in fp32 is 500 MB per token; with int8 weights it is 125 MB, with int
 (62 MB of 4-bit codes and 16 MB of bf16 scales and zeros, one pair per 32 weights).
 
 *Weight-only* quantization stores the weights as small integers and a few floats that map them
-back; activations are not quantized. The matrix product runs in bf16 through PyTorch's fused
-kernels, which convert the integers on the fly, so nothing larger is ever read. (The C++ decoding
-step, ``fast_decode.py``, multiplies int8 and int4 codes by its inputs rounded to int8 numbers per
-block of 32, as llama.cpp does for its Q8_0 and Q4_0 formats: a batch of rows then costs far fewer
+back; activations are not quantized. The matrix product runs in bf16 over the weights the integers
+stand for, which are never written out whole: the compiled extension (``fast_decode.cpp``,
+``quantized_matmul``) turns a chunk of them at a time into bf16 in the cache and multiplies there;
+without it, PyTorch's fused int8/int4 kernels convert them on the fly. (The C++ decoding step,
+``fast_decode.py``, multiplies int8 and int4 codes by its inputs rounded to int8 numbers per block
+of 32, as llama.cpp does for its Q8_0 and Q4_0 formats: a batch of rows then costs far fewer
 instructions.)
 
 - ``int8``: each row (one output feature) is ``q * scale``, ``q`` in [-127, 127], ``scale =
@@ -39,14 +41,15 @@ from buildllm.errors import UserError
 from buildllm.generation.native import extension
 
 MAX_INT8 = 127  # symmetric: -127..127, so that -q is always representable
-MATRIX_ROWS = 32  # from this many input rows on, a layer multiplies through the bf16 matrix product
+MATRIX_ROWS = 32  # from this many input rows on, a layer multiplies through the bf16 matrix product (so does quantized_matmul)
 TILE_ROWS = 16  # int8 and int4 rows are stored in tiles of this many, as the fast decoding step multiplies them
 INPUT_BLOCK = 32  # and int8 rows padded to a multiple of this many inputs, the step's blocks of int8 inputs
 
 
 class QuantizedLinear(nn.Module):
-    """What the int8 and int4 layers share: the bias, the written-out form, and the call into
-    PyTorch's fused CPU kernel, which reads the integer weights as they are stored.
+    """What the int8 and int4 layers share: the bias, the written-out form, and the call into a
+    kernel that reads the integer weights as they are stored (the compiled extension's, else
+    PyTorch's fused CPU kernel).
 
     A subclass says what its integers stand for (``dequantized``) and how its kernel multiplies
     (``_kernel``).
@@ -118,21 +121,23 @@ class Int8Linear(QuantizedLinear):
         return self.codes().to(dtype) * self.scale.to(dtype)[:, None]
 
     def _kernel(self, rows: torch.Tensor) -> torch.Tensor:
+        if (native := extension()) is not None:
+            # The codes as bf16 (exact: every integer up to 256 is a bf16 number) through the bf16
+            # product, a chunk of rows at a time in the compiled extension, then the scales, as
+            # below: at 128 rows several times faster than PyTorch's int8 kernel, and at one row
+            # (a prompt's last position through the output head) it needs no second copy of the
+            # codes in that kernel's own arrangement.
+            return native.quantized_matmul(rows, self.weight, self.scale, None, 0, self.in_features, self.out_features)
         if rows.shape[0] >= MATRIX_ROWS or self.in_features % 16:
-            # A prompt's pass: PyTorch's int8 kernel multiplies row by row, while the codes as bf16
-            # (exact: every integer up to 256 is a bf16 number) go through the bf16 matrix
-            # product, 2-3x faster at 128 rows; the scales then multiply the outputs, as in the
-            # kernel (which also crashes on widths that are not a multiple of 16).
-            native = extension()
-            codes = native.int8_to_bf16(self.weight, self.in_features, self.out_features) if native else self.codes()
-            return (F.linear(rows, codes.to(rows.dtype)).float() * self.scale.float()).to(rows.dtype)
-        # PyTorch's kernel wants the codes in rows. Where the fast decoding step exists, only a
-        # short prompt comes here: the rows are made for the call and dropped. Elsewhere every
-        # generated token comes here, and they are kept (twice the codes' memory).
-        weight = self._kernel_weight if self._kernel_weight is not None else self.codes().contiguous()
-        if extension() is None:
-            self._kernel_weight = weight
-        return torch._weight_int8pack_mm(rows, weight, self.scale)
+            # PyTorch's int8 kernel multiplies row by row; the codes as bf16 through the bf16
+            # matrix product are 2-3x faster at 128 rows, and the scales then multiply the outputs
+            # (the kernel also crashes on widths that are not a multiple of 16).
+            return (F.linear(rows, self.codes().to(rows.dtype)).float() * self.scale.float()).to(rows.dtype)
+        # PyTorch's kernel wants the codes in rows: made once and kept (twice the codes' memory),
+        # as every generated token comes here.
+        if self._kernel_weight is None:
+            self._kernel_weight = self.codes().contiguous()
+        return torch._weight_int8pack_mm(rows, self._kernel_weight, self.scale)
 
 
 class Int4Linear(QuantizedLinear):
@@ -198,13 +203,13 @@ class Int4Linear(QuantizedLinear):
 
     def _kernel(self, rows: torch.Tensor) -> torch.Tensor:
         if (native := extension()) is not None:
-            # The bf16 matrix product over the weight the codes stand for, made in one pass by the
-            # compiled extension: for a prompt's pass 2-3x PyTorch's int4 kernel at 128 rows. The
-            # fast decoding step decodes, so only prompts come here, and a short one too: PyTorch's
-            # kernel needs its own arrangement of the codes, seconds to make for a 1B model (the
-            # first prompt waited for it) and a second copy to keep.
-            return F.linear(rows, native.int4_to_bf16(self.weight, self.scale, self.zero, self.group_size,
-                                                      self.out_features))
+            # The bf16 matrix product over the weight the codes stand for, a chunk of rows at a
+            # time in the compiled extension: for a prompt's pass 2-3x PyTorch's int4 kernel at
+            # 128 rows. The fast decoding step decodes, so only prompts come here, and a short one
+            # too: PyTorch's kernel needs its own arrangement of the codes, seconds to make for a
+            # 1B model (the first prompt waited for it) and a second copy to keep.
+            return native.quantized_matmul(rows, self.weight, self.scale, self.zero, self.group_size,
+                                           self.in_features, self.out_features)
         if self._kernel_weight is None:
             # The kernel wants the output size in multiples of 16 (padded with zero rows, whose
             # outputs are cut off again) and the scales and zeros as (groups, out, 2).
