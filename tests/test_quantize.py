@@ -67,7 +67,7 @@ def test_int8_codes_sit_in_tiles_of_16_rows_and_come_back(rows, inputs):
     assert torch.equal(run[: min(rows, 16)], codes[:16, :4])
 
 
-def test_many_rows_multiply_as_pytorchs_int8_kernel_does():
+def test_int8_rows_multiply_as_pytorchs_int8_kernel_does():
     """Where it is built, the compiled extension multiplies by the codes as bf16 (exact: identity
     rows give them back, a width of 96 leaving a last 32), then by the scales: the matrix product
     from MATRIX_ROWS rows on rounds the sums to bf16 and again after the scale; below it the
