@@ -118,7 +118,7 @@ def stream(
     where that applies to the model and machine; False runs every step through the model.
     """
     check_sampling(temperature, top_k, top_p, max_new_tokens)
-    tokens, padding = left_pad(_rows(idx), model.cfg.context_length, _device_of(model))
+    tokens, padding = left_pad(_rows(idx), model.cfg.context_length, device_of(model))
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= model.cfg.vocab_size):
         raise UserError(f"prompt token ids must be in [0, {model.cfg.vocab_size}) for this model's vocabulary")
     stops = _stop_set(eos_id)
@@ -366,7 +366,8 @@ def left_pad(
     return tokens.to(device), (padding.to(device) if padding is not None else None)
 
 
-def _device_of(model: nn.Module) -> torch.device:
+def device_of(model: nn.Module) -> torch.device:
+    """Where the model's weights live (the CPU for a model without parameters)."""
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 

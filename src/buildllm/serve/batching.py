@@ -46,7 +46,7 @@ from torch import nn
 
 from buildllm.errors import UserError
 from buildllm.generation.fast_decode import fast_decoder
-from buildllm.generation.sampling import cache_dtype, check_sampling, left_pad, sample_next_token
+from buildllm.generation.sampling import cache_dtype, check_sampling, device_of, left_pad, sample_next_token
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,7 @@ class BatchEngine:
         self.model = model.eval()
         self.capacity = min(capacity or model.cfg.context_length, model.cfg.context_length)
         self.max_waiting = max_waiting
-        param = next(p for p in model.parameters() if p.is_floating_point())
-        self.device = param.device
+        self.device = device_of(model)
         self.cache = model.new_kv_cache(max_batch, self.capacity, device=self.device, dtype=cache_dtype(model))
         self.cache.padded = True  # rows start at different positions from the first step on
         self.fast = fast_decoder(self.model)  # the decoding steps in C++ where that applies (generation/fast_decode.py)
