@@ -67,11 +67,12 @@ def test_int8_codes_sit_in_tiles_of_16_rows_and_come_back(rows, inputs):
     assert torch.equal(run[: min(rows, 16)], codes[:16, :4])
 
 
-def test_int8_rows_multiply_as_pytorchs_int8_kernel_does():
+def test_int8_rows_multiply_as_pytorchs_int8_kernel_does(monkeypatch):
     """Where it is built, the compiled extension multiplies by the codes as bf16 (exact: identity
     rows give them back, a width of 96 leaving a last 32), then by the scales: the matrix product
     from MATRIX_ROWS rows on rounds the sums to bf16 and again after the scale; below it the
     decoding step's kernel rounds once, as PyTorch's int8 kernel does."""
+    from buildllm.generation import quantization
     from buildllm.generation.native import extension
     from buildllm.generation.quantization import MATRIX_ROWS
 
@@ -89,10 +90,14 @@ def test_int8_rows_multiply_as_pytorchs_int8_kernel_does():
             sums = (rows.double() @ q.codes().double().T).float()
             want = (sums.to(torch.bfloat16).float() if roundings == 2 else sums) * q.scale.float()
             assert torch.equal(q._kernel(rows)[:, :48], want.to(torch.bfloat16))
-    for count in (MATRIX_ROWS + 3, MATRIX_ROWS - 1, 1):
-        rows = torch.randn(count, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
-        kernel = torch._weight_int8pack_mm(rows, q.codes().contiguous(), q.scale).float()
-        torch.testing.assert_close(q._kernel(rows).float()[:, :48], kernel, rtol=8e-3, atol=1e-3 * float(kernel.abs().max()))
+    for without_extension in (False, True):  # where it is not built: the bf16 product from MATRIX_ROWS, PyTorch's kernel below
+        if without_extension:
+            monkeypatch.setattr(quantization, "extension", lambda: None)
+        for count in (MATRIX_ROWS + 3, MATRIX_ROWS - 1, 1):
+            rows = torch.randn(count, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+            kernel = torch._weight_int8pack_mm(rows, q.codes().contiguous(), q.scale).float()
+            product = q._kernel(rows).float()[:, :48]
+            torch.testing.assert_close(product, kernel, rtol=8e-3, atol=1e-3 * float(kernel.abs().max()))
 
 
 @pytest.mark.parametrize("scheme, layer", [("int8", Int8Linear), ("int4", Int4Linear)])
