@@ -273,7 +273,9 @@ void dot_int4(const uint8_t* w, const uint16_t* scale, const uint16_t* zero, int
     const __m512i low_bits = _mm512_set1_epi8(15);
     __m512 acc[M];
     for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-    auto block = [&](const __m512i* codes, int64_t b) {  // inputs 32b .. 32b + 31: codes[j] for inputs 4j .. 4j + 3
+    // inputs 32b .. 32b + 31: codes[j] for inputs 4j .. 4j + 3. Inlined: left out of line (GCC's
+    // choice at batch 8), each call would take the batch's sums through memory.
+    auto block = [&](const __m512i* codes, int64_t b) __attribute__((always_inline)) {
         const int64_t g = b * 32 / group;
         const __m512 s = widen16(scale + g * 16, 0xffff);
 #pragma GCC unroll 8

@@ -48,8 +48,10 @@ def extension():
         from torch.utils.cpp_extension import load
 
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        flags = ["-O3", "-march=native", "-fopenmp"]
+        flags = ["-O3", "-march=native", "-fopenmp", "-fvisibility=hidden"]
         # -march=native: one build per kind of processor (a home folder may be shared by several).
+        # -fvisibility=hidden: the module exports only its entry point, so the calls between its
+        # own functions are direct, not through the dynamic linker's table (as pybind11 advises).
         key = hashlib.sha256(" ".join([platform.processor(), *flags, *sorted(_cpu_flags())]).encode()).hexdigest()[:10]
         return load(f"buildllm_fast_decode_{key}", [str(p) for p in SOURCES if p.suffix == ".cpp"],
                     extra_cflags=flags, extra_ldflags=["-fopenmp"], extra_include_paths=[str(SOURCES[0].parent)])
