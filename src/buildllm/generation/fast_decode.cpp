@@ -626,8 +626,8 @@ void int4_tile_to_bf16(const uint8_t* tile, const uint16_t* scale, const uint16_
     }
 }
 
-// rows (R, in) bf16 times an int8 (`zero` absent) or int4 layer's weight: (R, out rounded up to
-// 16) bf16, as the readable layer computes it (up to the order of the sums). int4: the product
+// rows (R, in) bf16 times an int8 (`zero` absent) or int4 layer's weight: (R, out) bf16, as the
+// readable layer computes it (up to the order of the sums). int4: the product
 // with the bf16 weights its codes stand for (Int4Linear.dequantized, rounded to bf16). int8: the
 // product with the codes (exact in bf16), times each row's scale, rounded to bf16 once as
 // PyTorch's int8 kernel does below MATRIX_ROWS rows, and from there rounded before the scale as
@@ -647,12 +647,12 @@ at::Tensor quantized_matmul(const at::Tensor& rows, const at::Tensor& codes, con
                      : codes.size(1) == input_blocks(in) * INPUT_BLOCK,
                 "quantized_matmul: the codes' width does not match the inputs");
     const int64_t R = rows.size(0), tiles = tiles_of(out), width = codes.size(1), groups = int4 ? in / group : 0;
-    const auto* row_scale = reinterpret_cast<const uint16_t*>(scale.data_ptr());
+    const auto* scales = reinterpret_cast<const uint16_t*>(scale.data_ptr());  // int8: (out,); int4: (tiles, groups, 16)
     constexpr int64_t CHUNK_BYTES = 512 * 1024;  // a thread's bf16 rows: half its L2 cache
     const int64_t chunk = std::max<int64_t>(1, CHUNK_BYTES / (TILE_ROWS * in * 2));  // tiles
     const bool few = R < MATRIX_ROWS;
-    // few rows: (R, tiles * 16); else transposed, (tiles * 16, R), so that a chunk's rows are contiguous
-    auto result = few ? at::empty({R, tiles * TILE_ROWS}, rows.options()) : at::empty({tiles * TILE_ROWS, R}, rows.options());
+    // few rows: (R, out); else transposed, (tiles * 16, R), so that a chunk's rows (padding included) are contiguous
+    auto result = few ? at::empty({R, out}, rows.options()) : at::empty({tiles * TILE_ROWS, R}, rows.options());
     auto* y = reinterpret_cast<uint16_t*>(result.data_ptr());
     const auto inputs = rows.t();
     const bool inference = c10::InferenceMode::is_enabled();  // a thread-local mode: the workers take the caller's
@@ -665,7 +665,7 @@ at::Tensor quantized_matmul(const at::Tensor& rows, const at::Tensor& codes, con
             for (int64_t t = t0; t < t1; ++t) {
                 uint16_t* dst = w + (t - t0) * TILE_ROWS * in;
                 if (int4)
-                    int4_tile_to_bf16(codes.data_ptr<uint8_t>() + t * TILE_ROWS * width, row_scale + t * groups * 16,
+                    int4_tile_to_bf16(codes.data_ptr<uint8_t>() + t * TILE_ROWS * width, scales + t * groups * 16,
                                       reinterpret_cast<const uint16_t*>(zero->data_ptr()) + t * groups * 16, in, group, dst);
                 else
                     int8_tile_to_bf16(codes.data_ptr<int8_t>() + t * TILE_ROWS * width, width, in, dst);
@@ -675,7 +675,7 @@ at::Tensor quantized_matmul(const at::Tensor& rows, const at::Tensor& codes, con
                 at::mm_out(part, weight.narrow(0, 0, (t1 - t0) * TILE_ROWS), inputs);  // one thread's: inside parallel_for
                 if (!int4)
                     for (int64_t r = t0 * TILE_ROWS; r < std::min(out, t1 * TILE_ROWS); ++r)
-                        for (int64_t i = 0; i < R; ++i) y[r * R + i] = f32_to_bf16(bf16_to_f32(y[r * R + i]) * bf16_to_f32(row_scale[r]));
+                        for (int64_t i = 0; i < R; ++i) y[r * R + i] = f32_to_bf16(bf16_to_f32(y[r * R + i]) * bf16_to_f32(scales[r]));
                 continue;
             }
             float sums[TILE_ROWS * MAX_M];  // sums[m * 16 + r]
@@ -690,12 +690,12 @@ at::Tensor quantized_matmul(const at::Tensor& rows, const at::Tensor& codes, con
                     for (int64_t m = 0; m < M; ++m)
                         for (int64_t r = t * TILE_ROWS; r < std::min(out, (t + 1) * TILE_ROWS); ++r) {
                             const float sum = sums[m * TILE_ROWS + r - t * TILE_ROWS];
-                            y[(m0 + m) * tiles * TILE_ROWS + r] = f32_to_bf16(int4 ? sum : sum * bf16_to_f32(row_scale[r]));
+                            y[(m0 + m) * out + r] = f32_to_bf16(int4 ? sum : sum * bf16_to_f32(scales[r]));
                         }
                 }
         }
     });
-    return few ? result : result.t().contiguous();
+    return few ? result : result.narrow(0, 0, out).t().contiguous();
 }
 
 }  // namespace buildllm
