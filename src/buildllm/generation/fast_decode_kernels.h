@@ -224,14 +224,20 @@ void dot_bf16(const uint16_t* w, int64_t ld, const Inputs& in, float* out, int64
 // with zero weights to a multiple of 32; `scale`: the tile's 16 rows' (bf16), `rows` of them real.
 // One block of 32 inputs of a tile: each of its 16 rows' sum of codes times inputs, from `start`.
 // codes[j]: the rows' codes (unsigned bytes) for inputs 4j .. 4j + 3; x: the 32 inputs as int8
-// numbers, 4 of them broadcast to each instruction. Two chains of four, so that one row of the
-// batch does not wait on each sum in turn.
+// numbers, 4 of them broadcast to each instruction. Below M = 4 rows of the batch, two chains of
+// four, so that a row does not wait on each sum in turn; from 4 on, the rows' chains overlap and
+// one chain saves the instruction that joins two.
+template <int M>
 inline __m512i block_dot(const __m512i* codes, const int8_t* x, __m512i start) {
-    __m512i d0 = start, d1 = _mm512_setzero_si512();
-    for (int j = 0; j < 4; ++j) {
-        d0 = _mm512_dpbusd_epi32(d0, codes[j], _mm512_set1_epi32(*(const int32_t*)(x + 4 * j)));
-        d1 = _mm512_dpbusd_epi32(d1, codes[4 + j], _mm512_set1_epi32(*(const int32_t*)(x + 16 + 4 * j)));
+    auto dot = [&](__m512i sum, int j) __attribute__((always_inline)) {
+        return _mm512_dpbusd_epi32(sum, codes[j], _mm512_set1_epi32(*(const int32_t*)(x + 4 * j)));
+    };
+    if constexpr (M >= 4) {
+        for (int j = 0; j < 8; ++j) start = dot(start, j);
+        return start;
     }
+    __m512i d0 = start, d1 = _mm512_setzero_si512();
+    for (int j = 0; j < 4; ++j) d0 = dot(d0, j), d1 = dot(d1, 4 + j);
     return _mm512_add_epi32(d0, d1);
 }
 
@@ -250,7 +256,7 @@ void dot_int8(const int8_t* w, const uint16_t* scale, int64_t rows, const Inputs
 #pragma GCC unroll 8
         for (int m = 0; m < M; ++m) {
             const int64_t mb = m * blocks + b;
-            const __m512i sums = block_dot(codes, in.x8 + mb * INPUT_BLOCK, _mm512_set1_epi32(-128 * in.x8_sum[mb]));
+            const __m512i sums = block_dot<M>(codes, in.x8 + mb * INPUT_BLOCK, _mm512_set1_epi32(-128 * in.x8_sum[mb]));
             acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(in.x8_scale[mb]), acc[m]);
         }
     }
@@ -259,55 +265,58 @@ void dot_int8(const int8_t* w, const uint16_t* scale, int64_t rows, const Inputs
 }
 
 // int4 (packed by quantization.pack_codes): a group of `group` inputs is (q - 8) * scale + zero,
-// q in 0..15. Each 64 inputs of a tile are 8 runs of 64 bytes, run j holding bytes 4j .. 4j + 3 of
-// each of the 16 rows, and byte i of a row's 32 holds its input i in the low 4 bits and input
-// i + 32 in the high ones: the low halves of run j are the rows' codes for inputs 4j .. 4j + 3,
-// the high halves those for 32 + 4j .. 32 + 4j + 3. Per block of 32 inputs,
-// sum w x = scale x8_scale sum (q - 8) x8 (exact in int32, starting from -8 sum x8) plus zero
-// times the sum of the group's bf16 inputs. A last 32 inputs are 4 runs, byte i holding inputs i
-// and i + 16. `scale`, `zero`: the tile's, (groups, 16) bf16.
+// q in 0..15, so its share of a row's sum is scale * sum q x + (zero - 8 scale) * sum x: per block
+// of 32 inputs scale x8_scale sum q x8 (exact in int32), and once per group its offset
+// zero - 8 scale times the sum of its bf16 inputs. Each 64 inputs of a tile are 8 runs of 64
+// bytes, run j holding bytes 4j .. 4j + 3 of each of the 16 rows, and byte i of a row's 32 holds
+// its input i in the low 4 bits and input i + 32 in the high ones: the low halves of run j are the
+// rows' codes for inputs 4j .. 4j + 3, the high halves those for 32 + 4j .. 32 + 4j + 3. A last
+// 32 inputs are 4 runs, byte i holding inputs i and i + 16. `scale`, `zero`: the tile's,
+// (groups, 16) bf16.
 template <int M>
 void dot_int4(const uint8_t* w, const uint16_t* scale, const uint16_t* zero, int64_t group, const Inputs& in,
               float* out, int64_t stride) {
-    const int64_t n = in.in, blocks = n / 32, groups = n / group, full = n / 64 * 64;
+    const int64_t n = in.in, blocks = n / INPUT_BLOCK, groups = n / group, blocks_per_group = group / INPUT_BLOCK;
     const __m512i low_bits = _mm512_set1_epi8(15);
-    __m512 acc[M];
+    __m512 acc[M], s = _mm512_setzero_ps();
     for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-    // inputs 32b .. 32b + 31: codes[j] for inputs 4j .. 4j + 3. Inlined: left out of line (GCC's
-    // choice at batch 8), each call would take the batch's sums through memory.
+    int64_t g = -1, left = 0;  // the group, and its blocks still to come
+    // Inlined: left out of line (GCC's choice at batch 8), each call would take the batch's sums
+    // through memory.
     auto block = [&](const __m512i* codes, int64_t b) __attribute__((always_inline)) {
-        const int64_t g = b * 32 / group;
-        const __m512 s = widen16(scale + g * 16, 0xffff);
+        if (left == 0) {  // a new group: its scales, and its offsets times the inputs' sums
+            ++g, left = blocks_per_group;
+            s = widen16(scale + g * 16, 0xffff);
+            const __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), s, widen16(zero + g * 16, 0xffff));
+            for (int m = 0; m < M; ++m)
+                acc[m] = _mm512_fmadd_ps(offset, _mm512_set1_ps(in.group_sums[m * groups + g]), acc[m]);
+        }
+        --left;
 #pragma GCC unroll 8
         for (int m = 0; m < M; ++m) {
             const int64_t mb = m * blocks + b;
-            const __m512i sums = block_dot(codes, in.x8 + mb * INPUT_BLOCK, _mm512_set1_epi32(-8 * in.x8_sum[mb]));
+            const __m512i sums = block_dot<M>(codes, in.x8 + mb * INPUT_BLOCK, _mm512_setzero_si512());
             acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(s, _mm512_set1_ps(in.x8_scale[mb])), acc[m]);
         }
-        if (b * 32 % group == 0) {  // the group's zero, once
-            const __m512 z = widen16(zero + g * 16, 0xffff);
-            for (int m = 0; m < M; ++m)
-                acc[m] = _mm512_fmadd_ps(z, _mm512_set1_ps(in.group_sums[m * groups + g]), acc[m]);
-        }
     };
-    __m512i codes[16];
-    for (int64_t k = 0; k < full; k += 64, w += 512) {
-        for (int j = 0; j < 8; ++j) {
-            prefetch<4096>(w + 64 * j);
-            __m512i run = _mm512_loadu_si512(w + 64 * j);
-            codes[j] = _mm512_and_si512(run, low_bits);
-            codes[8 + j] = _mm512_and_si512(_mm512_srli_epi16(run, 4), low_bits);
+    for (int64_t k = 0; k < n; k += 64, w += 512) {
+        __m512i codes[8];
+        if (k + 64 <= n) {  // the low halves, then the high ones: 8 codes in registers, not 16
+            for (int j = 0; j < 8; ++j) {
+                prefetch<4096>(w + 64 * j);
+                codes[j] = _mm512_and_si512(_mm512_loadu_si512(w + 64 * j), low_bits);
+            }
+            block(codes, k / 32);
+            for (int j = 0; j < 8; ++j) codes[j] = _mm512_and_si512(_mm512_srli_epi16(_mm512_loadu_si512(w + 64 * j), 4), low_bits);
+            block(codes, k / 32 + 1);
+        } else {
+            for (int j = 0; j < 4; ++j) {
+                const __m512i run = _mm512_loadu_si512(w + 64 * j);
+                codes[j] = _mm512_and_si512(run, low_bits);
+                codes[4 + j] = _mm512_and_si512(_mm512_srli_epi16(run, 4), low_bits);
+            }
+            block(codes, k / 32);
         }
-        block(codes, k / 32);
-        block(codes + 8, k / 32 + 1);
-    }
-    if (n > full) {
-        for (int j = 0; j < 4; ++j) {
-            __m512i run = _mm512_loadu_si512(w + 64 * j);
-            codes[j] = _mm512_and_si512(run, low_bits);
-            codes[4 + j] = _mm512_and_si512(_mm512_srli_epi16(run, 4), low_bits);
-        }
-        block(codes, full / 32);
     }
     for (int m = 0; m < M; ++m) _mm512_storeu_ps(out + m * stride, acc[m]);
 }
