@@ -112,8 +112,8 @@ struct Linear {
 // Up to 8 rows of the batch share each pass over a weight row. At batch 1 the weight rows are read
 // one after another (one sequential stream per thread is what the processor's prefetcher follows
 // best); with more rows of the batch an fp32 kernel takes a few weight rows at once, a bf16 one
-// too where its inputs are wide (f32_rows_at_once, bf16_rows_by_four in fast_decode_kernels.h),
-// and all ask for them ahead. int8 and int4 kernels take a tile of 16 rows.
+// too where its inputs are wide (f32_rows_at_once, bf16_rows_by_four in fast_decode_kernels.h).
+// int8 and int4 kernels take a tile of 16 rows. Each asks for its weights ahead (prefetch_ahead).
 constexpr int64_t MAX_M = 8;
 constexpr int64_t BLOCK_ROWS = 16;
 
@@ -125,33 +125,45 @@ inline void in_passes(int64_t r0, int64_t r1, Pass&& pass) {
     for (; r < r1; ++r) pass(std::integral_constant<int, 1>{}, r);
 }
 
+// How far ahead (bytes) a kernel asks for the weights it reads next, by format and batch; 0 leaves
+// them to the processor's own prefetcher. What pays was measured on two processors
+// (benchmarks/README.md): on AMD's Zen 4, a prefetch only once several rows of the batch slow the
+// stream (and int4's codes, the most instructions per byte, at every batch); on an Intel Xeon with
+// AMX, 1 KiB ahead for fp32 and bf16 at batch 1 (farther lost) and 8 KiB everywhere else.
+inline int64_t prefetch_ahead(int64_t format, int64_t M) {
+    static const bool amd = __builtin_cpu_is("amd");
+    if (!amd) return M == 1 && (format == F32 || format == BF16) ? 1024 : 8192;
+    if (format == INT4) return 4096;
+    return M < 4 ? 0 : format == F32 ? 8192 : 2048;
+}
+
 // Rows [r0, r1) (at most BLOCK_ROWS, r0 a multiple of it) of L for M inputs: out[m * BLOCK_ROWS + r - r0],
 // so that each input's outputs lie side by side and are finished 16 at a time.
 template <int M>
 void rows_of(const Linear& L, int64_t r0, int64_t r1, const Inputs& in, float* out) {
-    const int64_t n = L.in;
+    const int64_t n = L.in, ahead = prefetch_ahead(L.format, M);
     switch (L.format) {
         case F32:
             in_passes<f32_rows_at_once<M>()>(r0, r1, [&](auto rows, int64_t r) {
-                dot_f32<decltype(rows)::value, M>((const float*)L.w + r * n, n, in, out + (r - r0), BLOCK_ROWS);
+                dot_f32<decltype(rows)::value, M>((const float*)L.w + r * n, n, in, out + (r - r0), BLOCK_ROWS, ahead);
             });
             break;
         case BF16:
             if (bf16_rows_by_four<M>(n))
                 in_passes<4>(r0, r1, [&](auto rows, int64_t r) {
-                    dot_bf16<decltype(rows)::value, M>((const uint16_t*)L.w + r * n, n, in, out + (r - r0), BLOCK_ROWS);
+                    dot_bf16<decltype(rows)::value, M>((const uint16_t*)L.w + r * n, n, in, out + (r - r0), BLOCK_ROWS, ahead);
                 });
             else
-                for (int64_t r = r0; r < r1; ++r) dot_bf16<1, M>((const uint16_t*)L.w + r * n, n, in, out + (r - r0), BLOCK_ROWS);
+                for (int64_t r = r0; r < r1; ++r) dot_bf16<1, M>((const uint16_t*)L.w + r * n, n, in, out + (r - r0), BLOCK_ROWS, ahead);
             break;
         case INT8:  // a tile of 16 rows
             static_assert(BLOCK_ROWS == TILE_ROWS, "int8 and int4 kernels take a tile at a time");
-            dot_int8<M>((const int8_t*)L.w + r0 * L.weight.size(1), L.s + r0, r1 - r0, in, out, BLOCK_ROWS);
+            dot_int8<M>((const int8_t*)L.w + r0 * L.weight.size(1), L.s + r0, r1 - r0, in, out, BLOCK_ROWS, ahead);
             break;
         default: {  // a tile of 16 rows (pack_codes); its scales and zeros (groups, 16)
             const int64_t groups = n / L.group;
             dot_int4<M>((const uint8_t*)L.w + r0 * L.weight.size(1), L.s + r0 * groups, L.z + r0 * groups, L.group, in,
-                        out, BLOCK_ROWS);
+                        out, BLOCK_ROWS, ahead);
         }
     }
 }
@@ -685,7 +697,7 @@ at::Tensor quantized_matmul(const at::Tensor& rows, const at::Tensor& codes, con
                     const Inputs x{in, nullptr, reinterpret_cast<const uint16_t*>(rows.data_ptr()) + m0 * in};
                     with_batch(M, [&](auto m) {
                         for (int r = 0; r < TILE_ROWS; ++r)
-                            dot_bf16<1, decltype(m)::value>(w + ((t - t0) * TILE_ROWS + r) * in, in, x, sums + r, TILE_ROWS);
+                            dot_bf16<1, decltype(m)::value>(w + ((t - t0) * TILE_ROWS + r) * in, in, x, sums + r, TILE_ROWS, 0);
                     });
                     for (int64_t m = 0; m < M; ++m)
                         for (int64_t r = t * TILE_ROWS; r < std::min(out, (t + 1) * TILE_ROWS); ++r) {

@@ -84,14 +84,12 @@ constexpr bool bf16_rows_by_four(int64_t in) { return M >= 5 && M * in * 2 > L1_
 template <int R, int M>
 constexpr int unroll() { return R * M == 1 ? 4 : R * M == 2 ? 2 : 1; }
 
-// With several inputs a kernel reads its weights slowly enough that the processor's own
-// prefetcher falls behind (measured: benchmarks/README.md); it asks for them `ahead` bytes ahead,
-// a distance measured per format (fp32's kernel goes through its bytes fastest). int4, whose
-// codes take the most instructions per byte, asks at every batch, 4 KiB ahead.
-template <int M>
-constexpr bool prefetches() { return M >= 4; }
-template <int64_t ahead>
-inline void prefetch(const void* p) { _mm_prefetch((const char*)p + ahead, _MM_HINT_T0); }
+// A kernel may ask for its weights `ahead` bytes before it reads them (0: it leaves them to the
+// processor's own prefetcher); how far pays depends on the processor, the format and the batch
+// (fast_decode.cpp, prefetch_ahead).
+inline void prefetch(const void* p, int64_t ahead) {
+    if (ahead) _mm_prefetch((const char*)p + ahead, _MM_HINT_T0);
+}
 
 // The lanes of eight vectors summed, sum i in lane i: a transposing tree of 24 instructions
 // where eight reductions one vector at a time take about 70.
@@ -146,7 +144,7 @@ inline __mmask32 mask32(int64_t left) { return left >= 32 ? __mmask32(0xffffffff
 // with input m into out[m * stride + r].
 
 template <int R, int M>
-void dot_f32(const float* w, int64_t ld, const Inputs& in, float* out, int64_t stride) {
+void dot_f32(const float* w, int64_t ld, const Inputs& in, float* out, int64_t stride, int64_t ahead) {
     constexpr int U = unroll<R, M>();
     const int64_t n = in.in;
     __m512 acc[U][R][M];
@@ -156,7 +154,7 @@ void dot_f32(const float* w, int64_t ld, const Inputs& in, float* out, int64_t s
         for (int u = 0; u < U; ++u) {
             __m512 wv[R];
             for (int r = 0; r < R; ++r) {
-                if (prefetches<M>()) prefetch<8192>(w + r * ld + k + 16 * u);
+                prefetch(w + r * ld + k + 16 * u, ahead);
                 wv[r] = _mm512_loadu_ps(w + r * ld + k + 16 * u);
             }
             for (int m = 0; m < M; ++m) {
@@ -178,7 +176,7 @@ void dot_f32(const float* w, int64_t ld, const Inputs& in, float* out, int64_t s
 inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
 
 template <int R, int M>
-void dot_bf16(const uint16_t* w, int64_t ld, const Inputs& in, float* out, int64_t stride) {
+void dot_bf16(const uint16_t* w, int64_t ld, const Inputs& in, float* out, int64_t stride, int64_t ahead) {
     constexpr int U = unroll<R, M>();
     const int64_t n = in.in;
     __m512 acc[U][R][M];
@@ -188,7 +186,7 @@ void dot_bf16(const uint16_t* w, int64_t ld, const Inputs& in, float* out, int64
         for (int u = 0; u < U; ++u) {
             __m512i wv[R];
             for (int r = 0; r < R; ++r) {
-                if (prefetches<M>()) prefetch<2048>(w + r * ld + k + 32 * u);
+                prefetch(w + r * ld + k + 32 * u, ahead);
                 wv[r] = _mm512_loadu_si512(w + r * ld + k + 32 * u);
             }
             for (int m = 0; m < M; ++m) {
@@ -242,7 +240,8 @@ inline __m512i block_dot(const __m512i* codes, const int8_t* x, __m512i start) {
 }
 
 template <int M>
-void dot_int8(const int8_t* w, const uint16_t* scale, int64_t rows, const Inputs& in, float* out, int64_t stride) {
+void dot_int8(const int8_t* w, const uint16_t* scale, int64_t rows, const Inputs& in, float* out, int64_t stride,
+              int64_t ahead) {
     const int64_t blocks = input_blocks(in.in);
     const __m512i flip = _mm512_set1_epi8(char(0x80));
     __m512 acc[M];
@@ -250,7 +249,7 @@ void dot_int8(const int8_t* w, const uint16_t* scale, int64_t rows, const Inputs
     for (int64_t b = 0; b < blocks; ++b, w += 512) {
         __m512i codes[8];  // codes[j]: the 16 rows' weights for inputs 32b + 4j .. + 3, plus 128
         for (int j = 0; j < 8; ++j) {
-            if (prefetches<M>()) prefetch<2048>(w + 64 * j);
+            prefetch(w + 64 * j, ahead);
             codes[j] = _mm512_xor_si512(_mm512_loadu_si512(w + 64 * j), flip);
         }
 #pragma GCC unroll 8
@@ -275,7 +274,7 @@ void dot_int8(const int8_t* w, const uint16_t* scale, int64_t rows, const Inputs
 // (groups, 16) bf16.
 template <int M>
 void dot_int4(const uint8_t* w, const uint16_t* scale, const uint16_t* zero, int64_t group, const Inputs& in,
-              float* out, int64_t stride) {
+              float* out, int64_t stride, int64_t ahead) {
     const int64_t n = in.in, blocks = n / INPUT_BLOCK, groups = n / group, blocks_per_group = group / INPUT_BLOCK;
     const __m512i low_bits = _mm512_set1_epi8(15);
     __m512 acc[M], s = _mm512_setzero_ps();
@@ -303,7 +302,7 @@ void dot_int4(const uint8_t* w, const uint16_t* scale, const uint16_t* zero, int
         __m512i codes[8];
         if (k + 64 <= n) {  // the low halves, then the high ones: 8 codes in registers, not 16
             for (int j = 0; j < 8; ++j) {
-                prefetch<4096>(w + 64 * j);
+                prefetch(w + 64 * j, ahead);
                 codes[j] = _mm512_and_si512(_mm512_loadu_si512(w + 64 * j), low_bits);
             }
             block(codes, k / 32);
