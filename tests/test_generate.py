@@ -203,6 +203,18 @@ def test_temperature_towards_zero_converges_to_greedy(tiny_model):
         assert (picks == 1).float().mean() >= share
 
 
+def test_greedy_picks_argmax_first_largest_and_nan_included():
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = torch.randn(8, 50_257).to(dtype)
+        logits[:, [100, 5000]] = 10.0  # tied: the first one wins, as argmax has it
+        logits[1, 7] = 10.0
+        logits[2, 300] = float("nan")  # argmax takes a NaN as the largest
+        picks = sample_next_token(logits, 0.0)
+        assert picks.tolist() == [100, 7, 300, 100, 100, 100, 100, 100]
+        assert torch.equal(picks, logits.argmax(dim=-1))
+
+
 def expected_distribution(logits, temperature, top_k=None, top_p=None):
     """softmax(logits / T) restricted to the top-k, then to the top-p set, written out plainly."""
     probs = torch.softmax(torch.tensor(logits, dtype=torch.float64) / temperature, dim=0).tolist()

@@ -68,8 +68,8 @@ def sample_next_token(
     top-p then cut the unlikely tail, row by row, before sampling from what is left.
     """
     if temperature == 0:
-        # max's indices are argmax's (the first largest, a NaN first of all) from a vectorized
-        # kernel; PyTorch's argmax compares one logit at a time, a few % of a fast decoding step.
+        # max's indices are argmax's (the first largest, a NaN first of all), from a vectorized
+        # kernel where PyTorch's argmax compares one logit at a time (benchmarks/README.md).
         return logits.max(dim=-1).indices
     # Subtracting the row's maximum first changes no probability but keeps a tiny temperature from
     # overflowing to inf (and inf - inf to NaN). It also makes a new tensor: the caller's is untouched.
