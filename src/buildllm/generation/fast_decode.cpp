@@ -414,7 +414,7 @@ class Decoder {
                     input_8_sum[b * blocks + i] = _mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi));
                 }
             }
-            if (group) {  // int4: the sum of each group (its zero multiplies it)
+            if (group) {  // int4: the sum of each group (its offset multiplies it)
                 for (int64_t g = 0; g < n / group; ++g) {
                     __m512 sum = _mm512_setzero_ps();
                     for (int64_t k = g * group; k < (g + 1) * group; k += 16) sum = _mm512_add_ps(sum, widen16(xb + k, 0xffff));

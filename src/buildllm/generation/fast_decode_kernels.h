@@ -62,7 +62,7 @@ struct Inputs {
     const int8_t* x8;            // (M, blocks * 32)
     const float* x8_scale;       // (M, blocks)
     const int32_t* x8_sum;       // (M, blocks)
-    const float* group_sums;     // the sum of each group of the bf16 inputs (int4's zeros multiply it), (M, groups)
+    const float* group_sums;     // the sum of each group of the bf16 inputs (int4's offsets multiply it), (M, groups)
 };
 
 // An fp32 or bf16 kernel takes R consecutive weight rows and M input vectors at once and keeps
