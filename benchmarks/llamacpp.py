@@ -24,7 +24,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -34,6 +33,9 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from run import cpu_name  # noqa: E402  (the harness next to this file)
 
 ROOT = Path(__file__).resolve().parent.parent
 SDIST = "llama-cpp-python"
@@ -215,15 +217,6 @@ def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
         x.sum()
         times.append(time.perf_counter() - start)
     return x.numel() * 4 / min(times)
-
-
-def cpu_name() -> str:
-    """The processor's name as Linux's cpuinfo gives it (the machine's architecture elsewhere)."""
-    try:
-        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 # The run -----------------------------------------------------------------------------------------

@@ -561,16 +561,19 @@ def measure_memory(row_id: str, cfg: GPTConfig | None, args, device) -> tuple[fl
 # Output ------------------------------------------------------------------------------------------
 
 
-def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The processor's name as Linux's cpuinfo gives it (the machine's architecture elsewhere)."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict:
     import transformers
 
-    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    info = {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(), "device": str(device)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
