@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import math
 import os
@@ -93,6 +94,9 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
         torch.cuda.set_device(device)
     if not td.is_initialized():
         td.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # Left to the interpreter's own teardown, gloo's worker threads can still be running when
+        # their objects are destroyed, and the process aborts after a run that went well.
+        atexit.register(lambda: td.is_initialized() and td.destroy_process_group())
     return dist, device
 
 
