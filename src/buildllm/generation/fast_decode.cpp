@@ -377,7 +377,9 @@ class Decoder {
     // or added to the residual stream.
     void finish_row_block(const Linear& L, const Destination& d, const float* out, int64_t r0, int64_t r1, int64_t m) {
         __mmask16 mask = __mmask16((1u << (r1 - r0)) - 1);
-        __m512 v = _mm512_maskz_loadu_ps(mask, out);
+        // A whole block is loaded unmasked: a masked load waits for the kernel's store of `out` to
+        // reach the cache, where a plain one takes it from the store in flight.
+        __m512 v = r1 - r0 == BLOCK_ROWS ? _mm512_loadu_ps(out) : _mm512_maskz_loadu_ps(mask, out);
         if (L.format == INT8 || L.format == INT4) v = round16_bf16(v);
         if (!L.bias.empty()) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, L.bias.data() + r0));
         if (L.bf16_activations || L.format == BF16) v = round16_bf16(v);
@@ -494,23 +496,40 @@ class Decoder {
             const float* q = qkv.data() + b * w + hd * D;
             float* p = scores.data() + thread_id() * (length + 1);
             int64_t base = l * keys.stride(0) + b * keys.stride(1) + kvh * keys.stride(2), step = keys.stride(3);
-            auto visible = [&](int64_t j) { return !padded || j == length || valid[b * valid_stride + j]; };
-            for (int64_t j = 0; j <= length; j += 8) {
-                const int count = int(std::min<int64_t>(8, length + 1 - j));
+            // The cache outgrows the L2 cache at batch 8, so its rows come from farther away each step:
+            // while scoring 8 positions, ask for the keys 16 positions on and for these positions'
+            // values (summed right after), and before the sum, for the next item's first keys.
+            const int64_t row_bytes = step * keys.element_size(), positions = length + 1;
+            auto ask = [&](const void* data, int64_t offset, int64_t from, int64_t to) {  // rows [from, to) of one item
+                const char* start = (const char*)data + offset * keys.element_size() + from * row_bytes;
+                for (int64_t o = 0; o < (std::min(to, positions) - from) * row_bytes; o += 64) _mm_prefetch(start + o, _MM_HINT_T0);
+            };
+            for (int64_t j = 0; j < positions; j += 8) {
+                ask(key_data, base, j + 16, j + 24);
+                ask(value_data, base, j, j + 8);
+                const int count = int(std::min<int64_t>(8, positions - j));
                 if (f32) key_scores(q, (const float*)key_data + base + j * step, step, D, count, scale, p + j);
                 else key_scores(q, (const uint16_t*)key_data + base + j * step, step, D, count, scale, p + j);
             }
-            float top = -std::numeric_limits<float>::infinity();
-            for (int64_t j = 0; j <= length; ++j) {
-                if (!visible(j)) p[j] = -std::numeric_limits<float>::infinity();
-                top = std::max(top, p[j]);
+            if (padded)  // a row's left padding is masked (the new position never is)
+                for (int64_t j = 0; j < length; ++j)
+                    if (!valid[b * valid_stride + j]) p[j] = -std::numeric_limits<float>::infinity();
+            // The largest score, 16 at a time (one at a time, each max waits on the last); a NaN
+            // score is passed over, as std::max passes it over (vmaxps returns its second operand).
+            const __m512 lowest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+            __m512 largest = lowest;
+            for (int64_t j = 0; j < positions; j += 16)
+                largest = _mm512_max_ps(_mm512_mask_loadu_ps(lowest, mask16(positions - j), p + j), largest);
+            const float top = _mm512_reduce_max_ps(largest);
+            if (i + 1 < batch * n_heads) {
+                const int64_t b2 = (i + 1) / n_heads, kvh2 = (i + 1) % n_heads / group;
+                ask(key_data, l * keys.stride(0) + b2 * keys.stride(1) + kvh2 * keys.stride(2), 0, 16);
             }
             __m512 sum = _mm512_setzero_ps();
-            const __m512 inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
             for (int64_t j = 0; j <= length; j += 16) {  // e^(score - top), 0 where masked
                 const __mmask16 mask = mask16(length + 1 - j);
                 const __m512 score = _mm512_maskz_loadu_ps(mask, p + j);
-                const __m512 e = _mm512_maskz_mov_ps(mask & _mm512_cmp_ps_mask(score, inf, _CMP_NEQ_OQ),
+                const __m512 e = _mm512_maskz_mov_ps(mask & _mm512_cmp_ps_mask(score, lowest, _CMP_NEQ_OQ),
                                                      exp16(_mm512_sub_ps(score, _mm512_set1_ps(top))));
                 _mm512_mask_storeu_ps(p + j, mask, e);
                 sum = _mm512_add_ps(sum, e);
