@@ -11,6 +11,7 @@ were kept (in the package or as the harness's defaults), the rest were dropped: 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from dataclasses import replace
@@ -23,7 +24,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 import run  # noqa: E402  (the harness next to this file)
 
-from buildllm.generation.sampling import generate  # noqa: E402
+from buildllm.generation.sampling import generate, sample_next_token  # noqa: E402
 from buildllm.models.gpt2 import GELU, GPTModel, KVCache, LayerNorm  # noqa: E402
 
 
@@ -89,6 +90,33 @@ def greedy(model: GPTModel, prompt: torch.Tensor, new_tokens: int, cache_cls=KVC
 
 
 # The levers ---------------------------------------------------------------------------------------
+
+
+def sort_and_multinomial(logits, temperature, top_k=None, top_p=None, generator=None):
+    """The sampler before sample_next_token's: top-k and top-p over the whole row (sorted for top-p),
+    then torch.multinomial over every token."""
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+    if top_k is not None:
+        values, indices = torch.topk(logits, top_k, dim=-1)
+        logits = torch.full_like(logits, -math.inf).scatter_(-1, indices, values)
+    if top_p is not None:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        sorted_logits.masked_fill_(torch.cumsum(probs, dim=-1) - probs >= top_p, -math.inf)
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1, generator=generator).squeeze(-1)
+
+
+def sampling_pair(args, **settings):
+    """128 draws per row from GPT-2-sized logits, old sampler against sample_next_token. The logits
+    are peaked as a trained model's are (normal, standard deviation 4): a random model's flat ones
+    make top-p's nucleus most of the vocabulary."""
+    logits = 4 * torch.randn(args.decode_batch, 50257, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(0)
+
+    def draws(sampler):
+        return lambda: [sampler(logits, 1.0, generator=g, **settings) for _ in range(128)]
+    return {"baseline": draws(sort_and_multinomial), "variant": draws(sample_next_token)}, args.decode_batch * 128
 
 
 def ours(cfg, seed=0) -> GPTModel:
@@ -166,12 +194,15 @@ def lever_fns(lever: str, args):
         return {"baseline": run.decode_fn(hf, "hf", args.decode_batch, args.new_tokens, torch.device("cpu")),
                 "variant": run.decode_fn(hf, "hf", args.decode_batch, args.new_tokens, torch.device("cpu"),
                                          hf_cache="static")}, tokens
+    if lever.startswith("sampler-"):  # sample_next_token against the sort-and-multinomial sampler
+        return sampling_pair(args, **{"sampler-temperature": {}, "sampler-top-k": {"top_k": 50},
+                                      "sampler-top-p": {"top_p": 0.9}}[lever])
     raise SystemExit(f"unknown lever {lever!r}; levers: {', '.join(LEVERS)}")
 
 
 LEVERS = ("fused-layernorm", "fused-gelu", "bf16-autocast", "pad-vocab", "foreach-adamw", "fused-adamw",
           "compile", "bf16-weights", "compile-decode", "static-kv-cache", "inference-mode", "hf-static-cache",
-          "two-threads")
+          "two-threads", "sampler-temperature", "sampler-top-k", "sampler-top-p")
 
 
 def main(argv=None) -> int:

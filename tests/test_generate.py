@@ -260,6 +260,28 @@ def test_top_p_keeps_the_smallest_set_that_reaches_p():
         assert set(picks.tolist()) == support
 
 
+def test_a_nucleus_wider_than_the_first_candidates_is_found_row_by_row():
+    # Strictly falling probabilities over 5000 tokens: the 0.9 nucleus is ~3000 tokens, past the
+    # best 64 and 1024 the sampler looks among first; the other row's nucleus is one token.
+    wide = -torch.arange(5000, dtype=torch.float64) / 1500
+    probs = torch.softmax(wide, dim=0)
+    nucleus = int((probs.cumsum(0) - probs < 0.9).sum())
+    assert 1024 < nucleus < 5000
+    peaked = torch.full((5000,), -30.0)
+    peaked[7] = 0.0
+    logits = torch.stack([wide.float(), peaked]).repeat(5000, 1)
+    picks = sample_next_token(logits, 1.0, top_p=0.9, generator=torch.Generator().manual_seed(0)).view(5000, 2)
+    assert nucleus - 200 <= picks[:, 0].max() < nucleus  # its tail is drawn, nothing past it
+    assert set(picks[:, 1].tolist()) == {7}
+
+
+def test_a_token_of_probability_zero_is_never_drawn():
+    logits = torch.linspace(1.0, -1.0, 100)
+    logits[[0, 50, 99]] = -math.inf  # the first, one inside, the last
+    picks = sample_next_token(logits.expand(20_000, -1), 1.0, generator=torch.Generator().manual_seed(0))
+    assert set(picks.tolist()) == set(range(100)) - {0, 50, 99}
+
+
 def test_top_k_and_top_p_work_row_by_row_in_a_batch():
     # Each row has its own ranking: a filter that used row 0's threshold for all would fail.
     logits = torch.tensor([[3.0, 2.9, 0.0, -1.0], [-1.0, 0.0, 2.9, 3.0]]).repeat(1000, 1)

@@ -74,22 +74,49 @@ def sample_next_token(
     # Subtracting the row's maximum first changes no probability but keeps a tiny temperature from
     # overflowing to inf (and inf - inf to NaN). It also makes a new tensor: the caller's is untouched.
     logits = logits.float()
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        # Keep exactly the k largest logits of each row (ties broken by topk), -inf elsewhere.
-        values, indices = torch.topk(logits, top_k, dim=-1)
-        logits = torch.full_like(logits, -math.inf).scatter_(-1, indices, values)
-    if top_p is not None and top_p < 1:
+    logits = (logits - logits.amax(dim=-1, keepdim=True)).div_(temperature)
+    vocab = logits.shape[-1]
+    top_k = top_k if top_k is not None and top_k < vocab else None
+    top_p = top_p if top_p is not None and top_p < 1 else None
+    if top_k is None and top_p is None:
+        return draw(torch.softmax(logits, dim=-1), generator)
+    # The candidates, each row's most likely tokens best first, from torch.topk: it sorts only the
+    # tokens it keeps, where sorting a whole 50,000-token row costs ~30x more (benchmarks/README.md).
+    if top_k is not None:
+        # Keep exactly the k largest logits of each row (ties broken by topk).
+        logits, tokens = torch.topk(logits, top_k, dim=-1)
+    if top_p is not None:
         # Nucleus sampling (Holtzman et al. 2019): the smallest set of most likely tokens whose
         # probabilities add up to at least p. A token stays if the tokens ranked above it hold
-        # less than p; the most likely one always stays (nothing is ranked above it).
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        mass_above = torch.cumsum(probs, dim=-1) - probs
-        sorted_logits.masked_fill_(mass_above >= top_p, -math.inf)
-        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+        # less than p; the most likely one always stays (nothing is ranked above it). The nucleus
+        # is usually a few dozen tokens: look among the best 64, then 1024, and sort the whole row
+        # only where some row's nucleus is wider still (a flat distribution: an untrained model's).
+        log_total = torch.logsumexp(logits, dim=-1, keepdim=True)  # probabilities over the whole row
+        for width in (64, 1024, logits.shape[-1]):
+            if width < logits.shape[-1]:
+                values, order = torch.topk(logits, width, dim=-1)
+            else:
+                values, order = torch.sort(logits, dim=-1, descending=True)
+            probs = torch.exp(values - log_total)
+            keep = torch.cumsum(probs, dim=-1) - probs < top_p
+            if not keep[:, -1].any():  # every row's nucleus ends among these
+                break
+        tokens = tokens.gather(-1, order) if top_k is not None else order
+        logits = values.masked_fill(~keep, -math.inf)
+    return tokens.gather(-1, draw(torch.softmax(logits, dim=-1), generator)[:, None]).squeeze(-1)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of ``probs`` (non-negative, summing to about 1), index i with probability
+    ``probs[i]``: the first whose running total reaches a uniform draw (inverse transform sampling).
+
+    ``torch.multinomial`` draws from the same distribution but spends ~1 ms on a 50,000-token row
+    here, where this takes one cumulative sum (benchmarks/README.md).
+    """
+    totals = torch.cumsum(probs, dim=-1)  # summed in float64 by PyTorch, each total rounded once
+    # 1 - rand lies in (0, 1]: the draw is never 0, so no index of probability 0 is the first to reach it.
+    u = 1 - torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)
+    return torch.searchsorted(totals, u * totals[:, -1:]).squeeze(-1)
 
 
 # The decoding loop -------------------------------------------------------------------------------
