@@ -91,16 +91,18 @@ def sample_next_token(
         # less than p; the most likely one always stays (nothing is ranked above it). The nucleus
         # is usually a few dozen tokens: look among the best 64, then 1024, and sort the whole row
         # only where some row's nucleus is wider still (a flat distribution: an untrained model's).
-        log_total = torch.logsumexp(logits, dim=-1, keepdim=True)  # probabilities over the whole row
-        for width in (64, 1024, logits.shape[-1]):
-            if width < logits.shape[-1]:
+        log_total = torch.logsumexp(logits, dim=-1, keepdim=True)  # over the row (or its top k)
+        width, everything = 64, logits.shape[-1]
+        while True:
+            if width < everything:
                 values, order = torch.topk(logits, width, dim=-1)
             else:
                 values, order = torch.sort(logits, dim=-1, descending=True)
             probs = torch.exp(values - log_total)
             keep = torch.cumsum(probs, dim=-1) - probs < top_p
-            if not keep[:, -1].any():  # every row's nucleus ends among these
+            if width >= everything or not keep[:, -1].any():  # every row's nucleus ends among these
                 break
+            width = 1024 if width == 64 else everything
         tokens = tokens.gather(-1, order) if top_k is not None else order
         logits = values.masked_fill(~keep, -math.inf)
     return tokens.gather(-1, draw(torch.softmax(logits, dim=-1), generator)[:, None]).squeeze(-1)
