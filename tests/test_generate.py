@@ -282,6 +282,13 @@ def test_a_token_of_probability_zero_is_never_drawn():
     assert set(picks.tolist()) == set(range(100)) - {0, 50, 99}
 
 
+def test_nan_logits_still_give_token_ids_in_range():
+    logits = torch.full((4, 100), math.nan)
+    for settings in ({}, {"top_k": 5}, {"top_p": 0.9}, {"top_k": 5, "top_p": 0.9}):
+        picks = sample_next_token(logits, 1.0, generator=torch.Generator().manual_seed(0), **settings)
+        assert picks.shape == (4,) and ((0 <= picks) & (picks < 100)).all(), settings
+
+
 def test_top_k_and_top_p_work_row_by_row_in_a_batch():
     # Each row has its own ranking: a filter that used row 0's threshold for all would fail.
     logits = torch.tensor([[3.0, 2.9, 0.0, -1.0], [-1.0, 0.0, 2.9, 3.0]]).repeat(1000, 1)

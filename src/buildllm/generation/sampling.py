@@ -118,7 +118,9 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     totals = torch.cumsum(probs, dim=-1)  # summed in float64 by PyTorch, each total rounded once
     # 1 - rand lies in (0, 1]: the draw is never 0, so no index of probability 0 is the first to reach it.
     u = 1 - torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)
-    return torch.searchsorted(totals, u * totals[:, -1:]).squeeze(-1)
+    # Clamped: NaN probabilities (a broken model's logits) still give an index in range, as greedy's
+    # max does, never one past the end for the embedding to read.
+    return torch.searchsorted(totals, u * totals[:, -1:]).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
 # The decoding loop -------------------------------------------------------------------------------
