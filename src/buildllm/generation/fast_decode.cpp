@@ -61,9 +61,12 @@ struct Norm {
     // 16 features at a time.
     void apply(const float* x, float* y, int64_t n, bool bf16) const {
         auto round = [bf16](__m512 v) { return bf16 ? round16_bf16(v) : v; };
-        auto sum_over = [&](auto term) {  // sum of term(x's 16 features at k, mask) over the features
+        auto sum_over = [&](auto term) {  // the sum of term(16 features, their mask) over x
             __m512 sum = _mm512_setzero_ps();
-            for (int64_t k = 0; k < n; k += 16) sum = _mm512_add_ps(sum, term(_mm512_maskz_loadu_ps(mask16(n - k), x + k), mask16(n - k)));
+            for (int64_t k = 0; k < n; k += 16) {
+                const __mmask16 m = mask16(n - k);
+                sum = _mm512_add_ps(sum, term(_mm512_maskz_loadu_ps(m, x + k), m));
+            }
             return _mm512_reduce_add_ps(sum);
         };
         if (kind == LAYER_NORM) {
