@@ -194,3 +194,27 @@ def test_gpt_with_the_speedruns_levers(levers):
 def test_levers_it_does_not_compute_decode_through_the_model():
     assert fast_decoder(gpt(logit_softcap=15.0)) is None
     assert fast_decoder(gpt(value_embeddings=True)) is None
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_greedy_picks_made_with_the_logits_are_the_first_largest_nan_included(threads):
+    model = gpt()  # 97 tokens: six blocks of 16 and a last one of 1
+    parts = model.decode_parts()
+    head, u = parts.head.weight, torch.full((64,), 0.1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            parts.final_norm.scale.zero_()  # every row's last hidden state is u
+            parts.final_norm.shift.copy_(u)
+            head[[5, 21, 96]] = 1000 * u  # tied for the largest (5 and 21 in one lane of 16): the first wins
+        for batch, nan_rows, expected in [(3, [], 5), (11, [], 5), (11, [96], 96), (3, [60, 80], 60)]:
+            with torch.no_grad():
+                head[nan_rows] = float("nan")  # a NaN logit is the largest, as max(-1) has it
+            cache = model.new_kv_cache(batch, 4)
+            with torch.inference_mode():
+                logits, picks = fast_decoder(model).step_greedy(torch.arange(batch) + 1, cache)
+            assert torch.equal(picks, logits.max(dim=-1).indices)
+            assert picks.tolist() == [expected] * batch
+    finally:
+        torch.set_num_threads(previous)

@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -249,9 +250,10 @@ class Decoder {
 
     // Logits (batch, vocab) for one new token per row; the cache's keys and values at position
     // `length` are written. keys, values: (layers, batch, kv_heads, positions, head_dim); valid:
-    // (batch, positions), False at left padding (read only when `padded`).
-    at::Tensor step(at::Tensor tokens, at::Tensor keys, at::Tensor values, at::Tensor valid,
-                       int64_t length, bool padded) {
+    // (batch, positions), False at left padding (read only when `padded`). With `pick`, also each
+    // row's index of its largest logit, (batch,) int64 (else an empty tensor): see pick_largest.
+    std::tuple<at::Tensor, at::Tensor> step(at::Tensor tokens, at::Tensor keys, at::Tensor values, at::Tensor valid,
+                                            int64_t length, bool padded, bool pick) {
         TORCH_CHECK(tokens.dim() == 1 && tokens.scalar_type() == at::kLong, "fast_decode: tokens must be (batch,) int64");
         TORCH_CHECK(keys.dim() == 5 && keys.stride(4) == 1 && values.stride(4) == 1 && keys.strides() == values.strides(),
                     "fast_decode: the cache must be (layers, batch, heads, positions, head_dim) with contiguous heads");
@@ -271,6 +273,8 @@ class Decoder {
         threads = std::max(1, at::get_num_threads());
         allocate(keys.size(3));
         auto logits = at::empty({batch, head.out}, at::kFloat);
+        auto picks = at::empty({pick ? batch : 0}, at::kLong);
+        candidates.resize(threads * batch);
         const int64_t* ids = tok.data_ptr<int64_t>();
 #pragma omp parallel num_threads(threads)
         {
@@ -287,8 +291,9 @@ class Decoder {
             }
             normalize(final_norm, x.data(), h.data(), emb_dim);
             run_linears({&head}, h.data(), {{logits.data_ptr<float>(), head.out, false}});
+            if (pick) pick_largest(logits.data_ptr<float>(), picks.data_ptr<int64_t>());
         }
-        return logits;
+        return {logits, picks};
     }
 
    private:
@@ -308,6 +313,12 @@ class Decoder {
     std::vector<int8_t> input_8;
     std::vector<float> input_8_scale;
     std::vector<int32_t> input_8_sum;
+    struct Candidate {  // a row's largest logit so far, and where
+        float value;
+        int64_t index;
+        bool nan;
+    };
+    std::vector<Candidate> candidates;  // (threads, batch)
 
     int64_t qkv_width() const { return (n_heads + 2 * n_kv_heads) * head_dim; }
 
@@ -355,6 +366,60 @@ class Decoder {
     void normalize(const Norm& norm, const float* in, float* out, int64_t n) {
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < batch; ++b) norm.apply(in + b * n, out + b * n, n, bf16);
+    }
+
+    // Each row's index of its largest logit, as logits.max(-1).indices gives it: the first largest,
+    // or the first NaN where there is one. Each thread looks through the blocks of 16 logits it
+    // wrote (the same static schedule as run_linears' loop), still in its own cache, where a pass
+    // afterwards would read half of them from the other core's: per lane, the first largest so
+    // far; then one thread takes the threads' candidates.
+    void pick_largest(const float* logits, int64_t* picks) {
+        const int64_t vocab = head.out, blocks = (vocab + BLOCK_ROWS - 1) / BLOCK_ROWS;
+        const __m512 lowest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+        const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        Candidate* mine = candidates.data() + thread_id() * batch;
+        for (int64_t m0 = 0; m0 < batch; m0 += MAX_M) {
+            const int64_t M = std::min(MAX_M, batch - m0);
+            __m512 best[MAX_M];
+            __m512i where[MAX_M];  // int32: a vocabulary fits
+            for (int64_t m = 0; m < M; ++m) best[m] = lowest, where[m] = _mm512_set1_epi32(std::numeric_limits<int32_t>::max());
+            bool first = true;
+#pragma omp for schedule(static)
+            for (int64_t blk = 0; blk < blocks; ++blk) {
+                const __mmask16 real = mask16(vocab - blk * BLOCK_ROWS);
+                const __m512i index = _mm512_add_epi32(_mm512_set1_epi32(int32_t(blk * BLOCK_ROWS)), lanes);
+                for (int64_t m = 0; m < M; ++m) {
+                    const __m512 v = _mm512_mask_loadu_ps(lowest, real, logits + (m0 + m) * vocab + blk * BLOCK_ROWS);
+                    // a lane takes a larger number, or a NaN where it holds none; the thread's first block whole
+                    __mmask16 take = _mm512_cmp_ps_mask(v, best[m], _CMP_GT_OQ) |
+                                     (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) & _mm512_cmp_ps_mask(best[m], best[m], _CMP_ORD_Q));
+                    if (first) take = real;
+                    best[m] = _mm512_mask_mov_ps(best[m], take, v);
+                    where[m] = _mm512_mask_mov_epi32(where[m], take, index);
+                }
+                first = false;
+            }
+            for (int64_t m = 0; m < M; ++m) {  // the lanes' first largest (a NaN lane first), the lowest index
+                const __mmask16 nan = _mm512_cmp_ps_mask(best[m], best[m], _CMP_UNORD_Q);
+                const float top = _mm512_reduce_max_ps(best[m]);
+                const __mmask16 at = nan ? nan : _mm512_cmp_ps_mask(best[m], _mm512_set1_ps(top), _CMP_EQ_OQ);
+                mine[m0 + m] = {nan ? std::numeric_limits<float>::quiet_NaN() : top,
+                                _mm512_mask_reduce_min_epi32(at, where[m]), nan != 0};
+            }
+        }
+#pragma omp barrier
+#pragma omp single
+        for (int64_t b = 0; b < batch; ++b) {
+            Candidate pick = candidates[b];
+            for (int t = 1; t < threads; ++t) {
+                const Candidate& c = candidates[t * batch + b];
+                const bool better = c.nan != pick.nan ? c.nan
+                                    : !c.nan && c.value != pick.value ? c.value > pick.value
+                                    : c.index < pick.index;
+                if (better) pick = c;
+            }
+            picks[b] = pick.index;
+        }
     }
 
     // Several linear layers over the same input (queries, keys and values; gate and up), their

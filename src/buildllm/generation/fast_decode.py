@@ -18,6 +18,7 @@ forward, as fast as training's; only the one-token steps come here (and a one-to
 
     decoder = fast_decoder(model)          # None where the fast path does not apply
     logits = decoder.step(tokens, cache)   # == model(tokens[:, None], kv_cache=cache)[:, -1]
+    logits, picks = decoder.step_greedy(tokens, cache)  # and picks == logits.max(-1).indices
 
 The step is compiled on first use for this machine's processor (``native.py``: a C++ compiler
 and AVX-512 with BF16); anywhere else, and for model parts it does not know (LoRA layers, fp16, a
@@ -53,12 +54,21 @@ class FastDecoder:
 
     def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits ``(batch, vocab)`` fp32 after one new token per row; the cache gains its position."""
+        return self._step(tokens, cache, pick=False)[0]
+
+    def step_greedy(self, tokens: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """``step``'s logits, and each row's greedy pick ``(batch,)``: ``logits.max(-1).indices``,
+        found by each thread in the logits it computed (a pass over them afterwards reads half
+        from the other core's cache: benchmarks/README.md)."""
+        return self._step(tokens, cache, pick=True)
+
+    def _step(self, tokens: torch.Tensor, cache: KVCache, pick: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if cache.length + 1 > min(cache.max_length, self.context_length):
             raise UserError(f"input of {cache.length + 1} tokens exceeds the context length "
                             f"{min(cache.max_length, self.context_length)}; crop it to the most recent tokens")
-        logits = self.native.step(tokens, cache.keys, cache.values, cache.valid, cache.length, cache.padded)
+        out = self.native.step(tokens, cache.keys, cache.values, cache.valid, cache.length, cache.padded, pick)
         cache.length += 1
-        return logits
+        return out
 
 
 def fast_decoder(model: nn.Module) -> FastDecoder | None:

@@ -201,14 +201,23 @@ def _decode(model, prompt, padding, max_new_tokens, sampling, stops, use_cache, 
                 return model(tokens[:, start:n], kv_cache=cache, padding=mask, last_only=True)[:, -1]
             return model(tokens[:, start:n], padding=mask, last_only=True)[:, -1]
 
+        def cached_step(last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """Logits after one new token per row through the cache, and the greedy picks where the
+            C++ step makes them with the logits (None elsewhere: sample_next_token picks)."""
+            if fast is None:
+                return model(last[:, None], kv_cache=cache)[:, -1], None
+            if sampling["temperature"] == 0:
+                return fast.step_greedy(last, cache)
+            return fast.step(last, cache), None
+
         finished = torch.zeros(batch, dtype=torch.bool, device=prompt.device) if stops is not None else None
         n = prompt_length
         if fast is not None and n == 1 and padding is None:
-            logits = fast.step(tokens[:, 0], cache)  # a one-token prompt is one decoding step
+            logits, picks = cached_step(tokens[:, 0])  # a one-token prompt is one decoding step
         else:
-            logits = window_logits(n)
+            logits, picks = window_logits(n), None
         for step in range(max_new_tokens):
-            next_token = sample_next_token(logits, **sampling)
+            next_token = picks if picks is not None else sample_next_token(logits, **sampling)
             if finished is not None:
                 # a finished row repeats the stop token it ended with (its padding)
                 next_token = torch.where(finished, tokens[:, n - 1], next_token)
@@ -219,10 +228,10 @@ def _decode(model, prompt, padding, max_new_tokens, sampling, stops, use_cache, 
             if step + 1 == max_new_tokens or (finished is not None and bool(finished.all())):
                 return  # (the only host sync per step, and only with stop tokens)
             if cache is not None and n <= cache.max_length:  # one new position
-                logits = fast.step(tokens[:, n - 1], cache) if fast else model(tokens[:, n - 1 : n], kv_cache=cache)[:, -1]
+                logits, picks = cached_step(tokens[:, n - 1])
             else:
                 cache = None  # the window slides from now on (see above): recompute it
-                logits = window_logits(n)
+                logits, picks = window_logits(n), None
     finally:
         model.train(was_training)
 
