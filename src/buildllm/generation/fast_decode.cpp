@@ -274,7 +274,6 @@ class Decoder {
         allocate(keys.size(3));
         auto logits = at::empty({batch, head.out}, at::kFloat);
         auto picks = at::empty({pick ? batch : 0}, at::kLong);
-        candidates.resize(threads * batch);
         const int64_t* ids = tok.data_ptr<int64_t>();
 #pragma omp parallel num_threads(threads)
         {
@@ -337,6 +336,7 @@ class Decoder {
         input_8_scale.resize(batch * blocks);
         input_8_sum.resize(batch * blocks);
         partial.resize(threads * BLOCK_ROWS * MAX_M);
+        candidates.resize(threads * batch);
         scores.resize(threads * max_positions);
     }
 
