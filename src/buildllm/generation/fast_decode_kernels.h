@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #if !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && defined(__AVX512VL__))
 #error "the fast decoding step is written for AVX-512 with BF16; elsewhere generation uses the readable model"
@@ -205,6 +206,21 @@ void dot_bf16(const uint16_t* w, int64_t ld, const Inputs& in, float* out, int64
     store_sums<U, R, M>(acc, out, stride);
 }
 
+// sum + codes times the 4 int8 inputs at x + OFFSET, broadcast to every row: one vpdpbusd that
+// reads its broadcast from memory itself. GCC writes _mm512_set1_epi32 as a separate broadcast
+// load, and each load waits in the processor's scheduler beside the multiply-add it feeds: full of
+// chains of multiply-adds, the scheduler then holds fewer of them at once (benchmarks/README.md).
+// The address is a base register and a constant offset: with an index register as well, the
+// combined instruction measured no faster (Intel's cores split it in two). AT&T syntax, GCC's and
+// Clang's default.
+template <int OFFSET>
+inline __m512i dot4(__m512i sum, __m512i codes, const int8_t* x) {
+    asm("vpdpbusd %c[offset](%[x])%{1to16%}, %[codes], %[sum]"
+        : [sum] "+v"(sum)
+        : [codes] "v"(codes), [x] "r"(x), [offset] "i"(OFFSET), "m"(*(const int32_t*)(x + OFFSET)));
+    return sum;
+}
+
 // int8 weights (q * scale, one scale per row; quantization.Int8Linear) and int4 weights come in
 // tiles of 16 rows laid out for `vpdpbusd`, which multiplies 64 pairs of bytes and sums them by
 // fours into 16 int32 lanes: a run of 64 bytes holds 4 consecutive weights of each of the 16 rows,
@@ -227,15 +243,15 @@ void dot_bf16(const uint16_t* w, int64_t ld, const Inputs& in, float* out, int64
 // one chain saves the instruction that joins two.
 template <int M>
 inline __m512i block_dot(const __m512i* codes, const int8_t* x, __m512i start) {
-    auto dot = [&](__m512i sum, int j) __attribute__((always_inline)) {
-        return _mm512_dpbusd_epi32(sum, codes[j], _mm512_set1_epi32(*(const int32_t*)(x + 4 * j)));
-    };
-    if constexpr (M >= 4) {
-        for (int j = 0; j < 8; ++j) start = dot(start, j);
-        return start;
-    }
+    if constexpr (M >= 4)
+        return [&]<int... J>(std::integer_sequence<int, J...>) {
+            ((start = dot4<4 * J>(start, codes[J], x)), ...);
+            return start;
+        }(std::make_integer_sequence<int, 8>{});
     __m512i d0 = start, d1 = _mm512_setzero_si512();
-    for (int j = 0; j < 4; ++j) d0 = dot(d0, j), d1 = dot(d1, 4 + j);
+    [&]<int... J>(std::integer_sequence<int, J...>) {
+        ((d0 = dot4<4 * J>(d0, codes[J], x), d1 = dot4<16 + 4 * J>(d1, codes[4 + J], x)), ...);
+    }(std::make_integer_sequence<int, 4>{});
     return _mm512_add_epi32(d0, d1);
 }
 
@@ -269,52 +285,74 @@ void dot_int8(const int8_t* w, const uint16_t* scale, int64_t rows, const Inputs
 // zero - 8 scale times the sum of its bf16 inputs. Each 64 inputs of a tile are 8 runs of 64
 // bytes, run j holding bytes 4j .. 4j + 3 of each of the 16 rows, and byte i of a row's 32 holds
 // its input i in the low 4 bits and input i + 32 in the high ones: the low halves of run j are the
-// rows' codes for inputs 4j .. 4j + 3, the high halves those for 32 + 4j .. 32 + 4j + 3. A last
-// 32 inputs are 4 runs, byte i holding inputs i and i + 16. `scale`, `zero`: the tile's,
+// rows' codes for inputs 4j .. 4j + 3 (block 2i), the high halves those for 32 + 4j .. 32 + 4j + 3
+// (block 2i + 1), and each row of the batch multiplies both blocks at once, two independent chains.
+// A last 32 inputs are 4 runs, byte i holding inputs i and i + 16. `scale`, `zero`: the tile's,
 // (groups, 16) bf16.
 template <int M>
 void dot_int4(const uint8_t* w, const uint16_t* scale, const uint16_t* zero, int64_t group, const Inputs& in,
               float* out, int64_t stride, int64_t ahead) {
-    const int64_t n = in.in, blocks = n / INPUT_BLOCK, groups = n / group, blocks_per_group = group / INPUT_BLOCK;
+    const int64_t n = in.in, blocks = n / INPUT_BLOCK, groups = n / group;
     const __m512i low_bits = _mm512_set1_epi8(15);
-    __m512 acc[M], s = _mm512_setzero_ps();
+    __m512 acc[M];
     for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-    int64_t g = -1, left = 0;  // the group, and its blocks still to come
-    // Inlined: left out of line (GCC's choice at batch 8), each call would take the batch's sums
-    // through memory.
-    auto block = [&](const __m512i* codes, int64_t b) __attribute__((always_inline)) {
-        if (left == 0) {  // a new group: its scales, and its offsets times the inputs' sums
-            ++g, left = blocks_per_group;
-            s = widen16(scale + g * 16, 0xffff);
-            const __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), s, widen16(zero + g * 16, 0xffff));
-            for (int m = 0; m < M; ++m)
-                acc[m] = _mm512_fmadd_ps(offset, _mm512_set1_ps(in.group_sums[m * groups + g]), acc[m]);
+    // Group g's scales, and its offsets zero - 8 scale.
+    auto scales = [&](int64_t g) __attribute__((always_inline)) { return widen16(scale + g * 16, 0xffff); };
+    auto offsets = [&](int64_t g, __m512 s) __attribute__((always_inline)) {
+        return _mm512_fnmadd_ps(_mm512_set1_ps(8.f), s, widen16(zero + g * 16, 0xffff));
+    };
+    // Row m of the batch: its group g's offsets times its inputs' sum there, then block b's sums times their scales.
+    auto add_offsets = [&](int m, __m512 offset, int64_t g) __attribute__((always_inline)) {
+        acc[m] = _mm512_fmadd_ps(offset, _mm512_set1_ps(in.group_sums[m * groups + g]), acc[m]);
+    };
+    auto add_block = [&](int m, __m512i sums, __m512 s, int64_t b) __attribute__((always_inline)) {
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(s, _mm512_set1_ps(in.x8_scale[m * blocks + b])), acc[m]);
+    };
+    __m512 s = _mm512_setzero_ps(), offset = s;  // the group's, where a group spans 64 inputs or more
+    int64_t k = 0;
+    for (; k + 64 <= n; k += 64, w += 512) {
+        __m512i low[8], high[8];
+        for (int j = 0; j < 8; ++j) {
+            prefetch(w + 64 * j, ahead);
+            const __m512i run = _mm512_loadu_si512(w + 64 * j);
+            low[j] = _mm512_and_si512(run, low_bits);
+            high[j] = _mm512_and_si512(_mm512_srli_epi16(run, 4), low_bits);
         }
-        --left;
+        const int64_t b = k / INPUT_BLOCK, g = k / group;
+        const bool two_groups = group == INPUT_BLOCK, new_group = two_groups || k % group == 0;
+        if (!two_groups && new_group) s = scales(g), offset = offsets(g, s);
+        const __m512 s0 = two_groups ? scales(g) : s, s1 = two_groups ? scales(g + 1) : s;
+        const __m512 offset0 = two_groups ? offsets(g, s0) : offset, offset1 = two_groups ? offsets(g + 1, s1) : offset;
 #pragma GCC unroll 8
         for (int m = 0; m < M; ++m) {
-            const int64_t mb = m * blocks + b;
-            const __m512i sums = block_dot<M>(codes, in.x8 + mb * INPUT_BLOCK, _mm512_setzero_si512());
-            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(s, _mm512_set1_ps(in.x8_scale[mb])), acc[m]);
+            const int8_t* x = in.x8 + (m * blocks + b) * INPUT_BLOCK;
+            __m512i d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
+            [&]<int... J>(std::integer_sequence<int, J...>) {
+                ((d0 = dot4<4 * J>(d0, low[J], x), d1 = dot4<32 + 4 * J>(d1, high[J], x)), ...);
+            }(std::make_integer_sequence<int, 8>{});
+            if (new_group) add_offsets(m, offset0, g);
+            add_block(m, d0, s0, b);
+            if (two_groups) add_offsets(m, offset1, g + 1);
+            add_block(m, d1, s1, b + 1);
         }
-    };
-    for (int64_t k = 0; k < n; k += 64, w += 512) {
+    }
+    if (k < n) {  // a last 32 inputs (then the groups are 32 inputs)
         __m512i codes[8];
-        if (k + 64 <= n) {  // the low halves, then the high ones: 8 codes in registers, not 16
-            for (int j = 0; j < 8; ++j) {
-                prefetch(w + 64 * j, ahead);
-                codes[j] = _mm512_and_si512(_mm512_loadu_si512(w + 64 * j), low_bits);
-            }
-            block(codes, k / 32);
-            for (int j = 0; j < 8; ++j) codes[j] = _mm512_and_si512(_mm512_srli_epi16(_mm512_loadu_si512(w + 64 * j), 4), low_bits);
-            block(codes, k / 32 + 1);
-        } else {
-            for (int j = 0; j < 4; ++j) {
-                const __m512i run = _mm512_loadu_si512(w + 64 * j);
-                codes[j] = _mm512_and_si512(run, low_bits);
-                codes[4 + j] = _mm512_and_si512(_mm512_srli_epi16(run, 4), low_bits);
-            }
-            block(codes, k / 32);
+        for (int j = 0; j < 4; ++j) {
+            const __m512i run = _mm512_loadu_si512(w + 64 * j);
+            codes[j] = _mm512_and_si512(run, low_bits);
+            codes[4 + j] = _mm512_and_si512(_mm512_srli_epi16(run, 4), low_bits);
+        }
+        const int64_t b = k / INPUT_BLOCK;
+        const __m512 s0 = scales(b), offset0 = offsets(b, s0);
+        for (int m = 0; m < M; ++m) {
+            const int8_t* x = in.x8 + (m * blocks + b) * INPUT_BLOCK;
+            __m512i d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
+            [&]<int... J>(std::integer_sequence<int, J...>) {
+                ((d0 = dot4<4 * J>(d0, codes[J], x), d1 = dot4<16 + 4 * J>(d1, codes[4 + J], x)), ...);
+            }(std::make_integer_sequence<int, 4>{});
+            add_offsets(m, offset0, b);
+            add_block(m, _mm512_add_epi32(d0, d1), s0, b);
         }
     }
     for (int m = 0; m < M; ++m) _mm512_storeu_ps(out + m * stride, acc[m]);
