@@ -287,13 +287,15 @@ void dot_int8(const int8_t* w, const uint16_t* scale, int64_t rows, const Inputs
 // its input i in the low 4 bits and input i + 32 in the high ones: the low halves of run j are the
 // rows' codes for inputs 4j .. 4j + 3 (block 2i), the high halves those for 32 + 4j .. 32 + 4j + 3
 // (block 2i + 1), and each row of the batch multiplies both blocks at once, two independent chains.
+// The high halves stay in place, 16 q (one instruction fewer per run than shifting them down), and
+// their block's scale takes the 16 back out: exact, a power of two (the sums stay far below 2^24).
 // A last 32 inputs are 4 runs, byte i holding inputs i and i + 16. `scale`, `zero`: the tile's,
 // (groups, 16) bf16.
 template <int M>
 void dot_int4(const uint8_t* w, const uint16_t* scale, const uint16_t* zero, int64_t group, const Inputs& in,
               float* out, int64_t stride, int64_t ahead) {
     const int64_t n = in.in, blocks = n / INPUT_BLOCK, groups = n / group;
-    const __m512i low_bits = _mm512_set1_epi8(15);
+    const __m512i low_bits = _mm512_set1_epi8(15), high_bits = _mm512_set1_epi8(char(0xF0));
     __m512 acc[M];
     for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
     // Group g's scales, and its offsets zero - 8 scale.
@@ -316,12 +318,13 @@ void dot_int4(const uint8_t* w, const uint16_t* scale, const uint16_t* zero, int
             prefetch(w + 64 * j, ahead);
             const __m512i run = _mm512_loadu_si512(w + 64 * j);
             low[j] = _mm512_and_si512(run, low_bits);
-            high[j] = _mm512_and_si512(_mm512_srli_epi16(run, 4), low_bits);
+            high[j] = _mm512_and_si512(run, high_bits);
         }
         const int64_t b = k / INPUT_BLOCK, g = k / group;
         const bool two_groups = group == INPUT_BLOCK, new_group = two_groups || k % group == 0;
         if (!two_groups && new_group) s = scales(g), offset = offsets(g, s);
         const __m512 s0 = two_groups ? scales(g) : s, s1 = two_groups ? scales(g + 1) : s;
+        const __m512 s1_16 = _mm512_mul_ps(s1, _mm512_set1_ps(1.f / 16));
         const __m512 offset0 = two_groups ? offsets(g, s0) : offset, offset1 = two_groups ? offsets(g + 1, s1) : offset;
 #pragma GCC unroll 8
         for (int m = 0; m < M; ++m) {
@@ -333,7 +336,7 @@ void dot_int4(const uint8_t* w, const uint16_t* scale, const uint16_t* zero, int
             if (new_group) add_offsets(m, offset0, g);
             add_block(m, d0, s0, b);
             if (two_groups) add_offsets(m, offset1, g + 1);
-            add_block(m, d1, s1, b + 1);
+            add_block(m, d1, s1_16, b + 1);
         }
     }
     if (k < n) {  // a last 32 inputs (then the groups are 32 inputs)
