@@ -24,8 +24,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <tuple>
 #include <optional>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 

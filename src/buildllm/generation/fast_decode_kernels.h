@@ -349,13 +349,8 @@ void dot_int4(const uint8_t* w, const uint16_t* scale, const uint16_t* zero, int
         const int64_t b = k / INPUT_BLOCK;
         const __m512 s0 = scales(b), offset0 = offsets(b, s0);
         for (int m = 0; m < M; ++m) {
-            const int8_t* x = in.x8 + (m * blocks + b) * INPUT_BLOCK;
-            __m512i d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
-            [&]<int... J>(std::integer_sequence<int, J...>) {
-                ((d0 = dot4<4 * J>(d0, codes[J], x), d1 = dot4<16 + 4 * J>(d1, codes[4 + J], x)), ...);
-            }(std::make_integer_sequence<int, 4>{});
             add_offsets(m, offset0, b);
-            add_block(m, _mm512_add_epi32(d0, d1), s0, b);
+            add_block(m, block_dot<M>(codes, in.x8 + (m * blocks + b) * INPUT_BLOCK, _mm512_setzero_si512()), s0, b);
         }
     }
     for (int m = 0; m < M; ++m) _mm512_storeu_ps(out + m * stride, acc[m]);
