@@ -608,8 +608,8 @@ class Decoder {
                 ask(key_data, l * keys.stride(0) + b2 * keys.stride(1) + kvh2 * keys.stride(2), 0, 16);
             }
             __m512 sum = _mm512_setzero_ps();
-            for (int64_t j = 0; j <= length; j += 16) {  // e^(score - top), 0 where masked
-                const __mmask16 mask = mask16(length + 1 - j);
+            for (int64_t j = 0; j < positions; j += 16) {  // e^(score - top), 0 where masked
+                const __mmask16 mask = mask16(positions - j);
                 const __m512 score = _mm512_maskz_loadu_ps(mask, p + j);
                 const __m512 e = _mm512_maskz_mov_ps(mask & _mm512_cmp_ps_mask(score, lowest, _CMP_NEQ_OQ),
                                                      exp16(_mm512_sub_ps(score, _mm512_set1_ps(top))));
@@ -618,8 +618,8 @@ class Decoder {
             }
             const float inverse_total = 1.f / _mm512_reduce_add_ps(sum);
             float* out = context.data() + b * n_heads * D + hd * D;
-            if (f32) weighted_values(p, (const float*)value_data + base, step, length + 1, D, out);
-            else weighted_values(p, (const uint16_t*)value_data + base, step, length + 1, D, out);
+            if (f32) weighted_values(p, (const float*)value_data + base, step, positions, D, out);
+            else weighted_values(p, (const uint16_t*)value_data + base, step, positions, D, out);
             for (int64_t d = 0; d < D; ++d) out[d] = activation_round(out[d] * inverse_total, bf16);
         }
     }
