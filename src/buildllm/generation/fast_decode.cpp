@@ -352,15 +352,23 @@ class Decoder {
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < batch; ++b) {
             float* row = x.data() + b * emb_dim;
-            for (int64_t i = 0; i < emb_dim; ++i) row[i] = value_at(wte, ids[b], i);
-            if (wpe.defined())
-                for (int64_t i = 0; i < emb_dim; ++i) row[i] = activation_round(row[i] + value_at(wpe, positions[b], i), bf16);
+            for (int64_t i = 0; i < emb_dim; i += 16) {
+                const __mmask16 mask = mask16(emb_dim - i);
+                __m512 v = row_of(wte, ids[b], i, mask);
+                if (wpe.defined()) {
+                    v = _mm512_add_ps(v, row_of(wpe, positions[b], i, mask));
+                    if (bf16) v = _mm512_castsi512_ps(_mm512_slli_epi32(to_bf16(v), 16));
+                }
+                _mm512_mask_storeu_ps(row + i, mask, v);
+            }
         }
     }
 
-    static float value_at(const at::Tensor& t, int64_t row, int64_t col) {
+    // Row `row` of an fp32 or bf16 table, its 16 numbers from `col` (fewer under `mask`), as fp32.
+    static __m512 row_of(const at::Tensor& t, int64_t row, int64_t col, __mmask16 mask) {
         int64_t at = row * t.size(1) + col;
-        return t.scalar_type() == at::kFloat ? t.data_ptr<float>()[at] : bf16_to_f32(((const uint16_t*)t.data_ptr())[at]);
+        return t.scalar_type() == at::kFloat ? _mm512_maskz_loadu_ps(mask, t.data_ptr<float>() + at)
+                                             : widen16((const uint16_t*)t.data_ptr() + at, mask);
     }
 
     void normalize(const Norm& norm, const float* in, float* out, int64_t n) {
@@ -548,7 +556,11 @@ class Decoder {
             } else {
                 uint16_t* kp = (uint16_t*)keys.data_ptr() + at;
                 uint16_t* vp = (uint16_t*)values.data_ptr() + at;
-                for (int64_t d = 0; d < D; ++d) kp[d] = f32_to_bf16(v[d]), vp[d] = f32_to_bf16(value[d]);
+                for (int64_t d = 0; d < D; d += 16) {
+                    const __mmask16 mask = mask16(D - d);
+                    _mm512_mask_cvtepi32_storeu_epi16(kp + d, mask, to_bf16(_mm512_maskz_loadu_ps(mask, v + d)));
+                    _mm512_mask_cvtepi32_storeu_epi16(vp + d, mask, to_bf16(_mm512_maskz_loadu_ps(mask, value + d)));
+                }
             }
         }
     }

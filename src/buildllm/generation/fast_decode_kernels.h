@@ -46,6 +46,16 @@ inline __m512 widen16(const uint16_t* p, __mmask16 mask) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
 }
 
+// 16 fp32 numbers as bf16 (the low half of each lane) rounded as f32_to_bf16 rounds them: to
+// nearest, ties to even, a NaN still a NaN, and subnormals kept (vcvtneps2bf16 flushes them).
+inline __m512i to_bf16(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v), high = _mm512_srli_epi32(u, 16);
+    const __m512i tie = _mm512_and_si512(high, _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), tie)), 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+    return _mm512_mask_or_epi32(rounded, nan, high, _mm512_set1_epi32(0x40));
+}
+
 // int8 and int4 kernels take their inputs as int8 numbers in blocks of 32 (the last filled with
 // zeros) and their weight rows in tiles of 16 (quantization.py stores them so).
 constexpr int64_t INPUT_BLOCK = 32, TILE_ROWS = 16;
